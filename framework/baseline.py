@@ -1,0 +1,78 @@
+"""The uncompressed baseline: trained once per model + data + training config, then loaded from a cache."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+from framework.artifact import load_model, save_model
+from framework.config import config_hash
+from framework.data import TaskData
+from framework.measure import count_parameters
+from framework.training import evaluate, train
+
+BASELINE_KEYS = ("model", "data", "train", "seed")
+log = logging.getLogger("slimlab")
+
+
+@dataclass
+class Baseline:
+    model: nn.Module
+    metrics: dict[str, float]  # primary metric, size_bytes, params, nonzero_params
+    path: Path
+    key: str
+    cached: bool
+
+
+def build_model(cfg: DictConfig) -> nn.Module:
+    """Instantiate ``cfg.model`` (its ``name`` is a label, not an argument)."""
+    from hydra.utils import instantiate
+
+    arguments = {k: v for k, v in cfg.model.items() if k != "name"}
+    return instantiate(arguments)
+
+
+def get_baseline(cfg: DictConfig, data: TaskData, device: str) -> Baseline:
+    """Load the cached baseline for this config, or train, evaluate and cache it.
+
+    The cache entry is written to a temporary directory and renamed into
+    place, so parallel jobs never read a half-written baseline.
+    """
+    key = config_hash(cfg, BASELINE_KEYS)
+    entry = Path(cfg.cache_dir).expanduser().resolve() / "baselines" / key
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg)
+    if (entry / "metrics.json").exists():
+        load_model(model, entry / "model.pt")
+        metrics = json.loads((entry / "metrics.json").read_text())
+        log.info("baseline %s loaded from cache (%s)", key, entry)
+        return Baseline(model.to(device).eval(), metrics, entry / "model.pt", key, cached=True)
+
+    train(model, data, cfg.train, device=device, description="baseline: train")
+    model.cpu().eval()
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f"{key}.", dir=entry.parent))
+    params, nonzero = count_parameters(model)
+    metrics = {
+        data.primary_metric: evaluate(model, data),
+        "size_bytes": save_model(model, staging / "model.pt"),
+        "params": params,
+        "nonzero_params": nonzero,
+    }
+    (staging / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    (staging / "config.json").write_text(json.dumps({k: str(cfg[k]) for k in BASELINE_KEYS}, indent=2))
+    try:
+        os.rename(staging, entry)
+    except OSError:  # another job cached the same baseline first: theirs is as good as ours
+        shutil.rmtree(staging, ignore_errors=True)
+    log.info("baseline %s trained: %s=%.4f", key, data.primary_metric, metrics[data.primary_metric])
+    return Baseline(model.to(device), metrics, entry / "model.pt", key, cached=False)

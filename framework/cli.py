@@ -1,0 +1,132 @@
+"""The ``slimlab`` command: run | plugins | ui. Heavy imports happen inside the commands that need them."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+
+USAGE = """\
+usage: slimlab <command> [arguments]
+
+Compress models with pipelines of plugin techniques; track every run in MLflow.
+
+commands:
+  run [overrides]       one run (a Hydra app): slimlab run experiment=quickstart
+  run -m [overrides]    a sweep: slimlab run -m technique.prune.amount=0.5,0.7,0.9
+  run --help            config groups, options and the composed config
+  plugins [--json]      discovered plugins: distribution, version, techniques, hooks
+  ui [--port N]         the MLflow UI on the configured store
+
+Exit codes: 0 success, 1 a run failed, 2 bad input.
+"""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE, end="")
+        return EXIT_OK
+    command, rest = argv[0], argv[1:]
+    commands = {"run": run_command, "plugins": plugins_command, "ui": ui_command}
+    if command not in commands:
+        print(f"slimlab: error: unknown command {command!r}; valid: {', '.join(commands)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    return commands[command](rest)
+
+
+def _error(message: str) -> int:
+    print(f"slimlab: error: {message}", file=sys.stderr)
+    return EXIT_BAD_INPUT
+
+
+def plugins_command(args: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="slimlab plugins", description="List the discovered slimlab plugins.")
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    options = parser.parse_args(args)
+    from dataclasses import asdict
+
+    from framework.errors import PluginError
+    from framework.plugins import load_plugins
+
+    try:
+        plugins = load_plugins()
+    except PluginError as error:
+        return _error(str(error))
+    if options.json:
+        print(json.dumps([asdict(info) for info in plugins.infos], indent=2))
+        return EXIT_OK
+    for info in plugins.infos:
+        print(f"{info.name}  ({info.distribution} {info.version}, {info.value})  [{info.status}]")
+        if info.techniques:
+            print(f"    techniques: {', '.join(info.techniques)}")
+        if info.hooks:
+            print(f"    hooks: {', '.join(info.hooks)}")
+        if info.error:
+            print(f"    error: {info.error}")
+    return EXIT_OK
+
+
+def ui_command(args: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="slimlab ui", description="Start the MLflow UI on slimlab's tracking store.")
+    parser.add_argument("--uri", help="tracking store (default: $MLFLOW_TRACKING_URI or ./mlflow.db)")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=5000)
+    options = parser.parse_args(args)
+    import subprocess
+
+    from framework.tracking import tracking_uri
+
+    uri = options.uri or tracking_uri()
+    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
+               "--host", options.host, "--port", str(options.port)]
+    print(f"MLflow UI for {uri} at http://{options.host}:{options.port}  (Ctrl-C stops it)", flush=True)
+    try:
+        return subprocess.call(command)
+    except KeyboardInterrupt:
+        return EXIT_OK
+
+
+def _pre_disabled(args: list[str]) -> list[str]:
+    """``plugins.disable=[...]`` from the command line: plugins load before Hydra composes, so read it first."""
+    for arg in args:
+        if arg.startswith("plugins.disable="):
+            from hydra.core.override_parser.overrides_parser import OverridesParser
+
+            value = OverridesParser.create().parse_override(arg).value()
+            return [str(v) for v in value] if isinstance(value, list) else [str(value)]
+    return []
+
+
+def run_command(args: list[str]) -> int:
+    from framework.errors import ConfigError, PluginError, RunFailed
+    from framework.hydra_app import describe_hydra_error, is_bad_input, launch
+
+    try:
+        return launch(args, disable=_pre_disabled(args))
+    except (ConfigError, PluginError) as error:
+        return _error(str(error))
+    except RunFailed as error:
+        import traceback
+
+        cause = error.__cause__ or error
+        traceback.print_exception(cause, file=sys.stderr)
+        print(f"slimlab: run failed: {error}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        print("slimlab: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:
+        if is_bad_input(error):
+            return _error(describe_hydra_error(error))
+        raise
+
+
+def entry() -> None:
+    """Console-script entry point."""
+    os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # we report errors ourselves: see hydra_app.launch
+    sys.exit(main())

@@ -1,0 +1,13 @@
+"""Exceptions that decide slimlab's exit codes (2 = bad input, 1 = a run failed)."""
+
+
+class ConfigError(ValueError):
+    """Bad input: an unknown or invalid config key, value, technique or order (exit 2)."""
+
+
+class PluginError(RuntimeError):
+    """A plugin that cannot be used as written, e.g. a misspelled hook (exit 2)."""
+
+
+class RunFailed(RuntimeError):
+    """A run raised while it was running; the cause is chained (exit 1)."""

@@ -1,0 +1,105 @@
+"""Every hook slimlab calls. Plugins implement them with ``@framework.hookimpl``.
+
+A hook's arguments are passed by keyword; an implementation may accept any
+subset of them (pluggy matches by name). Hooks are called in LIFO order of
+registration, built-in plugins first registered, so third-party plugins run
+before built-ins unless they use ``tryfirst``/``trylast``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from framework import hookspec
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from framework.context import RunContext
+    from framework.registry import Register
+
+
+@hookspec
+def register_techniques(register: Register) -> None:
+    """Declare the compression techniques this plugin provides.
+
+    When: once per process, while the plugin manager is built, before Hydra
+    composes any config (the schemas must be in Hydra's ConfigStore by then).
+
+    ``register(name, schema, apply, *, label=None, followed_by=None)``:
+
+    - ``name``: the technique's option in the ``technique`` config group and
+      its key in the composed config (``technique.<name>.<field>``).
+    - ``schema``: a dataclass; its fields are the technique's options, typed,
+      with defaults. Validate ranges in ``__post_init__`` (raise ``ValueError``
+      with what is valid); slimlab reports it as bad input, exit code 2.
+    - ``apply(model, config, ctx) -> nn.Module``: compress ``model`` in place
+      or return a new module; ``config`` is an instance of ``schema``.
+    - ``label(config) -> str``: a short readable form for run names,
+      e.g. ``prune(0.9)``; defaults to the name.
+    - ``followed_by``: names of techniques that may come after this one in a
+      pipeline (``()`` makes it final); ``None`` means any.
+
+    Returns nothing. Registering a name twice is a ``PluginError``.
+    """
+
+
+@hookspec
+def before_run(ctx: RunContext) -> None:
+    """A run is about to start.
+
+    When: after the config is validated (so bad input never reaches this
+    hook) and the data is loaded, before the baseline is trained or loaded.
+    ``ctx.cfg`` is the resolved config, ``ctx.run_name`` its readable name.
+    Tracking plugins open their run here. Returns nothing.
+    """
+
+
+@hookspec
+def after_technique(ctx: RunContext, name: str, model: nn.Module, metrics: dict[str, float]) -> None:
+    """One technique of the pipeline has been applied.
+
+    When: after ``apply`` returned, once per technique, in pipeline order.
+    ``name`` is the technique, ``model`` the model it returned, ``metrics``
+    the stage's measurements (accuracy, size, sparsity), also appended to
+    ``ctx.stages``. Do not modify the model. Returns nothing.
+    """
+
+
+@hookspec
+def evaluate(model: nn.Module, ctx: RunContext) -> dict[str, float] | None:
+    """Contribute extra metrics for the final, compressed model.
+
+    When: after the built-in final evaluation, before ``after_run``.
+    Return a dict of metric name to number (or ``None``). All results are
+    merged into the run's metrics; a name that the run already has, or that
+    two plugins return, fails the run with both names.
+    """
+
+
+@hookspec
+def after_run(ctx: RunContext, metrics: dict[str, float]) -> None:
+    """A run finished successfully.
+
+    When: last, with every metric of the run (DESIGN.md section 4 plus the
+    ``evaluate`` results). ``ctx.artifacts`` maps artifact names to the local
+    files written for this run (compressed model, stage metrics). Tracking
+    plugins log and close their run here. Returns nothing.
+    """
+
+
+@hookspec
+def on_run_error(ctx: RunContext, error: BaseException, traceback_text: str) -> None:
+    """A run raised (or was interrupted) after ``before_run``.
+
+    When: instead of ``after_run``, with the exception; ``KeyboardInterrupt``
+    means the run was interrupted. ``traceback_text`` is the formatted
+    traceback. Tracking plugins record the run FAILED (or KILLED) here.
+    Returns nothing; the error is re-raised after every implementation ran.
+    """
+
+
+def hook_names() -> list[str]:
+    """Names of every hook declared in this module."""
+    return [name for name, value in globals().items() if callable(value) and hasattr(value, "slimlab_spec")]
+

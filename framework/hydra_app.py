@@ -1,0 +1,73 @@
+"""``slimlab run`` as a Hydra application, and Hydra's errors turned into one-line messages."""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+
+from framework.config import CONFIG_DIR, register_configs
+from framework.errors import ConfigError, RunFailed
+
+
+def launch(args: list[str], disable: list[str]) -> int:
+    """Run Hydra on ``args`` (overrides and Hydra flags) with every plugin's schema registered."""
+    import hydra
+
+    from framework.plugins import load_plugins
+    from framework.runner import run
+
+    plugins = load_plugins(disable)
+    register_configs(plugins)
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra re-raises; the CLI decides the message and exit code
+
+    @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")
+    def task(cfg) -> float:
+        try:
+            return run(cfg, plugins)
+        except (ConfigError, KeyboardInterrupt):
+            raise
+        except Exception as error:
+            raise RunFailed(f"{type(error).__name__}: {error}") from error
+
+    saved = sys.argv
+    sys.argv = ["slimlab run", *args]
+    try:
+        task()
+    finally:
+        sys.argv = saved
+    return 0
+
+
+def is_bad_input(error: BaseException) -> bool:
+    """Errors Hydra or OmegaConf raise while composing: the user's config or overrides are wrong."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    return isinstance(error, (HydraException, OmegaConfBaseException))
+
+
+def describe_hydra_error(error: BaseException) -> str:
+    """One line that names the bad key or value and, where known, the valid choices."""
+    import dataclasses
+
+    from hydra.errors import MissingConfigException
+    from omegaconf.errors import OmegaConfBaseException
+
+    if isinstance(error, MissingConfigException) and error.missing_cfg_file:
+        group, _, option = error.missing_cfg_file.rpartition("/")
+        choices = ", ".join(sorted(error.options or [])) or "none"
+        if group:
+            return f"unknown {group} {option!r}; valid {group} options: {choices}"
+        return f"config {option!r} not found"
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    cause = error.__cause__
+    if isinstance(cause, OmegaConfBaseException):
+        lines += [line.strip() for line in str(cause).splitlines() if line.strip()]
+    # Drop Hydra's hints and OmegaConf's debugging detail; keep what names the key and the problem.
+    noise = re.compile(r"^(full_key|object_type|reference_type|To append to your config|Set the environment)")
+    message = "; ".join(dict.fromkeys(line for line in lines if not noise.match(line)))
+    object_type = getattr(cause, "object_type", None) or getattr(error, "object_type", None)
+    if "not in" in message and object_type is not None and dataclasses.is_dataclass(object_type):
+        message += f"; valid keys: {', '.join(f.name for f in dataclasses.fields(object_type))}"
+    return message

@@ -1,0 +1,137 @@
+"""Technique registry: name -> (schema dataclass, apply); feeds Hydra's ConfigStore."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+from framework.errors import ConfigError, PluginError
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
+    from torch import nn
+
+    from framework.context import RunContext
+
+Apply = Callable[["nn.Module", Any, "RunContext"], "nn.Module"]
+
+
+class Register(Protocol):
+    """The callable that ``register_techniques`` receives."""
+
+    def __call__(
+        self,
+        name: str,
+        schema: type,
+        apply: Apply,
+        *,
+        label: Callable[[Any], str] | None = None,
+        followed_by: Iterable[str] | None = None,
+    ) -> None: ...
+
+
+@dataclass(frozen=True)
+class Technique:
+    """One registered compression technique."""
+
+    name: str
+    schema: type
+    apply: Apply
+    plugin: str
+    label: Callable[[Any], str] | None = None
+    followed_by: frozenset[str] | None = None  # None: anything may follow
+
+    def describe(self, config: Any) -> str:
+        return self.label(config) if self.label else self.name
+
+
+@dataclass(frozen=True)
+class Step:
+    """A technique with its validated config, one step of a pipeline."""
+
+    technique: Technique
+    config: Any
+
+    @property
+    def name(self) -> str:
+        return self.technique.name
+
+    def describe(self) -> str:
+        return self.technique.describe(self.config)
+
+
+class TechniqueRegistry:
+    """All techniques the loaded plugins registered, by name."""
+
+    def __init__(self) -> None:
+        self._techniques: dict[str, Technique] = {}
+
+    def register_for(self, plugin: str) -> Register:
+        """A ``register`` callable that records ``plugin`` as the owner."""
+
+        def register(name, schema, apply, *, label=None, followed_by=None) -> None:
+            if name in self._techniques:
+                owner = self._techniques[name].plugin
+                raise PluginError(f"plugin {plugin!r} registers technique {name!r}, already registered by {owner!r}")
+            if not dataclasses.is_dataclass(schema):
+                raise PluginError(f"plugin {plugin!r}: the schema of technique {name!r} must be a dataclass")
+            follow = None if followed_by is None else frozenset(followed_by)
+            self._techniques[name] = Technique(name, schema, apply, plugin, label, follow)
+
+        return register
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._techniques
+
+    def __getitem__(self, name: str) -> Technique:
+        return self._techniques[name]
+
+    def names(self) -> list[str]:
+        return sorted(self._techniques)
+
+    def by_plugin(self, plugin: str) -> list[str]:
+        return sorted(n for n, t in self._techniques.items() if t.plugin == plugin)
+
+    def store_schemas(self) -> None:
+        """Put each schema in Hydra's ConfigStore as option ``technique=<name>``.
+
+        The node is ``{name: schema}`` so that ``technique.<name>.<field>`` is
+        the override path and a list of options composes in pipeline order.
+        """
+        from hydra.core.config_store import ConfigStore
+
+        store = ConfigStore.instance()
+        for name, technique in self._techniques.items():
+            store.store(group="technique", name=name, node={name: technique.schema}, provider=technique.plugin)
+
+    def pipeline(self, cfg: DictConfig, disabled: Iterable[str] = ()) -> list[Step]:
+        """Validate ``cfg.technique`` and return its steps in order, or raise ConfigError."""
+        from omegaconf import OmegaConf
+
+        disabled = set(disabled)
+        steps: list[Step] = []
+        for name, node in (cfg.get("technique") or {}).items():
+            if name not in self._techniques:
+                valid = ", ".join(self.names()) or "none"
+                raise ConfigError(f"unknown technique {name!r} in 'technique'; registered: {valid}")
+            technique = self._techniques[name]
+            if technique.plugin in disabled:
+                raise ConfigError(f"technique {name!r} comes from plugin {technique.plugin!r}, which is disabled")
+            try:
+                config = OmegaConf.to_object(node) if OmegaConf.is_config(node) else node
+                if not isinstance(config, technique.schema):  # untyped leftovers, e.g. from an experiment body
+                    config = technique.schema(**config)
+            except (ValueError, TypeError) as error:
+                raise ConfigError(f"technique.{name}: {error}") from None
+            if steps and steps[-1].technique.followed_by is not None:
+                before = steps[-1].technique
+                if name not in before.followed_by:
+                    allowed = ", ".join(sorted(before.followed_by)) or "nothing"
+                    raise ConfigError(
+                        f"technique {name!r} cannot follow {before.name!r} "
+                        f"({before.name!r} may be followed by: {allowed}); reorder 'technique=[...]'"
+                    )
+            steps.append(Step(technique, config))
+        return steps

@@ -1,0 +1,199 @@
+"""One run: validate -> data -> baseline (cached) -> techniques in order -> final measurements -> hooks."""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import subprocess
+import tempfile
+import traceback
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from framework.config import CONFIG_DIR, config_hash
+from framework.context import RunContext
+from framework.errors import ConfigError
+from framework.plugins import Plugins, load_plugins
+from framework.registry import Step
+
+TRACKING_PLUGINS = {"mlflow": "mlflow"}  # tracking.backend -> the plugin that implements it
+RUN_KEYS = ("model", "data", "train", "seed", "technique", "device", "measure")
+log = logging.getLogger("slimlab")
+
+
+def resolve_device(name: str) -> str:
+    import torch
+
+    if name == "cpu":
+        return "cpu"
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device={name} but torch sees no CUDA device here; valid here: cpu, auto")
+        return name
+    raise ConfigError(f"unknown device {name!r}; valid: cpu, auto, cuda")
+
+
+def run_name(cfg: DictConfig, steps: list[Step]) -> str:
+    chain = "+".join(step.describe() for step in steps) or "baseline"
+    return f"{cfg.model.get('name', 'model')} {chain}"
+
+
+def _output_dir() -> Path:
+    """Hydra's job directory when running under Hydra, else a fresh temporary directory."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return Path(HydraConfig.get().runtime.output_dir) / "artifacts"
+    except Exception:  # composed outside a Hydra job (tests, notebooks)
+        return Path(tempfile.mkdtemp(prefix="slimlab-run-"))
+
+
+def _git_commit() -> str | None:
+    try:
+        result = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=CONFIG_DIR.parent, capture_output=True, text=True, timeout=5
+        )
+    except OSError:
+        return None
+    return result.stdout.strip() if result.returncode == 0 else None
+
+
+def _tags(plugins: Plugins, steps: list[Step], hash_: str) -> dict[str, str]:
+    tags = {
+        "slimlab.techniques": ",".join(step.name for step in steps) or "none",
+        "slimlab.plugins": ",".join(f"{i.name}=={i.distribution}-{i.version}" for i in plugins.infos if i.status == "loaded"),
+        "slimlab.config_hash": hash_,
+    }
+    commit = _git_commit()
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+    return tags
+
+
+def _build_data(cfg: DictConfig):
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    try:
+        return instantiate({k: v for k, v in cfg.data.items() if k != "name"})
+    except InstantiationException as error:
+        raise ConfigError(f"data: {str(error).splitlines()[0]}") from None
+
+
+def run(cfg: DictConfig, plugins: Plugins | None = None) -> float:
+    """Run the pipeline that ``cfg`` describes and return its primary metric.
+
+    Bad input raises ``ConfigError`` before any hook runs, so nothing is
+    recorded for it. Any later error is reported to ``on_run_error`` and
+    re-raised.
+    """
+    plugins = plugins or load_plugins(cfg.plugins.disable)
+    steps = plugins.registry.pipeline(cfg, disabled=cfg.plugins.disable)
+    backend = cfg.tracking.backend
+    if backend != "none" and backend not in TRACKING_PLUGINS:
+        raise ConfigError(f"unknown tracking backend {backend!r}; valid: none, {', '.join(TRACKING_PLUGINS)}")
+    left_out = set(cfg.plugins.disable) | {p for b, p in TRACKING_PLUGINS.items() if b != backend}
+    hooks = plugins.hooks_without(left_out)
+    device = resolve_device(cfg.device.name)
+    data = _build_data(cfg)
+
+    from framework.baseline import build_model
+
+    try:
+        build_model(cfg)  # fail on a bad model config now, before anything is recorded
+    except Exception as error:
+        raise ConfigError(f"model: {str(error).splitlines()[0]}") from None
+
+    hash_ = config_hash(cfg, RUN_KEYS)
+    ctx = RunContext(
+        cfg=cfg,
+        data=data,
+        device=device,
+        run_name=run_name(cfg, steps),
+        config_hash=hash_,
+        output_dir=_output_dir(),
+        tags=_tags(plugins, steps, hash_),
+    )
+    hooks.before_run(ctx=ctx)
+    try:
+        metrics = _run_pipeline(ctx, steps, hooks)
+        hooks.after_run(ctx=ctx, metrics=metrics)
+    except BaseException as error:
+        hooks.on_run_error(ctx=ctx, error=error, traceback_text=traceback.format_exc())
+        raise
+    return metrics[data.primary_metric]
+
+
+def _run_pipeline(ctx: RunContext, steps: list[Step], hooks) -> dict[str, float]:
+    from framework.artifact import save_model
+    from framework.baseline import get_baseline
+    from framework.measure import count_parameters, layer_sparsity, measure_latency
+
+    baseline = get_baseline(ctx.cfg, ctx.data, ctx.device)
+    ctx.baseline, ctx.baseline_metrics = baseline.model, baseline.metrics
+    ctx.tags["slimlab.baseline"] = f"{baseline.key} ({'cached' if baseline.cached else 'trained'})"
+    primary = ctx.data.primary_metric
+    model = copy.deepcopy(baseline.model)
+
+    for index, step in enumerate(steps, 1):
+        log.info("technique %d/%d: %s", index, len(steps), step.describe())
+        model = step.technique.apply(model, step.config, ctx)
+        if model is None:
+            raise TypeError(f"technique {step.name!r} returned None; apply() must return the model")
+        params, nonzero = count_parameters(model)
+        stage = {
+            "stage": index,
+            "technique": step.name,
+            "label": step.describe(),
+            primary: ctx.evaluate(model),
+            "size_bytes": save_model(model, ctx.output_dir / "stages" / f"{index}-{step.name}.pt"),
+            "params": params,
+            "nonzero_params": nonzero,
+            "layer_sparsity": layer_sparsity(model),
+        }
+        ctx.stages.append(stage)
+        hooks.after_technique(ctx=ctx, name=step.name, model=model, metrics=stage)
+
+    model_path = ctx.output_dir / "model.pt"
+    size = save_model(model, model_path, metadata={"model": ctx.cfg.model.get("_target_"), "techniques": [s.name for s in steps]})
+    ctx.artifacts["model"] = model_path
+    params, nonzero = count_parameters(model)
+    measure = ctx.cfg.measure
+    latency = measure_latency(
+        {"baseline": baseline.model, "compressed": model},
+        ctx.data.example_batch(measure.batch_size).to(ctx.device),
+        warmup=measure.warmup,
+        repeats=measure.repeats,
+        threads=measure.threads,
+    )
+    score, base_score = ctx.evaluate(model), baseline.metrics[primary]
+    metrics: dict[str, float] = {
+        primary: score,
+        f"baseline_{primary}": base_score,
+        f"{primary}_drop": base_score - score,
+        "size_bytes": size,
+        "baseline_size_bytes": baseline.metrics["size_bytes"],
+        "compression_ratio": baseline.metrics["size_bytes"] / size,
+        "params": params,
+        "nonzero_params": nonzero,
+        "sparsity": 1 - nonzero / params if params else 0.0,
+        "latency_ms": latency["compressed"].median_ms,
+        "latency_ms_p95": latency["compressed"].p95_ms,
+        "baseline_latency_ms": latency["baseline"].median_ms,
+        "speedup": latency["baseline"].median_ms / latency["compressed"].median_ms,
+    }
+    ctx.tags["slimlab.measure.threads"] = str(measure.threads)
+    for extra in hooks.evaluate(model=model, ctx=ctx):
+        for name, value in (extra or {}).items():
+            if name in metrics:
+                raise ValueError(f"an evaluate() hook returned metric {name!r}, which the run already has")
+            metrics[name] = float(value)
+
+    stages_path = ctx.output_dir / "stages.json"
+    stages_path.write_text(json.dumps({"baseline": baseline.metrics, "stages": ctx.stages, "final": metrics}, indent=2))
+    ctx.artifacts["stages"] = stages_path
+    return metrics

@@ -1,0 +1,49 @@
+"""Prints a baseline-vs-compressed table at the end of each run (a built-in plugin)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from framework import hookimpl
+
+if TYPE_CHECKING:
+    from framework.context import RunContext
+
+
+def _row(label: str, base: str, compressed: str, ratio: str = "") -> tuple[str, str, str, str]:
+    return label, base, compressed, ratio
+
+
+def summary_rows(ctx: RunContext, metrics: dict[str, float]) -> list[tuple[str, str, str, str]]:
+    primary = ctx.data.primary_metric
+    return [
+        _row(primary, f"{metrics[f'baseline_{primary}']:.4f}", f"{metrics[primary]:.4f}",
+             f"drop {metrics[f'{primary}_drop']:+.4f}"),
+        _row("size", f"{metrics['baseline_size_bytes'] / 1024:,.1f} KiB", f"{metrics['size_bytes'] / 1024:,.1f} KiB",
+             f"{metrics['compression_ratio']:.1f}x smaller"),
+        _row("non-zero params", f"{ctx.baseline_metrics['nonzero_params']:,.0f}", f"{metrics['nonzero_params']:,.0f}",
+             f"sparsity {metrics['sparsity']:.1%}"),
+        _row("latency (median)", f"{metrics['baseline_latency_ms']:.3f} ms", f"{metrics['latency_ms']:.3f} ms",
+             f"{metrics['speedup']:.2f}x speedup"),
+    ]
+
+
+@hookimpl(trylast=True)  # after tracking, so the run id is known
+def after_run(ctx: RunContext, metrics: dict[str, float]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=ctx.run_name)
+    for column in ("", "baseline", "compressed", ""):
+        table.add_column(column, justify="right" if column else "left")
+    for row in summary_rows(ctx, metrics):
+        table.add_row(*row)
+    console = Console()
+    console.print(table)
+    tracked = ctx.state.get("mlflow")
+    if tracked:
+        console.print(f"MLflow run {tracked['run_id']} in {tracked['uri']}")
+        from framework.tracking import tracking_uri
+
+        command = "slimlab ui" if tracked["uri"] == tracking_uri() else f"slimlab ui --uri {tracked['uri']}"
+        console.print(f"See it in the MLflow UI: [bold]{command}[/bold]")

@@ -57,8 +57,10 @@ def decode_tensor(stored: torch.Tensor | dict[str, Any]) -> torch.Tensor:
 
 
 def _is_subclass(tensor: torch.Tensor) -> bool:
-    return type(tensor) is not torch.Tensor and not isinstance(tensor, nn.Parameter) and hasattr(
-        tensor, "__tensor_flatten__"
+    return (
+        type(tensor) is not torch.Tensor
+        and not isinstance(tensor, nn.Parameter)
+        and hasattr(tensor, "__tensor_flatten__")
     )
 
 

@@ -82,8 +82,18 @@ def ui_command(args: list[str]) -> int:
     from framework.tracking import tracking_uri
 
     uri = options.uri or tracking_uri()
-    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
-               "--host", options.host, "--port", str(options.port)]
+    command = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "ui",
+        "--backend-store-uri",
+        uri,
+        "--host",
+        options.host,
+        "--port",
+        str(options.port),
+    ]
     print(f"MLflow UI for {uri} at http://{options.host}:{options.port}  (Ctrl-C stops it)", flush=True)
     try:
         return subprocess.call(command)
@@ -104,11 +114,11 @@ def _pre_disabled(args: list[str]) -> list[str]:
 
 def run_command(args: list[str]) -> int:
     from framework.errors import ConfigError, PluginError, RunFailed
-    from framework.hydra_app import describe_hydra_error, is_bad_input, launch
+    from framework.hydra_app import BadInput, describe_hydra_error, is_bad_input, launch
 
     try:
         return launch(args, disable=_pre_disabled(args))
-    except (ConfigError, PluginError) as error:
+    except (BadInput, ConfigError, PluginError) as error:
         return _error(str(error))
     except RunFailed as error:
         import traceback

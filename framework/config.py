@@ -22,7 +22,7 @@ EXPERIMENTS_DIR = CONFIG_DIR.parent / "experiments"
 class TrainConfig:
     """How the baseline is trained (and the defaults for fine-tuning)."""
 
-    epochs: int = 3
+    epochs: int = 10
     lr: float = 1e-3
     batch_size: int = 64
     seed: int = SI("${seed}")
@@ -82,8 +82,10 @@ def compose(overrides: Iterable[str] = (), plugins: Plugins | None = None) -> Di
 
 def config_hash(cfg: DictConfig, keys: Iterable[str]) -> str:
     """A stable hash of the resolved values under ``keys``."""
-    selected = {key: OmegaConf.to_container(cfg[key], resolve=True) if OmegaConf.is_config(cfg[key]) else cfg[key]
-                for key in keys}
+    selected = {
+        key: OmegaConf.to_container(cfg[key], resolve=True) if OmegaConf.is_config(cfg[key]) else cfg[key]
+        for key in keys
+    }
     return hashlib.sha256(json.dumps(selected, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

@@ -39,9 +39,7 @@ def digits(image_size: int = 28, test_fraction: float = 0.25, seed: int = 0) -> 
         x = torch.nn.functional.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False)
     x = (x - x.mean()) / x.std()
     y = torch.tensor(labels, dtype=torch.long)
-    train_idx, test_idx = train_test_split(
-        range(len(y)), test_size=test_fraction, stratify=labels, random_state=seed
-    )
+    train_idx, test_idx = train_test_split(range(len(y)), test_size=test_fraction, stratify=labels, random_state=seed)
     return TaskData(
         name="digits",
         task="classification",

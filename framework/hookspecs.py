@@ -102,4 +102,3 @@ def on_run_error(ctx: RunContext, error: BaseException, traceback_text: str) -> 
 def hook_names() -> list[str]:
     """Names of every hook declared in this module."""
     return [name for name, value in globals().items() if callable(value) and hasattr(value, "slimlab_spec")]
-

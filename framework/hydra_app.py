@@ -5,19 +5,42 @@ from __future__ import annotations
 import os
 import re
 import sys
+from typing import TYPE_CHECKING
 
 from framework.config import CONFIG_DIR, register_configs
 from framework.errors import ConfigError, RunFailed
+
+if TYPE_CHECKING:
+    from framework.plugins import Plugins
+
+_plugins: Plugins | None = None  # loaded once per process
+
+
+def _loaded_plugins(disable: list[str]) -> Plugins:
+    global _plugins
+    if _plugins is None:
+        from framework.plugins import load_plugins
+
+        _plugins = load_plugins(disable)
+    return _plugins
+
+
+class BadInput(BaseException):  # noqa: N818 - it carries a ConfigError, it is not one
+    """Carries a ConfigError out of a Hydra job.
+
+    Hydra's ``run_job`` records any ``Exception`` from the task as a failed
+    job and prints its own banner; bad input is not a failed job, so it
+    travels as a ``BaseException`` (like Ctrl-C) and the CLI unwraps it.
+    """
 
 
 def launch(args: list[str], disable: list[str]) -> int:
     """Run Hydra on ``args`` (overrides and Hydra flags) with every plugin's schema registered."""
     import hydra
 
-    from framework.plugins import load_plugins
     from framework.runner import run
 
-    plugins = load_plugins(disable)
+    plugins = _loaded_plugins(disable)
     register_configs(plugins)
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra re-raises; the CLI decides the message and exit code
 
@@ -25,7 +48,9 @@ def launch(args: list[str], disable: list[str]) -> int:
     def task(cfg) -> float:
         try:
             return run(cfg, plugins)
-        except (ConfigError, KeyboardInterrupt):
+        except ConfigError as error:
+            raise BadInput(str(error)) from error
+        except KeyboardInterrupt:
             raise
         except Exception as error:
             raise RunFailed(f"{type(error).__name__}: {error}") from error
@@ -56,9 +81,11 @@ def describe_hydra_error(error: BaseException) -> str:
 
     if isinstance(error, MissingConfigException) and error.missing_cfg_file:
         group, _, option = error.missing_cfg_file.rpartition("/")
-        choices = ", ".join(sorted(error.options or [])) or "none"
+        choices = ", ".join(sorted(error.options or _group_options(group))) or "none"
+        disabled = [i.name for i in (_plugins.infos if _plugins else []) if i.status == "disabled"]
+        note = f" (disabled plugins: {', '.join(disabled)})" if group == "technique" and disabled else ""
         if group:
-            return f"unknown {group} {option!r}; valid {group} options: {choices}"
+            return f"unknown {group} {option!r}; valid {group} options: {choices}{note}"
         return f"config {option!r} not found"
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     cause = error.__cause__
@@ -71,3 +98,15 @@ def describe_hydra_error(error: BaseException) -> str:
     if "not in" in message and object_type is not None and dataclasses.is_dataclass(object_type):
         message += f"; valid keys: {', '.join(f.name for f in dataclasses.fields(object_type))}"
     return message
+
+
+def _group_options(group: str) -> list[str]:
+    """Every option of a config group: YAML files in conf/ and ConfigStore entries (plugin schemas)."""
+    from hydra.core.config_store import ConfigStore
+
+    options = {path.stem for path in (CONFIG_DIR / group).glob("*.yaml")}
+    try:
+        options |= {name.removesuffix(".yaml") for name in ConfigStore.instance().list(group)}
+    except OSError:  # the group has no ConfigStore entries
+        pass
+    return sorted(options)

@@ -95,7 +95,12 @@ def load_plugins(disable: Iterable[str] = ()) -> Plugins:
             info.status, info.error = "failed", f"{type(error).__name__}: {error}"
             log.warning(
                 "slimlab plugin %r (entry point %s = %s, distribution %s %s) failed to load: %s",
-                info.name, PROJECT, info.value, info.distribution, info.version, info.error,
+                info.name,
+                PROJECT,
+                info.value,
+                info.distribution,
+                info.version,
+                info.error,
             )
             continue
         manager.register(plugin, name=info.name)

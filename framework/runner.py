@@ -8,6 +8,7 @@ import logging
 import subprocess
 import tempfile
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -65,7 +66,9 @@ def _git_commit() -> str | None:
 def _tags(plugins: Plugins, steps: list[Step], hash_: str) -> dict[str, str]:
     tags = {
         "slimlab.techniques": ",".join(step.name for step in steps) or "none",
-        "slimlab.plugins": ",".join(f"{i.name}=={i.distribution}-{i.version}" for i in plugins.infos if i.status == "loaded"),
+        "slimlab.plugins": ",".join(
+            f"{i.name}=={i.distribution}-{i.version}" for i in plugins.infos if i.status == "loaded"
+        ),
         "slimlab.config_hash": hash_,
     }
     commit = _git_commit()
@@ -75,13 +78,39 @@ def _tags(plugins: Plugins, steps: list[Step], hash_: str) -> dict[str, str]:
 
 
 def _build_data(cfg: DictConfig):
-    from hydra.errors import InstantiationException
     from hydra.utils import instantiate
 
-    try:
-        return instantiate({k: v for k, v in cfg.data.items() if k != "name"})
-    except InstantiationException as error:
-        raise ConfigError(f"data: {str(error).splitlines()[0]}") from None
+    return instantiate({k: v for k, v in cfg.data.items() if k != "name"})
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a validated config will run: its steps, device and the plugins left out of this run."""
+
+    steps: list[Step]
+    device: str
+    left_out: frozenset[str]
+
+
+def plan(cfg: DictConfig, plugins: Plugins) -> Plan:
+    """Check everything that can be checked before a run starts; raise ConfigError with the reason.
+
+    Cheap and free of side effects: nothing is recorded for a config it refuses.
+    """
+    from hydra.utils import get_class, get_method
+
+    steps = plugins.registry.pipeline(cfg, disabled=cfg.plugins.disable)
+    backend = cfg.tracking.backend
+    if backend != "none" and backend not in TRACKING_PLUGINS:
+        raise ConfigError(f"unknown tracking backend {backend!r}; valid: none, {', '.join(TRACKING_PLUGINS)}")
+    for group, locate in (("model", get_class), ("data", get_method)):
+        target = cfg[group].get("_target_")
+        try:
+            locate(target)
+        except Exception:
+            raise ConfigError(f"{group}._target_={target!r} cannot be imported") from None
+    left_out = frozenset(cfg.plugins.disable) | {p for b, p in TRACKING_PLUGINS.items() if b != backend}
+    return Plan(steps, resolve_device(cfg.device.name), left_out)
 
 
 def run(cfg: DictConfig, plugins: Plugins | None = None) -> float:
@@ -92,27 +121,14 @@ def run(cfg: DictConfig, plugins: Plugins | None = None) -> float:
     re-raised.
     """
     plugins = plugins or load_plugins(cfg.plugins.disable)
-    steps = plugins.registry.pipeline(cfg, disabled=cfg.plugins.disable)
-    backend = cfg.tracking.backend
-    if backend != "none" and backend not in TRACKING_PLUGINS:
-        raise ConfigError(f"unknown tracking backend {backend!r}; valid: none, {', '.join(TRACKING_PLUGINS)}")
-    left_out = set(cfg.plugins.disable) | {p for b, p in TRACKING_PLUGINS.items() if b != backend}
-    hooks = plugins.hooks_without(left_out)
-    device = resolve_device(cfg.device.name)
+    checked = plan(cfg, plugins)
+    steps, hooks = checked.steps, plugins.hooks_without(checked.left_out)
     data = _build_data(cfg)
-
-    from framework.baseline import build_model
-
-    try:
-        build_model(cfg)  # fail on a bad model config now, before anything is recorded
-    except Exception as error:
-        raise ConfigError(f"model: {str(error).splitlines()[0]}") from None
-
     hash_ = config_hash(cfg, RUN_KEYS)
     ctx = RunContext(
         cfg=cfg,
         data=data,
-        device=device,
+        device=checked.device,
         run_name=run_name(cfg, steps),
         config_hash=hash_,
         output_dir=_output_dir(),
@@ -159,7 +175,9 @@ def _run_pipeline(ctx: RunContext, steps: list[Step], hooks) -> dict[str, float]
         hooks.after_technique(ctx=ctx, name=step.name, model=model, metrics=stage)
 
     model_path = ctx.output_dir / "model.pt"
-    size = save_model(model, model_path, metadata={"model": ctx.cfg.model.get("_target_"), "techniques": [s.name for s in steps]})
+    size = save_model(
+        model, model_path, metadata={"model": ctx.cfg.model.get("_target_"), "techniques": [s.name for s in steps]}
+    )
     ctx.artifacts["model"] = model_path
     params, nonzero = count_parameters(model)
     measure = ctx.cfg.measure

@@ -17,14 +17,30 @@ def _row(label: str, base: str, compressed: str, ratio: str = "") -> tuple[str, 
 def summary_rows(ctx: RunContext, metrics: dict[str, float]) -> list[tuple[str, str, str, str]]:
     primary = ctx.data.primary_metric
     return [
-        _row(primary, f"{metrics[f'baseline_{primary}']:.4f}", f"{metrics[primary]:.4f}",
-             f"drop {metrics[f'{primary}_drop']:+.4f}"),
-        _row("size", f"{metrics['baseline_size_bytes'] / 1024:,.1f} KiB", f"{metrics['size_bytes'] / 1024:,.1f} KiB",
-             f"{metrics['compression_ratio']:.1f}x smaller"),
-        _row("non-zero params", f"{ctx.baseline_metrics['nonzero_params']:,.0f}", f"{metrics['nonzero_params']:,.0f}",
-             f"sparsity {metrics['sparsity']:.1%}"),
-        _row("latency (median)", f"{metrics['baseline_latency_ms']:.3f} ms", f"{metrics['latency_ms']:.3f} ms",
-             f"{metrics['speedup']:.2f}x speedup"),
+        _row(
+            primary,
+            f"{metrics[f'baseline_{primary}']:.4f}",
+            f"{metrics[primary]:.4f}",
+            f"drop {metrics[f'{primary}_drop']:+.4f}",
+        ),
+        _row(
+            "size",
+            f"{metrics['baseline_size_bytes'] / 1024:,.1f} KiB",
+            f"{metrics['size_bytes'] / 1024:,.1f} KiB",
+            f"{metrics['compression_ratio']:.1f}x smaller",
+        ),
+        _row(
+            "non-zero params",
+            f"{ctx.baseline_metrics['nonzero_params']:,.0f}",
+            f"{metrics['nonzero_params']:,.0f}",
+            f"sparsity {metrics['sparsity']:.1%}",
+        ),
+        _row(
+            "latency (median)",
+            f"{metrics['baseline_latency_ms']:.3f} ms",
+            f"{metrics['latency_ms']:.3f} ms",
+            f"{metrics['speedup']:.2f}x speedup",
+        ),
     ]
 
 

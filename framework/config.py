@@ -39,6 +39,14 @@ class MeasureConfig:
 
 
 @dataclass
+class TrackingConfig:
+    """Where runs are recorded; ``backend: none`` records nothing."""
+
+    backend: str = "mlflow"
+    uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///<launch dir>/mlflow.db
+
+
+@dataclass
 class PluginsConfig:
     disable: list[str] = field(default_factory=list)
 
@@ -57,7 +65,7 @@ class SlimlabConfig:
     data: Any = MISSING
     technique: dict[str, Any] = field(default_factory=dict)
     device: Any = MISSING
-    tracking: Any = MISSING
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 
 def register_configs(plugins: Plugins) -> None:

@@ -26,7 +26,7 @@ def register_techniques(register: Register) -> None:
     When: once per process, while the plugin manager is built, before Hydra
     composes any config (the schemas must be in Hydra's ConfigStore by then).
 
-    ``register(name, schema, apply, *, label=None, followed_by=None)``:
+    ``register`` is called as ``register(name, schema, apply, *, label=None, followed_by=None)``:
 
     - ``name``: the technique's option in the ``technique`` config group and
       its key in the composed config (``technique.<name>.<field>``).
@@ -50,8 +50,8 @@ def before_run(ctx: RunContext) -> None:
 
     When: after the config is validated (so bad input never reaches this
     hook) and the data is loaded, before the baseline is trained or loaded.
-    ``ctx.cfg`` is the resolved config, ``ctx.run_name`` its readable name.
-    Tracking plugins open their run here. Returns nothing.
+    ``ctx`` is the run's context: ``ctx.cfg`` the resolved config,
+    ``ctx.run_name`` its readable name, ``ctx.tags`` the run's tags. Tracking plugins open their run here. Returns nothing.
     """
 
 
@@ -60,7 +60,7 @@ def after_technique(ctx: RunContext, name: str, model: nn.Module, metrics: dict[
     """One technique of the pipeline has been applied.
 
     When: after ``apply`` returned, once per technique, in pipeline order.
-    ``name`` is the technique, ``model`` the model it returned, ``metrics``
+    ``ctx`` is the run's context, ``name`` the technique, ``model`` the model it returned, ``metrics``
     the stage's measurements (accuracy, size, sparsity), also appended to
     ``ctx.stages``. Do not modify the model. Returns nothing.
     """
@@ -71,6 +71,8 @@ def evaluate(model: nn.Module, ctx: RunContext) -> dict[str, float] | None:
     """Contribute extra metrics for the final, compressed model.
 
     When: after the built-in final evaluation, before ``after_run``.
+    ``model`` is the compressed model as deployed, ``ctx`` the run's context
+    (``ctx.baseline`` is the uncompressed model).
     Return a dict of metric name to number (or ``None``). All results are
     merged into the run's metrics; a name that the run already has, or that
     two plugins return, fails the run with both names.
@@ -81,8 +83,8 @@ def evaluate(model: nn.Module, ctx: RunContext) -> dict[str, float] | None:
 def after_run(ctx: RunContext, metrics: dict[str, float]) -> None:
     """A run finished successfully.
 
-    When: last, with every metric of the run (DESIGN.md section 4 plus the
-    ``evaluate`` results). ``ctx.artifacts`` maps artifact names to the local
+    When: last, with ``metrics``, every metric of the run (DESIGN.md section 4
+    plus the ``evaluate`` results). ``ctx`` is the run's context. ``ctx.artifacts`` maps artifact names to the local
     files written for this run (compressed model, stage metrics). Tracking
     plugins log and close their run here. Returns nothing.
     """
@@ -92,8 +94,9 @@ def after_run(ctx: RunContext, metrics: dict[str, float]) -> None:
 def on_run_error(ctx: RunContext, error: BaseException, traceback_text: str) -> None:
     """A run raised (or was interrupted) after ``before_run``.
 
-    When: instead of ``after_run``, with the exception; ``KeyboardInterrupt``
-    means the run was interrupted. ``traceback_text`` is the formatted
+    When: instead of ``after_run``, with ``error``, the exception
+    (``KeyboardInterrupt`` means the run was interrupted), and ``ctx``, the
+    run's context. ``traceback_text`` is the formatted
     traceback. Tracking plugins record the run FAILED (or KILLED) here.
     Returns nothing; the error is re-raised after every implementation ran.
     """

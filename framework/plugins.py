@@ -107,7 +107,8 @@ def load_plugins(disable: Iterable[str] = ()) -> Plugins:
     try:
         manager.check_pending()
     except pluggy.PluginValidationError as error:
-        raise PluginError(f"plugin {error.plugin_name!r}: {error}") from None
+        name = manager.get_name(error.plugin) or repr(error.plugin)
+        raise PluginError(f"plugin {name!r}: {error}") from None
 
     registry = TechniqueRegistry()
     for impl in manager.hook.register_techniques.get_hookimpls():

@@ -1,0 +1,5 @@
+"""``python -m framework`` is ``slimlab``."""
+
+from framework.cli import entry
+
+entry()

@@ -1,0 +1,151 @@
+"""Shared fixtures: a real sqlite MLflow store in a temp dir, real Hydra composition, tiny settings."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SLIMLAB = [sys.executable, "-m", "framework"]
+
+# Small but real: fewer epochs and repeats than the defaults, same code paths.
+FAST = ["train.epochs=2", "measure.repeats=5", "measure.warmup=1"]
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    """One baseline cache for the whole session, so each distinct baseline trains once."""
+    return tmp_path_factory.mktemp("baseline-cache")
+
+
+@pytest.fixture
+def store(tmp_path) -> str:
+    return f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+@pytest.fixture
+def overrides(cache_dir, store) -> list[str]:
+    return [*FAST, f"cache_dir={cache_dir}", f"tracking.uri={store}", "experiment_name=tests"]
+
+
+def slimlab(*args: str, cwd: Path, env: dict[str, str] | None = None, timeout: int = 300):
+    """Run the real ``slimlab`` command line in a subprocess."""
+    full_env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    extra = dict(env or {})
+    full_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), extra.pop("PYTHONPATH", None)]))
+    full_env.update(extra)
+    return subprocess.run([*SLIMLAB, *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def write_plugin(site: Path, dist: str, module: str, source: str, entry_points: dict[str, str]) -> Path:
+    """Install a plugin the way pip would, minus pip: a module plus a ``.dist-info`` with entry points.
+
+    ``importlib.metadata`` discovers it from ``site`` once ``site`` is on the path: real discovery, no patching.
+    """
+    site.mkdir(parents=True, exist_ok=True)
+    (site / f"{module}.py").write_text(textwrap.dedent(source))
+    info = site / f"{dist.replace('-', '_')}-0.3.1.dist-info"
+    info.mkdir(exist_ok=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 0.3.1\n")
+    lines = "\n".join(f"{name} = {value}" for name, value in entry_points.items())
+    (info / "entry_points.txt").write_text(f"[slimlab]\n{lines}\n")
+    return site
+
+
+EXAMPLE_PLUGIN = """
+    \"\"\"A third-party plugin as a user would write it: one technique, every hook.\"\"\"
+    from dataclasses import dataclass
+
+    from framework import hookimpl
+
+    CALLS = []
+
+
+    @dataclass
+    class ZeroSmallConfig:
+        threshold: float = 0.01
+
+        def __post_init__(self):
+            if self.threshold < 0:
+                raise ValueError(f"threshold must be >= 0, got {self.threshold}")
+
+
+    def zero_small(model, config, ctx):
+        import torch
+
+        with torch.no_grad():
+            for parameter in model.parameters():
+                parameter[parameter.abs() < config.threshold] = 0
+        return model
+
+
+    @hookimpl
+    def register_techniques(register):
+        register("zero_small", ZeroSmallConfig, zero_small, label=lambda c: f"zero_small({c.threshold:g})")
+
+
+    @hookimpl
+    def before_run(ctx):
+        CALLS.append(("before_run", ctx.run_name))
+
+
+    @hookimpl
+    def after_technique(ctx, name, model, metrics):
+        CALLS.append(("after_technique", name))
+
+
+    @hookimpl
+    def evaluate(model):
+        return {"example_layers": float(sum(1 for _ in model.modules()))}
+
+
+    @hookimpl
+    def after_run(ctx, metrics):
+        CALLS.append(("after_run", metrics["accuracy"]))
+
+
+    @hookimpl
+    def on_run_error(error):
+        CALLS.append(("on_run_error", str(error)))
+"""
+
+EXPLODE_PLUGIN = """
+    from dataclasses import dataclass
+
+    from framework import hookimpl
+
+
+    @dataclass
+    class ExplodeConfig:
+        message: str = "boom"
+
+
+    def explode(model, config, ctx):
+        raise RuntimeError(config.message)
+
+
+    @hookimpl
+    def register_techniques(register):
+        register("explode", ExplodeConfig, explode)
+"""
+
+
+@pytest.fixture(scope="session")
+def plugin_site(tmp_path_factory) -> Path:
+    """A site directory holding two third-party plugin distributions."""
+    site = tmp_path_factory.mktemp("site")
+    write_plugin(site, "slimlab-example", "slimlab_example", EXAMPLE_PLUGIN, {"example": "slimlab_example"})
+    write_plugin(site, "slimlab-explode", "slimlab_explode", EXPLODE_PLUGIN, {"explode": "slimlab_explode"})
+    return site
+
+
+@pytest.fixture
+def with_plugins(plugin_site, monkeypatch) -> Path:
+    """The third-party plugins importable and discoverable in this process."""
+    monkeypatch.syspath_prepend(str(plugin_site))
+    return plugin_site

@@ -51,7 +51,8 @@ def before_run(ctx: RunContext) -> None:
     When: after the config is validated (so bad input never reaches this
     hook) and the data is loaded, before the baseline is trained or loaded.
     ``ctx`` is the run's context: ``ctx.cfg`` the resolved config,
-    ``ctx.run_name`` its readable name, ``ctx.tags`` the run's tags. Tracking plugins open their run here. Returns nothing.
+    ``ctx.run_name`` its readable name, ``ctx.tags`` the run's tags.
+    Tracking plugins open their run here. Returns nothing.
     """
 
 

@@ -1,0 +1,123 @@
+"""End to end through the runner, against a real sqlite MLflow store."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from framework.artifact import load_model, save_model
+from framework.config import compose
+from framework.data import digits
+from framework.models import LeNet
+from framework.plugins import load_plugins
+from framework.runner import run
+
+METRICS = {
+    "accuracy", "baseline_accuracy", "accuracy_drop", "size_bytes", "baseline_size_bytes", "compression_ratio",
+    "params", "nonzero_params", "sparsity", "latency_ms", "latency_ms_p95", "speedup",
+}  # fmt: skip
+
+
+def only_run(store: str):
+    client = MlflowClient(store)
+    runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
+    assert len(runs) == 1, [r.info.run_name for r in runs]
+    return client, runs[0]
+
+
+def artifact_paths(client, run_id, path=None) -> set[str]:
+    found = set()
+    for item in client.list_artifacts(run_id, path):
+        found |= artifact_paths(client, run_id, item.path) if item.is_dir else {item.path}
+    return found
+
+
+def test_quickstart_logs_every_metric_and_artifact(overrides, store, tmp_path):
+    cfg = compose(["experiment=quickstart", *overrides])
+    accuracy = run(cfg)
+    client, logged = only_run(store)
+    assert logged.info.status == "FINISHED"
+    assert logged.info.run_name == "lenet prune(0.9)+quantize(int8-wo)"
+    metrics = logged.data.metrics
+    assert METRICS <= set(metrics)
+    assert metrics["accuracy"] == accuracy
+    assert metrics["compression_ratio"] == pytest.approx(metrics["baseline_size_bytes"] / metrics["size_bytes"])
+    assert metrics["sparsity"] > 0.85  # 90% of weights pruned (biases are kept)
+    assert logged.data.params["technique.prune.amount"] == "0.9"
+    tags = logged.data.tags
+    assert tags["slimlab.techniques"] == "prune,quantize"
+    assert "prune==slimlab-0.1.0" in tags["slimlab.plugins"] and len(tags["slimlab.config_hash"]) == 16
+    assert {"config.yaml", "overrides.txt", "stages.json", "model/model.pt"} <= artifact_paths(
+        client, logged.info.run_id
+    )
+
+    # size_bytes is the size of the very file logged, and that file reloads to the same model.
+    model_file = Path(client.download_artifacts(logged.info.run_id, "model/model.pt", str(tmp_path)))
+    assert model_file.stat().st_size == metrics["size_bytes"]
+    reloaded = load_model(LeNet(), model_file)
+    data = digits(seed=cfg.seed)
+    predictions = reloaded(data.test_x).argmax(1)
+    assert (predictions == data.test_y).float().mean().item() == pytest.approx(accuracy)
+
+
+def test_baseline_trained_once_then_cached(overrides, store):
+    first = compose([*overrides, "technique=[prune]", "technique.prune.amount=0.2", "seed=7"])
+    second = compose([*overrides, "technique=[prune]", "technique.prune.amount=0.4", "seed=7"])
+    run(first)
+    run(second)
+    client = MlflowClient(store)
+    runs = client.search_runs([client.get_experiment_by_name("tests").experiment_id], order_by=["start_time ASC"])
+    assert [r.data.tags["slimlab.baseline"].split()[1] for r in runs] == ["(trained)", "(cached)"]
+    assert runs[0].data.metrics["baseline_accuracy"] == runs[1].data.metrics["baseline_accuracy"]
+
+
+def test_tracking_none_writes_nothing(overrides, store, tmp_path):
+    run(compose([*overrides, "tracking=none", "technique=[prune]"]))
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_failing_technique_records_failed_run_with_traceback(with_plugins, overrides, store, tmp_path):
+    plugins = load_plugins()
+    with pytest.raises(RuntimeError, match="boom"):
+        run(compose([*overrides, "technique=[prune,explode]"], plugins), plugins)
+    client, logged = only_run(store)
+    assert logged.info.status == "FAILED"
+    traceback_file = client.download_artifacts(logged.info.run_id, "traceback.txt", str(tmp_path))
+    text = open(traceback_file).read()
+    assert "RuntimeError: boom" in text and "explode" in text
+
+
+def test_bad_config_records_nothing(overrides, store, tmp_path):
+    from framework.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"amount must be in \[0, 1\)"):
+        run(compose([*overrides, "technique.prune.amount=1.5"]))
+    with pytest.raises(ConfigError, match="cannot follow 'quantize'"):
+        run(compose([*overrides, "technique=[quantize,prune]"]))
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_third_party_technique_runs_and_its_metrics_are_merged(with_plugins, overrides, store):
+    plugins = load_plugins()
+    run(compose([*overrides, "technique=[zero_small]", "technique.zero_small.threshold=0.02"], plugins), plugins)
+    _, logged = only_run(store)
+    assert logged.info.run_name == "lenet zero_small(0.02)"
+    assert logged.data.metrics["example_layers"] == 5  # LeNet + 4 layers, from the plugin's evaluate hook
+    assert logged.data.metrics["sparsity"] > 0
+
+
+def test_artifact_stores_zeros_compactly(tmp_path):
+    """A 90%-sparse model's file is far smaller than the dense one: the mask is stored as bits."""
+    model = LeNet()
+    dense = save_model(model, tmp_path / "dense.pt")
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter[torch.rand_like(parameter) < 0.9] = 0
+    sparse = save_model(model, tmp_path / "sparse.pt")
+    assert sparse < dense * 0.25
+    reloaded = load_model(LeNet(), tmp_path / "sparse.pt")
+    x = torch.randn(4, 1, 28, 28)
+    assert torch.equal(reloaded(x), model(x))

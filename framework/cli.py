@@ -76,29 +76,34 @@ def ui_command(args: list[str]) -> int:
     parser.add_argument("--uri", help="tracking store (default: $MLFLOW_TRACKING_URI or ./mlflow.db)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=5000)
+    parser.add_argument("--workers", type=int, default=1, help="web server processes (default: 1)")
     options = parser.parse_args(args)
+    import signal
     import subprocess
 
     from framework.tracking import tracking_uri
 
     uri = options.uri or tracking_uri()
-    command = [
-        sys.executable,
-        "-m",
-        "mlflow",
-        "ui",
-        "--backend-store-uri",
-        uri,
-        "--host",
-        options.host,
-        "--port",
-        str(options.port),
-    ]
+    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
+               "--host", options.host, "--port", str(options.port), "--workers", str(options.workers)]  # fmt: skip
+    # MLflow's background job runner serves GenAI evaluation, not run browsing: a dozen idle processes here.
+    env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ}
     print(f"MLflow UI for {uri} at http://{options.host}:{options.port}  (Ctrl-C stops it)", flush=True)
+    # mlflow ui starts uvicorn in child processes: run it as its own process group and stop the whole group.
+    server = subprocess.Popen(command, env=env, start_new_session=True)
+
+    def stop(*_: object) -> None:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, lambda *_: (stop(), sys.exit(0)))
     try:
-        return subprocess.call(command)
+        return server.wait()
     except KeyboardInterrupt:
         return EXIT_OK
+    finally:
+        stop()
+        server.wait(timeout=30)
 
 
 def _pre_disabled(args: list[str]) -> list[str]:

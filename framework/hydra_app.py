@@ -61,7 +61,24 @@ def launch(args: list[str], disable: list[str]) -> int:
         task()
     finally:
         sys.argv = saved
+        if "--help" in args or "-h" in args:  # Hydra prints its help and exits; add every technique's options
+            print(technique_help(plugins))
     return 0
+
+
+def technique_help(plugins: Plugins) -> str:
+    """Every registered technique with its options, types and defaults."""
+    import dataclasses
+
+    lines = ["== Technique options ==", "Set with technique.NAME.OPTION=value once NAME is in 'technique=[...]'", ""]
+    for name in plugins.registry.names():
+        technique = plugins.registry[name]
+        lines.append(f"{name} (plugin {technique.plugin}):")
+        for field in dataclasses.fields(technique.schema):
+            default = field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
+            kind = field.type if isinstance(field.type, str) else getattr(field.type, "__name__", str(field.type))
+            lines.append(f"  {field.name}: {kind} = {default!r}")
+    return "\n".join(lines)
 
 
 def is_bad_input(error: BaseException) -> bool:

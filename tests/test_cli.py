@@ -1,0 +1,126 @@
+"""The ``slimlab`` command line, run as a user would: exit codes, messages, Hydra's flags, sweeps, the UI."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import time
+import urllib.request
+
+import pytest
+from mlflow import MlflowClient
+
+from tests.conftest import FAST, SLIMLAB, slimlab
+
+BAD_INPUT = [
+    (["technique.prune.amount=1.5"], r"technique.prune: amount must be in [0, 1), got 1.5"),
+    (["technique.prune.amout=0.3"], "valid keys: amount, scope"),
+    (["technique.prune.amount=abc"], "technique.prune.amount=abc"),
+    (["model=resnet9000"], "unknown model 'resnet9000'; valid model options: lenet, mlp"),
+    (["technique=[prun]"], "unknown technique 'prun'; valid technique options: prune, quantize"),
+    (["experiment=nope"], "unknown experiment 'nope'; valid experiment options:"),
+    (["technique=[quantize,prune]"], "'prune' cannot follow 'quantize'"),
+    (["plugins.disable=[prune]"], "(disabled plugins: prune)"),
+]
+
+
+def all_runs(store: str) -> list:
+    client = MlflowClient(store)
+    return [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
+
+
+@pytest.mark.parametrize("args,message", BAD_INPUT, ids=[a[0] for a, _ in BAD_INPUT])
+def test_bad_input_exits_2_with_one_line_and_records_nothing(args, message, tmp_path, store):
+    result = slimlab("run", *args, f"tracking.uri={store}", cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("slimlab: error: "), result.stderr
+    assert message in lines[0]
+    assert not (tmp_path / "mlflow.db").exists() or all_runs(store) == []
+
+
+def test_unknown_command_exits_2(tmp_path):
+    result = slimlab("compress", cwd=tmp_path)
+    assert result.returncode == 2 and "valid: run, plugins, ui" in result.stderr
+
+
+def test_help_lists_groups_and_every_technique_option(plugin_site, tmp_path):
+    result = slimlab("run", "--help", cwd=tmp_path, env={"PYTHONPATH": str(plugin_site)})
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    for line in ("model: lenet, mlp", "experiment: quickstart", "tracking: mlflow, none"):
+        assert line in out
+    assert "technique: explode, prune, quantize, zero_small" in out  # plugin-registered options too
+    assert "zero_small (plugin example):\n  threshold: float = 0.01" in out
+    assert "amount: float = 0.5" in out
+
+
+def test_cfg_job_and_info(tmp_path):
+    result = slimlab("run", "experiment=quickstart", "--cfg", "job", cwd=tmp_path)
+    assert result.returncode == 0 and "amount: 0.9" in result.stdout
+    result = slimlab("run", "--info", "defaults", cwd=tmp_path)
+    assert result.returncode == 0 and "technique/prune" in result.stdout
+
+
+@pytest.mark.slow
+def test_sweep_runs_every_job_and_trains_the_baseline_once(tmp_path, cache_dir):
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    result = slimlab(
+        "run", "-m", "technique.prune.amount=0.3,0.6", "technique=[prune]", *FAST, "seed=11",
+        f"cache_dir={cache_dir}", f"tracking.uri={store}", "experiment_name=sweep", cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    runs = sorted(all_runs(store), key=lambda r: r.info.start_time)
+    assert [r.info.status for r in runs] == ["FINISHED", "FINISHED"]
+    assert [r.data.params["technique.prune.amount"] for r in runs] == ["0.3", "0.6"]
+    assert [r.data.tags["slimlab.baseline"].split()[1] for r in runs] == ["(trained)", "(cached)"]
+
+
+@pytest.mark.slow
+def test_failing_run_exits_1_and_is_recorded_failed(plugin_site, tmp_path, cache_dir):
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    result = slimlab(
+        "run", "technique=[explode]", *FAST, f"cache_dir={cache_dir}", f"tracking.uri={store}",
+        cwd=tmp_path, env={"PYTHONPATH": str(plugin_site)},
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert "slimlab: run failed: RuntimeError: boom" in result.stderr
+    assert [r.info.status for r in all_runs(store)] == ["FAILED"]
+
+
+@pytest.mark.slow
+def test_default_store_is_absolute_sqlite_in_launch_dir(tmp_path, cache_dir):
+    result = slimlab("run", "technique=[prune]", *FAST, f"cache_dir={cache_dir}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "mlflow.db").exists() and not (tmp_path / "mlruns").exists()
+    assert [r.info.status for r in all_runs(f"sqlite:///{tmp_path / 'mlflow.db'}")] == ["FINISHED"]
+    assert "slimlab ui" in result.stdout  # the summary says how to look at it
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_ui_serves_the_store(tmp_path, store):
+    port = free_port()
+    process = subprocess.Popen(
+        [*SLIMLAB, "ui", "--uri", store, "--port", str(port)], cwd=tmp_path, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert f"http://127.0.0.1:{port}" in process.stdout.readline()
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
+                    assert response.status == 200
+                    break
+            except OSError:
+                assert time.monotonic() < deadline, "the MLflow UI did not come up in 90 s"
+                assert process.poll() is None, "slimlab ui exited"
+                time.sleep(0.5)
+    finally:
+        process.terminate()
+        process.wait(timeout=30)

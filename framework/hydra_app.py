@@ -5,7 +5,10 @@ from __future__ import annotations
 import os
 import re
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
 
 from framework.config import CONFIG_DIR, register_configs
 from framework.errors import ConfigError, RunFailed
@@ -32,6 +35,24 @@ class BadInput(BaseException):  # noqa: N818 - it carries a ConfigError, it is n
     job and prints its own banner; bad input is not a failed job, so it
     travels as a ``BaseException`` (like Ctrl-C) and the CLI unwraps it.
     """
+
+
+class PrepareStore(Callback):
+    """Hydra callback: create the store and experiment in the launching process before any sweep job starts.
+
+    Parallel workers that open a fresh sqlite store at once race its schema
+    migrations and lose runs; a store that already exists is safe to share.
+    """
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if config.tracking.backend != "mlflow":
+            return
+        from mlflow import MlflowClient
+
+        from framework.tracking import experiment_id, tracking_uri
+
+        uri = tracking_uri(config)
+        experiment_id(MlflowClient(uri), config.experiment_name, uri)
 
 
 def launch(args: list[str], disable: list[str]) -> int:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from framework.artifact import load_model, save_model
@@ -69,7 +69,8 @@ def get_baseline(cfg: DictConfig, data: TaskData, device: str) -> Baseline:
         "nonzero_params": nonzero,
     }
     (staging / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    (staging / "config.json").write_text(json.dumps({k: str(cfg[k]) for k in BASELINE_KEYS}, indent=2))
+    trained_with = {k: OmegaConf.to_container(cfg[k], resolve=True) if k != "seed" else cfg.seed for k in BASELINE_KEYS}
+    (staging / "config.json").write_text(json.dumps(trained_with, indent=2))
     try:
         os.rename(staging, entry)
     except OSError:  # another job cached the same baseline first: theirs is as good as ours

@@ -143,5 +143,4 @@ def run_command(args: list[str]) -> int:
 
 def entry() -> None:
     """Console-script entry point."""
-    os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # we report errors ourselves: see hydra_app.launch
     sys.exit(main())

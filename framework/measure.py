@@ -22,7 +22,7 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(parameters, non-zero parameters) of the model as it will be deployed."""
     total = nonzero = 0
     for parameter in model.parameters():
-        values = _dense(parameter.data if isinstance(parameter, nn.Parameter) else parameter)
+        values = _dense(parameter.data)
         total += values.numel()
         nonzero += int(values.ne(0).sum())
     return total, nonzero

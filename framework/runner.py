@@ -67,7 +67,7 @@ def _tags(plugins: Plugins, steps: list[Step], hash_: str) -> dict[str, str]:
     tags = {
         "slimlab.techniques": ",".join(step.name for step in steps) or "none",
         "slimlab.plugins": ",".join(
-            f"{i.name}=={i.distribution}-{i.version}" for i in plugins.infos if i.status == "loaded"
+            f"{i.name}:{i.distribution}=={i.version}" for i in plugins.infos if i.status == "loaded"
         ),
         "slimlab.config_hash": hash_,
     }

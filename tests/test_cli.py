@@ -17,7 +17,7 @@ BAD_INPUT = [
     (["technique.prune.amout=0.3"], "valid keys: amount, scope"),
     (["technique.prune.amount=abc"], "technique.prune.amount=abc"),
     (["model=resnet9000"], "unknown model 'resnet9000'; valid model options: lenet, mlp"),
-    (["technique=[prun]"], "unknown technique 'prun'; valid technique options: prune, quantize"),
+    (["technique=[prun]"], "unknown technique 'prun'; valid technique options: prune, prune_90, quantize"),
     (["experiment=nope"], "unknown experiment 'nope'; valid experiment options:"),
     (["technique=[quantize,prune]"], "'prune' cannot follow 'quantize'"),
     (["plugins.disable=[prune]"], "(disabled plugins: prune)"),
@@ -50,7 +50,7 @@ def test_help_lists_groups_and_every_technique_option(plugin_site, tmp_path):
     out = result.stdout
     for line in ("model: lenet, mlp", "experiment: quickstart", "tracking: mlflow, none"):
         assert line in out
-    assert "technique: explode, prune, quantize, zero_small" in out  # plugin-registered options too
+    assert "technique: explode, prune, prune_90, quantize, zero_small" in out  # plugin-registered options too
     assert "zero_small (plugin example):\n  threshold: float = 0.01" in out
     assert "amount: float = 0.5" in out
 

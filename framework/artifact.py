@@ -2,15 +2,21 @@
 
 Each tensor is stored dense or as a packed bitmask of its non-zeros plus the
 non-zero values, whichever is smaller, so pruning shows in the file size.
-Quantized tensor subclasses (torchao) are stored through their
-``__tensor_flatten__`` parts (int8 data, scales), each encoded the same way.
-The file holds only tensors, numbers, strings, lists and dicts: nothing that
-runs code on load. ``size_bytes`` is the size of this very file.
+Quantized tensors are stored as their integer values plus scales and zero
+points: torchao's tensor subclasses through their ``__tensor_flatten__``
+parts, ``torch.ao`` quantized tensors through ``int_repr()``; the integers are
+encoded the same way, so pruned-then-quantized weights stay compact.
+The file holds only tensors, numbers, dtypes, strings, lists and dicts:
+nothing that runs code on load. ``size_bytes`` is the size of this very file.
+
+The architecture is data too: every tensor keeps its shape, so a layer that
+structured pruning narrowed is rebuilt at its new width on load.
 """
 
 from __future__ import annotations
 
 import importlib
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -64,9 +70,15 @@ def _is_subclass(tensor: torch.Tensor) -> bool:
     )
 
 
-def _encode_entry(tensor: torch.Tensor) -> Any:
+def _encode_entry(tensor: Any) -> Any:
+    if isinstance(tensor, tuple | list):  # torch.ao packed params: (weight, bias)
+        return {"sequence": [_encode_entry(item) for item in tensor]}
+    if not isinstance(tensor, torch.Tensor):  # e.g. the dtype torch.ao keeps in its state dict
+        return {"value": tensor}
     if isinstance(tensor, nn.Parameter):
         tensor = tensor.data
+    if tensor.is_quantized:
+        return _encode_quantized(tensor)
     if not _is_subclass(tensor):
         return encode_tensor(tensor)
     names, context = tensor.__tensor_flatten__()
@@ -93,7 +105,33 @@ def _subclass(path: str) -> type:
     return cls
 
 
-def _decode_entry(stored: Any) -> torch.Tensor:
+def _encode_quantized(tensor: torch.Tensor) -> dict[str, Any]:
+    encoded: dict[str, Any] = {"quantized": tensor.dtype, "int_repr": encode_tensor(tensor.int_repr())}
+    if tensor.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
+        encoded |= {
+            "scales": tensor.q_per_channel_scales(),
+            "zero_points": tensor.q_per_channel_zero_points(),
+            "axis": tensor.q_per_channel_axis(),
+        }
+    else:
+        encoded |= {"scale": tensor.q_scale(), "zero_point": tensor.q_zero_point()}
+    return encoded
+
+
+def _decode_quantized(stored: dict[str, Any]) -> torch.Tensor:
+    values = decode_tensor(stored["int_repr"])
+    if "axis" in stored:
+        return torch._make_per_channel_quantized_tensor(values, stored["scales"], stored["zero_points"], stored["axis"])
+    return torch._make_per_tensor_quantized_tensor(values, stored["scale"], stored["zero_point"])
+
+
+def _decode_entry(stored: Any) -> Any:
+    if isinstance(stored, dict) and "sequence" in stored:
+        return tuple(_decode_entry(item) for item in stored["sequence"])
+    if isinstance(stored, dict) and "value" in stored:
+        return stored["value"]
+    if isinstance(stored, dict) and "quantized" in stored:
+        return _decode_quantized(stored)
     if isinstance(stored, dict) and "subclass" in stored:
         inner = {name: decode_tensor(part) for name, part in stored["inner"].items()}
         cls = _subclass(stored["subclass"])
@@ -101,12 +139,23 @@ def _decode_entry(stored: Any) -> torch.Tensor:
     return decode_tensor(stored)
 
 
+def deployable(model: nn.Module) -> nn.Module:
+    """The module whose weights are the artifact: wrappers (e.g. placement) expose it as ``slimlab_inner``."""
+    while hasattr(model, "slimlab_inner"):
+        model = model.slimlab_inner
+    return model
+
+
 def save_model(model: nn.Module, path: Path, metadata: dict[str, Any] | None = None) -> int:
     """Write ``model``'s state to ``path`` in the compact format; return the file's size in bytes."""
+    model = deployable(model)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    state = {name: _encode_entry(t) for name, t in model.state_dict().items()}
-    torch.save({"format": FORMAT, "metadata": metadata or {}, "state": state}, path)
+    state_dict = model.state_dict()
+    state = {name: _encode_entry(t) for name, t in state_dict.items()}
+    # Module versions tell torch.ao's loaders which layout the state is in.
+    versions = {prefix: dict(info) for prefix, info in getattr(state_dict, "_metadata", {}).items()}
+    torch.save({"format": FORMAT, "metadata": metadata or {}, "versions": versions, "state": state}, path)
     return path.stat().st_size
 
 
@@ -115,10 +164,55 @@ def load_state(path: Path) -> dict[str, torch.Tensor]:
     payload = torch.load(Path(path), weights_only=True, map_location="cpu")
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ValueError(f"{path} is not a slimlab model artifact ({FORMAT})")
-    return {name: _decode_entry(stored) for name, stored in payload["state"].items()}
+    state = OrderedDict((name, _decode_entry(stored)) for name, stored in payload["state"].items())
+    state._metadata = OrderedDict(payload.get("versions", {}))  # type: ignore[attr-defined]
+    return state
 
 
 def load_model(model: nn.Module, path: Path) -> nn.Module:
-    """Load an artifact into ``model`` (same architecture); quantized weights are assigned as stored."""
-    model.load_state_dict(load_state(path), assign=True)
+    """Load an artifact into ``model``, a fresh instance of the same class.
+
+    Quantized weights are assigned as stored. Layers whose stored shapes
+    differ (structured pruning) are resized first. For ``torch.ao`` quantized
+    modules, pass a model converted by the same recipe (the module types must
+    match; their weights and scales come from the file).
+    """
+    state = load_state(path)
+    _resize_to(model, state)
+    model.load_state_dict(state, assign=True)
     return model
+
+
+# Attributes that record a layer's width, rebuilt from its stored weight shape: (dim of weight, attribute)
+_WIDTH_ATTRIBUTES = {
+    nn.Linear: ((0, "out_features"), (1, "in_features")),
+    nn.Conv1d: ((0, "out_channels"), (1, "in_channels")),
+    nn.Conv2d: ((0, "out_channels"), (1, "in_channels")),
+    nn.Conv3d: ((0, "out_channels"), (1, "in_channels")),
+}
+_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm)
+
+
+def _resize_to(model: nn.Module, state: dict[str, Any]) -> None:
+    """Give every parameter and buffer the shape stored for it, fixing the layer's width attributes."""
+    for module_name, module in model.named_modules():
+        prefix = f"{module_name}." if module_name else ""
+        resized = False
+        for name, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+            stored = state.get(prefix + name)
+            if isinstance(stored, torch.Tensor) and stored.shape != tensor.shape and not stored.is_quantized:
+                empty = torch.empty(stored.shape, dtype=tensor.dtype)
+                setattr(module, name, nn.Parameter(empty) if isinstance(tensor, nn.Parameter) else empty)
+                resized = True
+        if not resized:
+            continue
+        for dim, attribute in _WIDTH_ATTRIBUTES.get(type(module), ()):
+            setattr(
+                module,
+                attribute,
+                module.weight.shape[dim] * (module.groups if dim == 1 and hasattr(module, "groups") else 1),
+            )
+        if isinstance(module, _NORMS) and isinstance(module, nn.modules.batchnorm._NormBase):
+            module.num_features = module.weight.shape[0]
+        elif isinstance(module, nn.LayerNorm):
+            module.normalized_shape = tuple(module.weight.shape)

@@ -7,6 +7,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    import torch
     from omegaconf import DictConfig
     from torch import nn
 
@@ -19,7 +22,9 @@ class RunContext:
 
     ``baseline`` is the trained, uncompressed model (the default teacher);
     techniques must not modify it. ``state`` is scratch space for plugins
-    (e.g. a tracking run id), keyed by plugin name by convention.
+    (e.g. a tracking run id), keyed by plugin name by convention. Techniques
+    put measurements about themselves (compile time, dense size) in
+    ``metrics`` and readable facts (placement) in ``tags``; both are logged.
     """
 
     cfg: DictConfig
@@ -33,6 +38,7 @@ class RunContext:
     stages: list[dict[str, Any]] = field(default_factory=list)
     artifacts: dict[str, Path] = field(default_factory=dict)
     tags: dict[str, str] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)  # what techniques report about themselves
     state: dict[str, Any] = field(default_factory=dict)
 
     def fine_tune(self, model: nn.Module, epochs: int, lr: float | None = None, description: str = "fine-tune") -> None:
@@ -40,6 +46,10 @@ class RunContext:
         from framework.training import train
 
         train(model, self.data, self.cfg.train, epochs=epochs, lr=lr, device=self.device, description=description)
+
+    def calibration_batches(self, batches: int) -> Iterator[torch.Tensor]:
+        """Training-split minibatches (``train.batch_size`` rows each) for calibrating observers."""
+        return self.data.calibration_batches(batches, self.cfg.train.batch_size)
 
     def evaluate(self, model: nn.Module) -> float:
         """The task's primary metric of ``model`` on the test split."""

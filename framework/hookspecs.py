@@ -26,7 +26,8 @@ def register_techniques(register: Register) -> None:
     When: once per process, while the plugin manager is built, before Hydra
     composes any config (the schemas must be in Hydra's ConfigStore by then).
 
-    ``register`` is called as ``register(name, schema, apply, *, label=None, followed_by=None)``:
+    ``register`` is called as
+    ``register(name, schema, apply, *, label=None, followed_by=None, check=None)``:
 
     - ``name``: the technique's option in the ``technique`` config group and
       its key in the composed config (``technique.<name>.<field>``).
@@ -39,6 +40,9 @@ def register_techniques(register: Register) -> None:
       e.g. ``prune(0.9)``; defaults to the name.
     - ``followed_by``: names of techniques that may come after this one in a
       pipeline (``()`` makes it final); ``None`` means any.
+    - ``check(config)``: a capability probe, called before any work; raise
+      ``ValueError`` with the reason when this machine cannot run ``config``
+      (e.g. int4 kernels on a CPU without them). Never fall back silently.
 
     Returns nothing. Registering a name twice is a ``PluginError``.
     """

@@ -35,3 +35,32 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.log_softmax(self.fc2(F.relu(self.fc1(torch.flatten(x, 1)))), dim=1)
+
+
+class SimpleNet(nn.Module):
+    """The founding document's quantization example: one Linear layer, 10 -> 1."""
+
+    def __init__(self, in_features: int = 10) -> None:
+        super().__init__()
+        self.fc = nn.Linear(in_features, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x)
+
+
+class BigModel(nn.Module):
+    """The distillation teacher. The document's BigModel is a single Linear, no bigger than its student;
+    this one has two hidden layers so that there is something to distil."""
+
+    def __init__(self, in_features: int = 10, hidden: int = 256) -> None:
+        super().__init__()
+        self.layers = nn.Sequential(
+            nn.Linear(in_features, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 1)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
+class SmallModel(SimpleNet):
+    """The distillation student, as in the document: one Linear layer, 10 -> 1."""

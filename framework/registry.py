@@ -29,6 +29,7 @@ class Register(Protocol):
         *,
         label: Callable[[Any], str] | None = None,
         followed_by: Iterable[str] | None = None,
+        check: Callable[[Any], None] | None = None,
     ) -> None: ...
 
 
@@ -42,6 +43,7 @@ class Technique:
     plugin: str
     label: Callable[[Any], str] | None = None
     followed_by: frozenset[str] | None = None  # None: anything may follow
+    check: Callable[[Any], None] | None = None  # raises ValueError when this machine cannot run the config
 
     def describe(self, config: Any) -> str:
         return self.label(config) if self.label else self.name
@@ -71,14 +73,14 @@ class TechniqueRegistry:
     def register_for(self, plugin: str) -> Register:
         """A ``register`` callable that records ``plugin`` as the owner."""
 
-        def register(name, schema, apply, *, label=None, followed_by=None) -> None:
+        def register(name, schema, apply, *, label=None, followed_by=None, check=None) -> None:
             if name in self._techniques:
                 owner = self._techniques[name].plugin
                 raise PluginError(f"plugin {plugin!r} registers technique {name!r}, already registered by {owner!r}")
             if not dataclasses.is_dataclass(schema):
                 raise PluginError(f"plugin {plugin!r}: the schema of technique {name!r} must be a dataclass")
             follow = None if followed_by is None else frozenset(followed_by)
-            self._techniques[name] = Technique(name, schema, apply, plugin, label, follow)
+            self._techniques[name] = Technique(name, schema, apply, plugin, label, follow, check)
 
         return register
 
@@ -123,6 +125,8 @@ class TechniqueRegistry:
                 config = OmegaConf.to_object(node) if OmegaConf.is_config(node) else node
                 if not isinstance(config, technique.schema):  # untyped leftovers, e.g. from an experiment body
                     config = technique.schema(**config)
+                if technique.check is not None:
+                    technique.check(config)
             except (ValueError, TypeError) as error:
                 raise ConfigError(f"technique.{name}: {error}") from None
             if steps and steps[-1].technique.followed_by is not None:

@@ -192,7 +192,7 @@ def _run_pipeline(ctx: RunContext, steps: list[Step], hooks) -> dict[str, float]
     metrics: dict[str, float] = {
         primary: score,
         f"baseline_{primary}": base_score,
-        f"{primary}_drop": base_score - score,
+        f"{primary}_drop": ctx.data.drop(base_score, score),
         "size_bytes": size,
         "baseline_size_bytes": baseline.metrics["size_bytes"],
         "compression_ratio": baseline.metrics["size_bytes"] / size,
@@ -205,10 +205,10 @@ def _run_pipeline(ctx: RunContext, steps: list[Step], hooks) -> dict[str, float]
         "speedup": latency["baseline"].median_ms / latency["compressed"].median_ms,
     }
     ctx.tags["slimlab.measure.threads"] = str(measure.threads)
-    for extra in hooks.evaluate(model=model, ctx=ctx):
+    for extra in [ctx.metrics, *hooks.evaluate(model=model, ctx=ctx)]:
         for name, value in (extra or {}).items():
             if name in metrics:
-                raise ValueError(f"an evaluate() hook returned metric {name!r}, which the run already has")
+                raise ValueError(f"metric {name!r} reported twice (by a technique or an evaluate() hook)")
             metrics[name] = float(value)
 
     stages_path = ctx.output_dir / "stages.json"

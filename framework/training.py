@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from framework.data import TaskData
 from framework.progress import progress
+
+# loss(model, x, y) -> scalar; the default is the task's loss against labels
+Loss = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def train(
@@ -21,13 +24,21 @@ def train(
     lr: float | None = None,
     device: str = "cpu",
     description: str = "train",
+    loss: Loss | None = None,
+    extra_parameters: list[nn.Parameter] | None = None,
 ) -> None:
-    """Minibatch Adam on the training split; ``settings`` is the ``train`` config node."""
+    """Minibatch Adam on the training split; ``settings`` is the ``train`` config node.
+
+    ``loss`` replaces the task loss (distillation); ``extra_parameters`` are
+    trained alongside the model's (e.g. a projection head).
+    """
     epochs = settings.epochs if epochs is None else epochs
     if epochs <= 0:
         return
+    loss = loss or (lambda m, x, y: data.loss(m(x), y))
     generator = torch.Generator().manual_seed(int(settings.seed))
-    optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr if lr is None else lr)
+    parameters = [*model.parameters(), *(extra_parameters or [])]
+    optimizer = torch.optim.Adam(parameters, lr=settings.lr if lr is None else lr)
     x, y = data.train_x.to(device), data.train_y.to(device)
     model.to(device).train()
     for _ in progress(range(epochs), description, total=epochs):
@@ -35,18 +46,19 @@ def train(
         for start in range(0, len(x), settings.batch_size):
             batch = order[start : start + settings.batch_size]
             optimizer.zero_grad()
-            loss = F.nll_loss(model(x[batch]), y[batch])  # models return log-probabilities
-            loss.backward()
+            loss(model, x[batch], y[batch]).backward()
             optimizer.step()
     model.eval()
 
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, data: TaskData, device: str = "cpu", batch_size: int = 512) -> float:
-    """Accuracy on the test split."""
+def predict(model: nn.Module, inputs: torch.Tensor, device: str = "cpu", batch_size: int = 512) -> torch.Tensor:
+    """Model outputs for ``inputs``, batched, on the CPU."""
     model.eval()
-    correct = 0
-    for start in range(0, len(data.test_x), batch_size):
-        x = data.test_x[start : start + batch_size].to(device)
-        correct += (model(x).argmax(dim=1).cpu() == data.test_y[start : start + batch_size]).sum().item()
-    return correct / len(data.test_x)
+    outputs = [model(inputs[s : s + batch_size].to(device)).float().cpu() for s in range(0, len(inputs), batch_size)]
+    return torch.cat(outputs)
+
+
+def evaluate(model: nn.Module, data: TaskData, device: str = "cpu") -> float:
+    """The task's primary metric on the test split."""
+    return data.score(predict(model, data.test_x, device), data.test_y)

@@ -16,7 +16,10 @@ BAD_INPUT = [
     (["technique.prune.amount=1.5"], r"technique.prune: amount must be in [0, 1), got 1.5"),
     (["technique.prune.amout=0.3"], "valid keys: amount, scope"),
     (["technique.prune.amount=abc"], "technique.prune.amount=abc"),
-    (["model=resnet9000"], "unknown model 'resnet9000'; valid model options: lenet, mlp"),
+    (
+        ["model=resnet9000"],
+        "unknown model 'resnet9000'; valid model options: big_model, lenet, lenet_small, mlp, simple_net",
+    ),
     (["technique=[prun]"], "unknown technique 'prun'; valid technique options: prune, prune_90, quantize"),
     (["experiment=nope"], "unknown experiment 'nope'; valid experiment options:"),
     (["technique=[quantize,prune]"], "'prune' cannot follow 'quantize'"),
@@ -48,7 +51,11 @@ def test_help_lists_groups_and_every_technique_option(plugin_site, tmp_path):
     result = slimlab("run", "--help", cwd=tmp_path, env={"PYTHONPATH": str(plugin_site)})
     assert result.returncode == 0, result.stderr
     out = result.stdout
-    for line in ("model: lenet, mlp", "experiment: quickstart", "tracking: mlflow, none"):
+    for line in (
+        "model: big_model, lenet, lenet_small, mlp, simple_net",
+        "experiment: quickstart",
+        "tracking: mlflow, none",
+    ):
         assert line in out
     assert "technique: explode, prune, prune_90, quantize, zero_small" in out  # plugin-registered options too
     assert "zero_small (plugin example):\n  threshold: float = 0.01" in out

@@ -1,0 +1,1 @@
+"""Knowledge distillation (work in progress: registers nothing yet)."""

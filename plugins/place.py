@@ -1,0 +1,1 @@
+"""Heterogeneous placement (work in progress: registers nothing yet)."""

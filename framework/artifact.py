@@ -38,9 +38,11 @@ def _unpack(packed: torch.Tensor, numel: int) -> torch.Tensor:
     return bits.flatten()[:numel]
 
 
-def encode_tensor(tensor: torch.Tensor) -> torch.Tensor | dict[str, Any]:
+def encode_tensor(tensor: torch.Tensor, compact: bool = True) -> torch.Tensor | dict[str, Any]:
     """Dense, or ``{"mask", "values", "shape"}`` when that takes fewer bytes."""
     tensor = tensor.detach().cpu().contiguous()
+    if not compact:
+        return tensor
     nonzero = tensor.ne(0)
     count = int(nonzero.sum())
     dense_bytes = tensor.numel() * tensor.element_size()
@@ -70,23 +72,23 @@ def _is_subclass(tensor: torch.Tensor) -> bool:
     )
 
 
-def _encode_entry(tensor: Any) -> Any:
+def _encode_entry(tensor: Any, compact: bool = True) -> Any:
     if isinstance(tensor, tuple | list):  # torch.ao packed params: (weight, bias)
-        return {"sequence": [_encode_entry(item) for item in tensor]}
+        return {"sequence": [_encode_entry(item, compact) for item in tensor]}
     if not isinstance(tensor, torch.Tensor):  # e.g. the dtype torch.ao keeps in its state dict
         return {"value": tensor}
     if isinstance(tensor, nn.Parameter):
         tensor = tensor.data
     if tensor.is_quantized:
-        return _encode_quantized(tensor)
+        return _encode_quantized(tensor, compact)
     if not _is_subclass(tensor):
-        return encode_tensor(tensor)
+        return encode_tensor(tensor, compact)
     names, context = tensor.__tensor_flatten__()
     cls = type(tensor)
     return {
         "subclass": f"{cls.__module__}:{cls.__qualname__}",
         "context": context,
-        "inner": {name: encode_tensor(getattr(tensor, name)) for name in names},
+        "inner": {name: encode_tensor(getattr(tensor, name), compact) for name in names},
         "size": list(tensor.shape),
         "stride": list(tensor.stride()),
     }
@@ -105,8 +107,8 @@ def _subclass(path: str) -> type:
     return cls
 
 
-def _encode_quantized(tensor: torch.Tensor) -> dict[str, Any]:
-    encoded: dict[str, Any] = {"quantized": tensor.dtype, "int_repr": encode_tensor(tensor.int_repr())}
+def _encode_quantized(tensor: torch.Tensor, compact: bool) -> dict[str, Any]:
+    encoded: dict[str, Any] = {"quantized": tensor.dtype, "int_repr": encode_tensor(tensor.int_repr(), compact)}
     if tensor.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
         encoded |= {
             "scales": tensor.q_per_channel_scales(),
@@ -146,13 +148,17 @@ def deployable(model: nn.Module) -> nn.Module:
     return model
 
 
-def save_model(model: nn.Module, path: Path, metadata: dict[str, Any] | None = None) -> int:
-    """Write ``model``'s state to ``path`` in the compact format; return the file's size in bytes."""
+def save_model(model: nn.Module, path: Path, metadata: dict[str, Any] | None = None, compact: bool = True) -> int:
+    """Write ``model``'s state to ``path``; return the file's size in bytes.
+
+    ``compact=False`` stores every tensor dense: the size the model would
+    take without sparse storage (logged as ``dense_size_bytes``).
+    """
     model = deployable(model)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state_dict = model.state_dict()
-    state = {name: _encode_entry(t) for name, t in state_dict.items()}
+    state = {name: _encode_entry(t, compact) for name, t in state_dict.items()}
     # Module versions tell torch.ao's loaders which layout the state is in.
     versions = {prefix: dict(info) for prefix, info in getattr(state_dict, "_metadata", {}).items()}
     torch.save({"format": FORMAT, "metadata": metadata or {}, "versions": versions, "state": state}, path)

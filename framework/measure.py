@@ -38,6 +38,11 @@ def layer_sparsity(model: nn.Module) -> dict[str, float]:
     return result
 
 
+def layer_sizes(model: nn.Module) -> dict[str, int]:
+    """Number of elements of each weight, by parameter name."""
+    return {name: p.numel() for name, p in model.named_parameters() if name.endswith("weight")}
+
+
 @dataclass(frozen=True)
 class Latency:
     """Batch latency in milliseconds over the timed repeats."""

@@ -175,6 +175,7 @@ def _run_pipeline(ctx: RunContext, steps: list[Step], hooks) -> dict[str, float]
         hooks.after_technique(ctx=ctx, name=step.name, model=model, metrics=stage)
 
     model_path = ctx.output_dir / "model.pt"
+    dense_size = save_model(model, ctx.output_dir / "stages" / "dense.pt", compact=False)
     size = save_model(
         model, model_path, metadata={"model": ctx.cfg.model.get("_target_"), "techniques": [s.name for s in steps]}
     )
@@ -196,6 +197,7 @@ def _run_pipeline(ctx: RunContext, steps: list[Step], hooks) -> dict[str, float]
         "size_bytes": size,
         "baseline_size_bytes": baseline.metrics["size_bytes"],
         "compression_ratio": baseline.metrics["size_bytes"] / size,
+        "dense_size_bytes": dense_size,
         "params": params,
         "nonzero_params": nonzero,
         "sparsity": 1 - nonzero / params if params else 0.0,
@@ -211,7 +213,23 @@ def _run_pipeline(ctx: RunContext, steps: list[Step], hooks) -> dict[str, float]
                 raise ValueError(f"metric {name!r} reported twice (by a technique or an evaluate() hook)")
             metrics[name] = float(value)
 
+    _log_layer_sparsity(ctx, model)
     stages_path = ctx.output_dir / "stages.json"
     stages_path.write_text(json.dumps({"baseline": baseline.metrics, "stages": ctx.stages, "final": metrics}, indent=2))
     ctx.artifacts["stages"] = stages_path
     return metrics
+
+
+def _log_layer_sparsity(ctx: RunContext, model) -> None:
+    """A table and a bar chart of per-layer sparsity, when any layer has zeros to show."""
+    from framework.measure import layer_sizes, layer_sparsity
+    from framework.plots import layer_sparsity_chart, layer_sparsity_table
+
+    sparsity = layer_sparsity(model)
+    if max(sparsity.values(), default=0.0) < 0.01:
+        return
+    table = ctx.output_dir / "layer_sparsity.md"
+    table.write_text(layer_sparsity_table(sparsity, layer_sizes(model)))
+    ctx.artifacts["layer_sparsity_table"] = table
+    chart = layer_sparsity_chart(sparsity, ctx.output_dir / "layer_sparsity.png", ctx.run_name)
+    ctx.artifacts["layer_sparsity_chart"] = chart

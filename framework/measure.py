@@ -62,33 +62,92 @@ def fixed_threads(threads: int):
         torch.set_num_threads(previous)
 
 
+class MeasurementError(RuntimeError):
+    """A measurement that cannot be trusted: the run fails rather than report it."""
+
+
 @torch.inference_mode()
 def measure_latency(
     models: dict[str, nn.Module], batch: torch.Tensor, *, warmup: int = 3, repeats: int = 20, threads: int = 1
 ) -> dict[str, Latency]:
     """Time each model on the same batch, interleaved round by round so drift hits all alike.
 
-    The input is cloned for every call so that a model mutating its input
-    cannot skew the next call.
+    Every call gets a fresh clone of the batch. A model whose output changes
+    between calls, or that writes into its input, is a measurement error
+    (NOTES.md: a compiled int8 graph was seen mutating its input), not a result.
     """
     if repeats < 5:
         raise ValueError(f"at least 5 timed repeats are needed, got {repeats}")
     times: dict[str, list[float]] = {name: [] for name in models}
+    reference: dict[str, torch.Tensor] = {}
     with fixed_threads(threads):
-        for model in models.values():
+        for name, model in models.items():
             model.eval()
             for _ in range(warmup):
-                model(batch.clone())
+                reference[name] = _checked_call(name, model, batch, reference.get(name))
         for _ in range(repeats):
             for name, model in models.items():
                 x = batch.clone()
                 start = time.perf_counter()
-                model(x)
+                output = model(x)
                 times[name].append((time.perf_counter() - start) * 1000)
+                _check(name, x, batch, output, reference.get(name))
     return {name: Latency(statistics.median(t), _percentile(t, 95), len(t)) for name, t in times.items()}
+
+
+def _checked_call(name: str, model: nn.Module, batch: torch.Tensor, reference: torch.Tensor | None) -> torch.Tensor:
+    x = batch.clone()
+    output = model(x)
+    _check(name, x, batch, output, reference)
+    return output.detach().clone()
+
+
+def _check(name: str, x: torch.Tensor, batch: torch.Tensor, output: torch.Tensor, reference: torch.Tensor | None):
+    if not torch.equal(x, batch):
+        raise MeasurementError(f"{name}: the model modified its input tensor in place; its timings are not valid")
+    if reference is not None and not torch.equal(output, reference):
+        raise MeasurementError(f"{name}: outputs differ between identical calls; its timings are not valid")
 
 
 def _percentile(values: list[float], pct: float) -> float:
     ordered = sorted(values)
     rank = min(len(ordered) - 1, max(0, round(pct / 100 * len(ordered) + 0.5) - 1))  # nearest-rank
     return ordered[rank]
+
+
+def machine_tags(threads: int) -> dict[str, str]:
+    """What the timings depend on: CPU model and int8/bf16 features, library versions, threads."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    tags = {"slimlab.measure.threads": str(threads), "slimlab.cpu": platform.processor() or platform.machine()}
+    try:
+        cpuinfo = open("/proc/cpuinfo").read()
+    except OSError:
+        cpuinfo = ""
+    for line in cpuinfo.splitlines():
+        if line.startswith("model name"):
+            tags["slimlab.cpu"] = line.split(":", 1)[1].strip()
+        elif line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            wanted = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16")
+            tags["slimlab.cpu_flags"] = ",".join(f for f in wanted if f in flags) or "none"
+            break
+    for package in ("torch", "torchao", "transformers"):
+        try:
+            tags[f"slimlab.version.{package}"] = version(package)
+        except PackageNotFoundError:
+            pass
+    if torch.cuda.is_available():
+        tags["slimlab.gpu"] = torch.cuda.get_device_name()
+    return tags
+
+
+def peak_memory_mb() -> dict[str, float]:
+    """Peak resident memory of this process so far (it covers everything the run did), and CUDA's peak."""
+    import resource
+
+    peaks = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # Linux reports KiB
+    if torch.cuda.is_available():
+        peaks["cuda_peak_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return peaks

@@ -147,7 +147,7 @@ def run(cfg: DictConfig, plugins: Plugins | None = None) -> float:
 def _run_pipeline(ctx: RunContext, steps: list[Step], hooks) -> dict[str, float]:
     from framework.artifact import save_model
     from framework.baseline import get_baseline
-    from framework.measure import count_parameters, layer_sparsity, measure_latency
+    from framework.measure import count_parameters, layer_sparsity, machine_tags, measure_latency, peak_memory_mb
 
     baseline = get_baseline(ctx.cfg, ctx.data, ctx.device)
     ctx.baseline, ctx.baseline_metrics = baseline.model, baseline.metrics
@@ -206,7 +206,8 @@ def _run_pipeline(ctx: RunContext, steps: list[Step], hooks) -> dict[str, float]
         "baseline_latency_ms": latency["baseline"].median_ms,
         "speedup": latency["baseline"].median_ms / latency["compressed"].median_ms,
     }
-    ctx.tags["slimlab.measure.threads"] = str(measure.threads)
+    ctx.tags.update(machine_tags(measure.threads))
+    metrics.update(peak_memory_mb())
     for extra in [ctx.metrics, *hooks.evaluate(model=model, ctx=ctx)]:
         for name, value in (extra or {}).items():
             if name in metrics:

@@ -1,0 +1,46 @@
+"""The measurement protocol refuses timings it cannot trust."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from framework.measure import MeasurementError, machine_tags, measure_latency
+
+
+class MutatesInput(nn.Module):
+    def forward(self, x):
+        return x.add_(1)
+
+
+class Noisy(nn.Module):
+    def forward(self, x):
+        return x + torch.rand_like(x)
+
+
+def test_stable_model_is_timed_with_median_and_p95():
+    latency = measure_latency({"linear": nn.Linear(8, 4)}, torch.randn(16, 8), warmup=1, repeats=5)["linear"]
+    assert latency.repeats == 5 and 0 < latency.median_ms <= latency.p95_ms
+
+
+def test_model_that_writes_into_its_input_is_an_error():
+    with pytest.raises(MeasurementError, match="modified its input"):
+        measure_latency({"bad": MutatesInput()}, torch.zeros(4, 3), warmup=1, repeats=5)
+
+
+def test_model_whose_outputs_change_between_calls_is_an_error():
+    with pytest.raises(MeasurementError, match="outputs differ"):
+        measure_latency({"noisy": Noisy()}, torch.zeros(4, 3), warmup=2, repeats=5)
+
+
+def test_too_few_repeats_refused():
+    with pytest.raises(ValueError, match="at least 5"):
+        measure_latency({"linear": nn.Linear(2, 2)}, torch.zeros(1, 2), repeats=4)
+
+
+def test_machine_tags_name_the_cpu_and_versions():
+    tags = machine_tags(threads=2)
+    assert tags["slimlab.measure.threads"] == "2"
+    assert tags["slimlab.version.torch"] == torch.__version__
+    assert tags["slimlab.cpu"]

@@ -176,9 +176,7 @@ def _run_pipeline(ctx: RunContext, steps: list[Step], hooks) -> dict[str, float]
 
     model_path = ctx.output_dir / "model.pt"
     dense_size = save_model(model, ctx.output_dir / "stages" / "dense.pt", compact=False)
-    size = save_model(
-        model, model_path, metadata={"model": ctx.cfg.model.get("_target_"), "techniques": [s.name for s in steps]}
-    )
+    size = save_model(model, model_path, metadata={"model": _class_path(model), "techniques": [s.name for s in steps]})
     ctx.artifacts["model"] = model_path
     params, nonzero = count_parameters(model)
     measure = ctx.cfg.measure
@@ -234,3 +232,11 @@ def _log_layer_sparsity(ctx: RunContext, model) -> None:
     ctx.artifacts["layer_sparsity_table"] = table
     chart = layer_sparsity_chart(sparsity, ctx.output_dir / "layer_sparsity.png", ctx.run_name)
     ctx.artifacts["layer_sparsity_chart"] = chart
+
+
+def _class_path(model) -> str:
+    """The deployed model's class (a distilled student is not the configured model)."""
+    from framework.artifact import deployable
+
+    cls = type(deployable(model))
+    return f"{cls.__module__}.{cls.__qualname__}"

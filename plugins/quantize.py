@@ -1,33 +1,120 @@
-"""int8 quantization of Linear layers with torchao's ``quantize_``."""
+"""Quantization with three backends: torchao's ``quantize_`` (default), PT2E static int8, eager ``torch.ao``.
+
+- ``torchao``: weights quantized in place as torchao tensor subclasses (int8 weight-only, int8 dynamic
+  activations; int4, float8 and 2:4 sparsity where the hardware has kernels), optionally lowered with
+  ``torch.compile``.
+- ``pt2e``: static post-training quantization: ``torch.export`` with a dynamic batch dimension,
+  ``prepare_pt2e`` with torchao's ``X86InductorQuantizer``, observers calibrated on training batches,
+  ``convert_pt2e``, lowered with ``torch.compile`` (inductor freezing: int8 oneDNN kernels).
+- ``eager``: ``torch.ao.quantization`` dynamic (``quantize_dynamic``) or static (stubs, fusion, x86
+  qconfig, calibrated observers). Deprecated upstream, kept because it is still the fastest int8 path
+  on x86 CPUs in eager mode.
+
+A scheme the machine cannot run is refused before any work, with the reason (``check``). Heavy
+libraries are imported inside functions so that ``slimlab plugins`` stays torch-free.
+
+To reload a ``model.pt`` written for the ``eager`` or ``pt2e`` backend, rebuild the quantized structure
+first: ``load_model(rebuild(LeNet(), config, example_input), "model.pt")`` (see :func:`rebuild`).
+"""
 
 from __future__ import annotations
 
+import copy
+import functools
 import logging
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from framework import hookimpl
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+    import torch
     from torch import nn
 
     from framework.context import RunContext
 
-SCHEMES = {
-    "int8_weight_only": ("Int8WeightOnlyConfig", "int8-wo"),
-    "int8_dynamic": ("Int8DynamicActivationInt8WeightConfig", "int8-dyn"),
+log = logging.getLogger("slimlab")
+
+# backend -> its schemes, the first one being the default
+BACKENDS: dict[str, tuple[str, ...]] = {
+    "torchao": ("int8_weight_only", "int8_dynamic", "int4_weight_only", "float8", "sparse_2_4"),
+    "pt2e": ("static",),
+    "eager": ("dynamic", "static"),
 }
+LABELS = {
+    ("torchao", "int8_weight_only"): "int8-wo",
+    ("torchao", "int8_dynamic"): "int8-dyn",
+    ("torchao", "int4_weight_only"): "int4-wo",
+    ("torchao", "float8"): "fp8-dyn",
+    ("torchao", "sparse_2_4"): "sparse-2:4",
+    ("pt2e", "static"): "pt2e-static",
+    ("eager", "dynamic"): "eager-dyn",
+    ("eager", "static"): "eager-static",
+}
+GRANULARITIES = ("per_channel", "per_tensor")
+STATIC_TARGETS = ("Linear", "Conv2d")  # static schemes also quantize convolutions
+# Schemes that are not per-channel/per-tensor int8 or float8: int4 is group-wise, 2:4 is sparsity.
+NO_GRANULARITY = ("int4_weight_only", "sparse_2_4")
+ACTIVATION_QPARAMS = "slimlab_activation_qparams"  # pt2e: the graph's activation scales, kept in the state dict
+
+
+def valid_targets(scheme: str) -> tuple[str, ...]:
+    return STATIC_TARGETS if scheme == "static" else ("Linear",)
 
 
 @dataclass
 class QuantizeConfig:
-    """Weights stored as int8 with per-channel scales; ``int8_dynamic`` also quantizes activations at run time."""
+    """Which backend quantizes what, and how.
 
-    scheme: str = "int8_weight_only"
+    ``scheme`` and ``compile`` default to the backend's choice: torchao int8_weight_only uncompiled,
+    pt2e static compiled, eager dynamic uncompiled.
+    """
+
+    backend: str = "torchao"  # torchao | pt2e | eager
+    scheme: str | None = None  # per backend, see BACKENDS; None: the backend's first scheme
+    targets: list[str] = field(default_factory=lambda: ["Linear"])  # module types; static schemes: also Conv2d
+    keep_float: list[str] = field(default_factory=list)  # module names left in float (sensitive layers)
+    granularity: str = "per_channel"  # weight scales: per_channel | per_tensor
+    embeddings: bool = False  # also int8 nn.Embedding weights (torchao, eager)
+    calibration_batches: int = 16  # training minibatches that calibrate the observers (static schemes)
+    compile: bool | None = None  # lower with torch.compile; None: pt2e yes, torchao no; eager cannot
+    freezing: bool = True  # inductor freezing when compiling: folds and prepacks the int8 weights
 
     def __post_init__(self) -> None:
-        if self.scheme not in SCHEMES:
-            raise ValueError(f"scheme must be one of {', '.join(SCHEMES)}; got {self.scheme!r}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {self.backend!r}")
+        schemes = BACKENDS[self.backend]
+        if self.scheme is None:
+            self.scheme = schemes[0]
+        if self.scheme not in schemes:
+            raise ValueError(
+                f"scheme {self.scheme!r} is not one of backend {self.backend!r}'s schemes: {', '.join(schemes)}"
+            )
+        allowed = valid_targets(self.scheme)
+        unknown = [t for t in self.targets if t not in allowed]
+        if not self.targets or unknown:
+            raise ValueError(
+                f"targets for {self.backend} {self.scheme} must be a non-empty list of {', '.join(allowed)}; "
+                f"got {list(self.targets)}"
+            )
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(f"granularity must be one of {', '.join(GRANULARITIES)}; got {self.granularity!r}")
+        if self.granularity != "per_channel" and self.scheme in NO_GRANULARITY:
+            raise ValueError(f"granularity applies to int8 and float8 schemes, not {self.scheme} (keep per_channel)")
+        if self.embeddings and self.backend == "pt2e":
+            raise ValueError("embeddings=true is not supported by backend pt2e (X86InductorQuantizer); use torchao")
+        if self.embeddings and self.backend == "eager" and self.granularity != "per_channel":
+            raise ValueError("backend eager quantizes embeddings per row only: use granularity=per_channel")
+        if self.calibration_batches < 1:
+            raise ValueError(f"calibration_batches must be >= 1, got {self.calibration_batches}")
+        if self.compile is None:
+            self.compile = self.backend == "pt2e"
+        if self.compile and self.backend == "eager":
+            raise ValueError("compile=true is not supported by backend eager (torch.ao quantized modules)")
 
 
 def _import_torchao():
@@ -40,18 +127,573 @@ def _import_torchao():
     return torchao.quantization
 
 
-def apply(model: nn.Module, config: QuantizeConfig, ctx: RunContext) -> nn.Module:
+# --- capability probe ---------------------------------------------------------------------------------------------
+
+
+def _probe_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@functools.lru_cache
+def probe(backend: str, scheme: str, granularity: str, device: str = "cpu") -> str | None:
+    """Why ``scheme`` cannot run here (the first line of the error), or None. Tried once per process."""
+    import torch
+    from torch import nn
+
+    try:
+        if backend == "torchao":
+            tiny = nn.Sequential(nn.Linear(256, 256)).to(device)
+            _torchao_quantize(tiny, scheme, granularity, _selector(("Linear",), ()))
+            with torch.inference_mode():
+                tiny(torch.randn(8, 256, device=device))
+        elif backend == "eager":
+            if "x86" not in torch.backends.quantized.supported_engines:
+                return f"torch has no x86 quantized engine (engines: {torch.backends.quantized.supported_engines})"
+            if torch.backends.quantized.engine != "x86":
+                return f"the quantized engine is {torch.backends.quantized.engine!r}, not 'x86'"
+            import torch.ao.quantization as tq
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # torch's deprecation warning comes with the real run
+                tiny = tq.quantize_dynamic(nn.Sequential(nn.Linear(16, 16)), {nn.Linear}, dtype=torch.qint8)
+                tiny(torch.randn(2, 16))
+        elif backend == "pt2e":
+            import platform
+
+            machine = platform.machine().lower()
+            if machine not in ("x86_64", "amd64", "i386", "i686"):
+                return f"X86InductorQuantizer needs an x86 CPU, this is {machine}"
+            if not torch.backends.mkldnn.is_available():
+                return "torch was built without oneDNN (mkldnn), which inductor's int8 CPU kernels use"
+            from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import X86InductorQuantizer  # noqa: F401
+    except Exception as error:  # the reason is the point: report whatever the library raised
+        lines = str(error).strip().splitlines()
+        return f"{type(error).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+    return None
+
+
+@functools.lru_cache
+def eager_embeddings_unsaved() -> str | None:
+    """Why the artifact cannot store torch.ao's int8 embeddings (per-row float qparams), or None.
+
+    They are the only int8 embeddings torch.ao has; framework/artifact.py must encode their qscheme.
+    """
+    import tempfile
+    from pathlib import Path
+
+    import torch.ao.quantization as tq
+    from torch import nn
+
+    from framework.artifact import save_model
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        embedding_qconfig = {nn.Embedding: tq.float_qparams_weight_only_qconfig}
+        tiny = tq.quantize_dynamic(nn.Sequential(nn.Embedding(4, 4)), embedding_qconfig)
+    try:
+        with tempfile.TemporaryDirectory() as directory:
+            save_model(tiny, Path(directory) / "probe.pt")
+    except Exception as error:
+        lines = str(error).strip().splitlines()
+        return f"{type(error).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+    return None
+
+
+def check(config: QuantizeConfig) -> None:
+    """Refuse, before any work, a scheme this machine cannot run: never a silent fallback."""
+    reason = probe(config.backend, config.scheme, config.granularity, _probe_device())
+    if reason:
+        raise ValueError(f"backend {config.backend} scheme {config.scheme} cannot run on this machine: {reason}")
+    if config.backend == "eager" and config.embeddings:
+        reason = eager_embeddings_unsaved()
+        if reason:
+            raise ValueError(
+                "backend eager with embeddings=true: the model artifact cannot store torch.ao's int8 embeddings "
+                f"(per-row float qparams) yet: {reason}; use backend=torchao for embeddings"
+            )
+
+
+# --- shared helpers -----------------------------------------------------------------------------------------------
+
+
+def _is_kept(name: str, keep_float: Iterable[str]) -> bool:
+    """A module stays float if it, or a module containing it, is named in ``keep_float``."""
+    return any(name == kept or name.startswith(f"{kept}.") for kept in keep_float)
+
+
+def _selector(targets: Iterable[str], keep_float: Iterable[str]):
+    """filter_fn(module, name) for the targeted, not-kept modules."""
+    from torch import nn
+
+    types = tuple(getattr(nn, t) for t in targets)
+    keep = tuple(keep_float)
+    return lambda module, name: isinstance(module, types) and not _is_kept(name, keep)
+
+
+def _check_keep_float(model: nn.Module, keep_float: Iterable[str]) -> None:
+    names = {name for name, _ in model.named_modules() if name}
+    unknown = [name for name in keep_float if name not in names]
+    if unknown:
+        raise ValueError(f"keep_float names no module of the model: {unknown}; its modules: {sorted(names)}")
+
+
+def _require_cpu(ctx: RunContext, backend: str) -> None:
+    if ctx.device != "cpu":
+        raise ValueError(f"backend {backend} quantizes for the CPU; run it with device=cpu (got {ctx.device})")
+
+
+def _targets_present(model: nn.Module, config: QuantizeConfig) -> list[str]:
+    selected = _selector(config.targets, config.keep_float)
+    names = [name for name, module in model.named_modules() if selected(module, name)]
+    if not names:
+        kept = f" (keep_float: {', '.join(config.keep_float)})" if config.keep_float else ""
+        raise ValueError(f"the model has no {', '.join(config.targets)} layers to quantize{kept}")
+    return names
+
+
+def check_stable(model: nn.Module, example: torch.Tensor, first: torch.Tensor | None = None) -> None:
+    """Raise RuntimeError unless ``model`` leaves its input untouched and repeats its outputs exactly.
+
+    NOTES.md: with inductor freezing a compiled PT2E int8 graph was seen to modify its input in place,
+    so repeated calls drifted. ``first`` is the output of an earlier call on ``example`` (the compiling call).
+    """
+    import torch
+
+    x = example.clone()
+    with torch.inference_mode():
+        outputs = [model(x), model(x), model(example.clone())]
+    if not torch.equal(x, example):
+        raise RuntimeError(
+            "the lowered model modified its input tensor in place (max change "
+            f"{(x - example).abs().max().item():.3g}); a known inductor-freezing hazard: try freezing=false"
+        )
+    if first is not None:
+        outputs.insert(0, first)
+    if not all(torch.equal(outputs[0], other) for other in outputs[1:]):
+        spread = max((outputs[0] - other).abs().max().item() for other in outputs[1:])
+        raise RuntimeError(f"the lowered model's outputs differ between calls on the same input (by {spread:.3g})")
+
+
+@functools.cache
+def _lowered_class() -> type:
+    import torch
+    from torch import nn
+
+    class Lowered(nn.Module):
+        """A torch.compile'd module, always called with the inductor freezing setting it was compiled with.
+
+        Inductor's ``freezing`` must be set while dynamo traces (it decides there whether weights are
+        constants), not only in ``torch.compile(options=...)``, which leaves int8 weights as graph inputs
+        that onednn's prepack cannot take. Recompiles happen at later calls (a new batch size in
+        evaluation), so the setting travels with every call instead of being changed for the process.
+        """
+
+        def __init__(self, compiled: nn.Module, inner: nn.Module, freezing: bool) -> None:
+            super().__init__()
+            self.compiled = compiled
+            self.freezing = freezing
+            # save_model follows `slimlab_inner`: the artifact holds the quantized module's weights.
+            # Set through object.__setattr__ so that it is not registered as a second submodule.
+            object.__setattr__(self, "slimlab_inner", inner)
+
+        def forward(self, *args: Any, **kwargs: Any) -> Any:
+            if torch._inductor.config.freezing == self.freezing:
+                return self.compiled(*args, **kwargs)
+            with torch._inductor.config.patch(freezing=self.freezing):
+                return self.compiled(*args, **kwargs)
+
+    return Lowered
+
+
+def _compile(model: nn.Module, config: QuantizeConfig, ctx: RunContext, *, dynamic: bool | None) -> nn.Module:
+    """torch.compile ``model``; time the first (compiling) call; check it; expose ``model`` as the artifact."""
+    import torch
+
+    lowered = _lowered_class()(torch.compile(model, dynamic=dynamic), model, config.freezing)
+    example = ctx.data.example_batch(ctx.cfg.measure.batch_size).to(ctx.device)
+    x = example.clone()
+    with torch.inference_mode():  # as the runner evaluates and times: no recompilation for grad mode
+        start = time.perf_counter()
+        first = lowered(x)
+        ctx.metrics["compile_time_s"] = time.perf_counter() - start
+    if not torch.equal(x, example):
+        raise RuntimeError("the lowered model modified its input tensor in place on its first call")
+    check_stable(lowered, example, first)
+    ctx.tags["slimlab.quantize.lowering"] = f"torch.compile(dynamic={dynamic}), inductor freezing={config.freezing}"
+    return lowered
+
+
+# --- torchao ------------------------------------------------------------------------------------------------------
+
+
+def _torchao_quantize(model: nn.Module, scheme: str, granularity: str, selected) -> None:
+    import torch
+
     quantization = _import_torchao()
-    config_class = getattr(quantization, SCHEMES[config.scheme][0])
-    quantization.quantize_(model, config_class())  # Linear layers by default
+    row_or_tensor = quantization.PerRow() if granularity == "per_channel" else quantization.PerTensor()
+    # set_inductor_config=False: torchao would otherwise change process-wide inductor settings.
+    if scheme == "int8_weight_only":
+        recipe = quantization.Int8WeightOnlyConfig(granularity=row_or_tensor, set_inductor_config=False)
+    elif scheme == "int8_dynamic":
+        recipe = quantization.Int8DynamicActivationInt8WeightConfig(
+            granularity=row_or_tensor, set_inductor_config=False
+        )
+    elif scheme == "int4_weight_only":
+        recipe = quantization.Int4WeightOnlyConfig(set_inductor_config=False)
+    elif scheme == "float8":
+        recipe = quantization.Float8DynamicActivationFloat8WeightConfig(
+            granularity=row_or_tensor, set_inductor_config=False
+        )
+    else:  # sparse_2_4: zero the 2 smallest of every 4 weights along the input, then store them compressed
+        from torchao.sparsity.sparse_api import SemiSparseWeightConfig
+
+        with torch.no_grad():
+            for name, module in model.named_modules():
+                if selected(module, name):
+                    groups = module.weight.detach().reshape(-1, 4)
+                    smallest = groups.abs().argsort(dim=1)[:, :2]
+                    module.weight.copy_(groups.scatter(1, smallest, 0).reshape(module.weight.shape))
+        recipe = SemiSparseWeightConfig()
+    quantization.quantize_(model, recipe, filter_fn=selected)
+
+
+def _apply_torchao(model: nn.Module, config: QuantizeConfig, ctx: RunContext) -> nn.Module:
+    _targets_present(model, config)
+    _torchao_quantize(model, config.scheme, config.granularity, _selector(config.targets, config.keep_float))
+    if config.embeddings:
+        import torch
+
+        quantization = _import_torchao()
+        axis = quantization.PerAxis(0) if config.granularity == "per_channel" else quantization.PerTensor()
+        embedding = _selector(["Embedding"], config.keep_float)
+        if not any(embedding(module, name) for name, module in model.named_modules()):
+            raise ValueError("embeddings=true but the model has no nn.Embedding outside keep_float")
+        quantization.quantize_(
+            model, quantization.IntxWeightOnlyConfig(weight_dtype=torch.int8, granularity=axis), filter_fn=embedding
+        )
+    if config.compile:
+        return _compile(model, config, ctx, dynamic=None)
     return model
 
 
+# --- pt2e ---------------------------------------------------------------------------------------------------------
+
+
+def _activation_nodes(graph_module) -> list:
+    """The per-tensor quantize/dequantize nodes of the activations, in graph order."""
+    import torch
+
+    ops = torch.ops.quantized_decomposed
+    kinds = (ops.quantize_per_tensor.default, ops.dequantize_per_tensor.default)
+    return [node for node in graph_module.graph.nodes if node.op == "call_function" and node.target in kinds]
+
+
+def _store_activation_qparams(graph_module) -> None:
+    """Copy the activation scales and zero points, literals in the graph, into a buffer: the state dict is complete."""
+    import torch
+
+    values = [[float(node.args[1]), float(node.args[2])] for node in _activation_nodes(graph_module)]
+    graph_module.register_buffer(ACTIVATION_QPARAMS, torch.tensor(values, dtype=torch.float64).reshape(-1, 2))
+
+
+def _restore_activation_qparams(graph_module, _incompatible_keys=None) -> None:
+    """After load_state_dict: put the loaded activation scales back into the graph."""
+    stored = getattr(graph_module, ACTIVATION_QPARAMS).tolist()
+    nodes = _activation_nodes(graph_module)
+    if len(stored) != len(nodes):
+        raise ValueError(f"the artifact holds {len(stored)} activation qparams, this graph has {len(nodes)}")
+    for node, (scale, zero_point) in zip(nodes, stored, strict=True):
+        node.args = (node.args[0], scale, int(zero_point), *node.args[3:])
+    graph_module.recompile()
+
+
+def _pt2e_convert(
+    model: nn.Module, config: QuantizeConfig, example: torch.Tensor, calibration: Iterable[torch.Tensor]
+) -> nn.Module:
+    """export (dynamic batch) -> prepare_pt2e(X86InductorQuantizer) -> calibrate -> convert_pt2e, uncompiled."""
+    import dataclasses
+
+    import torch
+    from torch import nn
+
+    _import_torchao()
+    import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer as x86
+    from torchao.quantization.pt2e import allow_exported_model_train_eval
+    from torchao.quantization.pt2e.observer import MinMaxObserver
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    model.eval()
+    # Evaluation runs batches of 512 (or the whole test split), latency batches of measure.batch_size.
+    batch = torch.export.Dim("batch", min=1)
+    exported = torch.export.export(model, (example,), dynamic_shapes=({0: batch},)).module()
+
+    qconfig = x86.get_default_x86_inductor_quantization_config()  # uint8 histogram activations, int8 weights
+    if config.granularity == "per_tensor":
+        weight = dataclasses.replace(
+            qconfig.weight,
+            qscheme=torch.per_tensor_symmetric,
+            ch_axis=None,
+            observer_or_fake_quant_ctr=MinMaxObserver.with_args(eps=2**-12),
+        )
+        qconfig = dataclasses.replace(qconfig, weight=weight)
+    quantizer = x86.X86InductorQuantizer()
+    for target in config.targets:
+        quantizer.set_module_type_qconfig(getattr(nn, target), qconfig)
+    for name in config.keep_float:
+        quantizer.set_module_name_qconfig(name, None)
+
+    prepared = prepare_pt2e(exported, quantizer)
+    with torch.no_grad():
+        for inputs in calibration:
+            prepared(inputs)
+    converted = convert_pt2e(prepared)
+    allow_exported_model_train_eval(converted)  # the runner calls .eval()
+
+    # convert_pt2e folds the int8 weights into new constants but leaves the fp32 originals attached:
+    # drop what the graph no longer reads, or the artifact would carry both.
+    used = {node.target for node in converted.graph.nodes if node.op == "get_attr"}
+    for name, _ in [*converted.named_parameters(), *converted.named_buffers()]:
+        if name not in used:
+            owner, _, leaf = name.rpartition(".")
+            delattr(converted.get_submodule(owner) if owner else converted, leaf)
+    # The folded int8 weights stay buffers (not parameters): inductor freezing folds and prepacks buffers,
+    # while an int8 nn.Parameter reaches onednn.qlinear_prepack as a fake tensor and fails to compile.
+    if not any(b.dtype == torch.int8 for b in converted.buffers()):
+        raise ValueError(f"X86InductorQuantizer quantized no {', '.join(config.targets)} layer of this model")
+    _store_activation_qparams(converted)
+    return converted
+
+
+def _apply_pt2e(model: nn.Module, config: QuantizeConfig, ctx: RunContext) -> nn.Module:
+    _require_cpu(ctx, "pt2e")
+    _targets_present(model, config)
+    example = ctx.data.example_batch(ctx.cfg.measure.batch_size).to(ctx.device)
+    converted = _pt2e_convert(model, config, example, ctx.calibration_batches(config.calibration_batches))
+    if not config.compile:
+        ctx.tags["slimlab.quantize.lowering"] = "none: the decomposed reference graph (slower than fp32)"
+        return converted
+    # Inductor 2.13's quantized-conv lowering fails with a symbolic batch (AssertionError on the output
+    # strides), so a graph with int8 convolutions is compiled once per batch size instead; Linear-only
+    # graphs keep the dynamic batch dimension of the export.
+    dynamic = False if "Conv2d" in config.targets else None
+    return _compile(converted, config, ctx, dynamic=dynamic)
+
+
+# --- eager torch.ao -----------------------------------------------------------------------------------------------
+
+
+@functools.cache
+def _warn_eager_deprecated() -> None:
+    warnings.warn(
+        "quantize backend 'eager' uses torch.ao.quantization, which is deprecated upstream and will be "
+        "removed; slimlab keeps it because it is still the fastest int8 path on x86 CPUs in eager mode. "
+        "For new work prefer backend=pt2e (static) or backend=torchao.",
+        FutureWarning,
+        stacklevel=4,
+    )
+
+
+# Module patterns torch.ao fuses into one quantized module (e.g. Linear+ReLU -> QuantizedLinearReLU).
+_FUSIBLE = (("Conv2d", "BatchNorm2d", "ReLU"), ("Conv2d", "BatchNorm2d"), ("Conv2d", "ReLU"), ("Linear", "ReLU"))
+
+
+def _fuse(model: nn.Module, config: QuantizeConfig) -> None:
+    """Fuse Conv/Linear(+BN)+ReLU where they are modules in an nn.Sequential.
+
+    Only inside Sequential containers is module order the order of execution; elsewhere (e.g. LeNet's
+    functional relu) there is nothing to fuse that can be found without tracing.
+    """
+    import torch.ao.quantization as tq
+    from torch import nn
+
+    groups = []
+    for name, container in model.named_modules():
+        if not isinstance(container, nn.Sequential):
+            continue
+        children = list(container.named_children())
+        i = 0
+        while i < len(children):
+            for pattern in _FUSIBLE:
+                window = children[i : i + len(pattern)]
+                names = [f"{name}.{child}" if name else child for child, _ in window]
+                kinds = tuple(type(module).__name__ for _, module in window)
+                if kinds == pattern and pattern[0] in config.targets and not _is_kept(names[0], config.keep_float):
+                    groups.append(names)
+                    i += len(pattern) - 1
+                    break
+            i += 1
+    if groups:
+        tq.fuse_modules(model, groups, inplace=True)
+
+
+def _x86_static_qconfig(granularity: str):
+    import torch.ao.quantization as tq
+
+    qconfig = tq.get_default_qconfig("x86")  # histogram activations (uint8), per-channel symmetric int8 weights
+    if granularity == "per_tensor":
+        qconfig = tq.QConfig(activation=qconfig.activation, weight=tq.default_weight_observer)
+    return qconfig
+
+
+def _eager_units(model: nn.Module, config: QuantizeConfig) -> list[str]:
+    """Names of the modules to quantize: targeted leaves, or the fused modules that start with one."""
+    from torch import nn
+    from torch.ao.nn.intrinsic import _FusedModule
+
+    types = tuple(getattr(nn, t) for t in config.targets)
+    units = []
+    for name, module in model.named_modules():
+        if not name or _is_kept(name, config.keep_float) or any(name.startswith(f"{u}.") for u in units):
+            continue
+        if isinstance(module, types) or (isinstance(module, _FusedModule) and isinstance(module[0], types)):
+            units.append(name)
+    return units
+
+
+def _eager_static(
+    model: nn.Module, config: QuantizeConfig, calibration: list[torch.Tensor], example: torch.Tensor
+) -> tuple[nn.Module, str]:
+    """QuantStub/DeQuantStub placement, fusion, x86 qconfig, prepare, calibrate, convert.
+
+    Where the stubs go: wrapping the whole model (quantize the input once, stay int8 between layers,
+    dequantize the output) is the fastest, but only models whose every operation accepts quantized
+    tensors survive it; LeNet's trailing log_softmax does not, nor does a float layer left between
+    quantized ones. Which case a model is cannot be read off its modules (its forward is code), so the
+    whole-model wrapping is tried on a copy and kept if the converted model runs; otherwise every targeted
+    module gets its own stubs (QuantWrapper: quantize its input, dequantize its output), which works for
+    any model at the cost of a quantize/dequantize pair per layer. The choice is recorded as a tag.
+    """
+    import torch
+    import torch.ao.quantization as tq
+
+    qconfig = _x86_static_qconfig(config.granularity)
+    _fuse(model, config)
+    units = _eager_units(model, config)
+
+    def embeddings_qconfig(root: nn.Module) -> None:
+        # nn.Embedding takes indices: no stubs, weight-only per-row int8 (its output stays float)
+        selected = _selector(["Embedding"], config.keep_float)
+        for name, module in root.named_modules():
+            if config.embeddings and selected(module, name):
+                module.qconfig = tq.float_qparams_weight_only_qconfig
+
+    def calibrate_and_convert(root: nn.Module) -> nn.Module:
+        tq.prepare(root, inplace=True)
+        with torch.no_grad():
+            for inputs in calibration:
+                root(inputs)
+        return tq.convert(root, inplace=True)
+
+    whole = tq.QuantWrapper(copy.deepcopy(model))
+    for stub in (whole.quant, whole.dequant):
+        stub.qconfig = qconfig
+    for name in units:
+        whole.module.get_submodule(name).qconfig = qconfig
+    embeddings_qconfig(whole.module)
+    try:
+        calibrate_and_convert(whole)
+        with torch.inference_mode():
+            whole(example)
+        return whole, "model"
+    except (NotImplementedError, RuntimeError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        log.info("quantize(eager-static): stubs around each layer; whole-model stubs fail: %s", reason[:200])
+
+    for name in units:
+        parent, _, leaf = name.rpartition(".")
+        owner = model.get_submodule(parent) if parent else model
+        wrapper = tq.QuantWrapper(owner.get_submodule(leaf))
+        wrapper.qconfig = qconfig
+        setattr(owner, leaf, wrapper)
+    embeddings_qconfig(model)
+    return calibrate_and_convert(model), "per-layer"
+
+
+def _eager_dynamic(model: nn.Module, config: QuantizeConfig) -> nn.Module:
+    import torch
+    import torch.ao.quantization as tq
+    from torch import nn
+
+    weights = tq.per_channel_dynamic_qconfig if config.granularity == "per_channel" else tq.default_dynamic_qconfig
+    spec: dict[Any, Any] = {nn.Linear: weights}
+    if config.embeddings:
+        spec[nn.Embedding] = tq.float_qparams_weight_only_qconfig
+    # A name beats a type in torch.ao's qconfig lookup: None keeps a module (and what it contains) float.
+    spec |= {name: None for name, _ in model.named_modules() if name and _is_kept(name, config.keep_float)}
+    return tq.quantize_dynamic(model, spec, dtype=torch.qint8, inplace=True)
+
+
+def _eager(model: nn.Module, config: QuantizeConfig, calibration: list[torch.Tensor], example: torch.Tensor):
+    """The eager recipe without run context (shared by apply and rebuild): (model, stubs placement or None)."""
+    with warnings.catch_warnings():
+        # the x86 qconfig's reduce_range observers warn once per observer; torch's deprecation warning stays
+        warnings.filterwarnings("ignore", message="Please use quant_min and quant_max", category=UserWarning)
+        if config.scheme == "dynamic":
+            return _eager_dynamic(model, config), None
+        return _eager_static(model, config, calibration, example)
+
+
+def _apply_eager(model: nn.Module, config: QuantizeConfig, ctx: RunContext) -> nn.Module:
+    _warn_eager_deprecated()
+    _require_cpu(ctx, "eager")
+    _targets_present(model, config)
+    model.eval()
+    example = ctx.data.example_batch(ctx.cfg.measure.batch_size)
+    calibration = list(ctx.calibration_batches(config.calibration_batches)) if config.scheme == "static" else []
+    model, stubs = _eager(model, config, calibration, example)
+    if stubs:
+        ctx.tags["slimlab.quantize.stubs"] = stubs
+    return model
+
+
+# --- technique ----------------------------------------------------------------------------------------------------
+
+
+def apply(model: nn.Module, config: QuantizeConfig, ctx: RunContext) -> nn.Module:
+    _check_keep_float(model, config.keep_float)
+    if config.backend == "pt2e":
+        return _apply_pt2e(model, config, ctx)
+    if config.backend == "eager":
+        return _apply_eager(model, config, ctx)
+    return _apply_torchao(model, config, ctx)
+
+
+def rebuild(model: nn.Module, config: QuantizeConfig, example: torch.Tensor) -> nn.Module:
+    """The quantized structure of ``model`` under ``config``, ready for ``framework.artifact.load_model``.
+
+    ``model`` is a fresh instance of the quantized model's class, ``example`` an input batch. The recipe
+    runs with ``example`` as its only calibration batch; the loaded state then replaces every weight,
+    scale and zero point (for pt2e also the activation scales in the graph). Not compiled: compile the
+    result to get the int8 kernels back. torchao artifacts load into the plain model directly.
+    """
+    model.eval()
+    if config.backend == "torchao":
+        return model
+    if config.backend == "eager":
+        return _eager(model, config, [example], example)[0]
+    converted = _pt2e_convert(model, config, example, [example])
+    converted.register_load_state_dict_post_hook(_restore_activation_qparams)
+    return converted
+
+
 def label(config: QuantizeConfig) -> str:
-    return f"quantize({SCHEMES[config.scheme][1]})"
+    parts = [LABELS[(config.backend, config.scheme)]]
+    if config.granularity == "per_tensor":
+        parts.append("per-tensor")
+    if config.embeddings:
+        parts.append("emb")
+    if config.compile and config.backend != "pt2e":
+        parts.append("compiled")
+    if not config.compile and config.backend == "pt2e":
+        parts.append("uncompiled")
+    if config.compile and not config.freezing:
+        parts.append("no-freezing")
+    return f"quantize({','.join(parts)})"
 
 
 @hookimpl
 def register_techniques(register) -> None:
     # int8 weights cannot be pruned or fine-tuned further: quantization is final.
-    register("quantize", QuantizeConfig, apply, label=label, followed_by=())
+    register("quantize", QuantizeConfig, apply, label=label, followed_by=(), check=check)

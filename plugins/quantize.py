@@ -253,6 +253,16 @@ def _targets_present(model: nn.Module, config: QuantizeConfig) -> list[str]:
     return names
 
 
+def _check_input_untouched(x: torch.Tensor, example: torch.Tensor) -> None:
+    import torch
+
+    if not torch.equal(x, example):
+        raise RuntimeError(
+            "the lowered model modified its input tensor in place (max change "
+            f"{(x - example).abs().max().item():.3g}); a known inductor-freezing hazard: try freezing=false"
+        )
+
+
 def check_stable(model: nn.Module, example: torch.Tensor, first: torch.Tensor | None = None) -> None:
     """Raise RuntimeError unless ``model`` leaves its input untouched and repeats its outputs exactly.
 
@@ -264,11 +274,7 @@ def check_stable(model: nn.Module, example: torch.Tensor, first: torch.Tensor | 
     x = example.clone()
     with torch.inference_mode():
         outputs = [model(x), model(x), model(example.clone())]
-    if not torch.equal(x, example):
-        raise RuntimeError(
-            "the lowered model modified its input tensor in place (max change "
-            f"{(x - example).abs().max().item():.3g}); a known inductor-freezing hazard: try freezing=false"
-        )
+    _check_input_untouched(x, example)
     if first is not None:
         outputs.insert(0, first)
     if not all(torch.equal(outputs[0], other) for other in outputs[1:]):
@@ -279,6 +285,7 @@ def check_stable(model: nn.Module, example: torch.Tensor, first: torch.Tensor | 
 @functools.cache
 def _lowered_class() -> type:
     import torch
+    import torch._inductor.config
     from torch import nn
 
     class Lowered(nn.Module):
@@ -318,8 +325,7 @@ def _compile(model: nn.Module, config: QuantizeConfig, ctx: RunContext, *, dynam
         start = time.perf_counter()
         first = lowered(x)
         ctx.metrics["compile_time_s"] = time.perf_counter() - start
-    if not torch.equal(x, example):
-        raise RuntimeError("the lowered model modified its input tensor in place on its first call")
+    _check_input_untouched(x, example)
     check_stable(lowered, example, first)
     ctx.tags["slimlab.quantize.lowering"] = f"torch.compile(dynamic={dynamic}), inductor freezing={config.freezing}"
     return lowered
@@ -458,9 +464,13 @@ def _pt2e_convert(
         if name not in used:
             owner, _, leaf = name.rpartition(".")
             delattr(converted.get_submodule(owner) if owner else converted, leaf)
-    # The folded int8 weights stay buffers (not parameters): inductor freezing folds and prepacks buffers,
-    # while an int8 nn.Parameter reaches onednn.qlinear_prepack as a fake tensor and fails to compile.
-    if not any(b.dtype == torch.int8 for b in converted.buffers()):
+    # The folded int8 weights are buffers; as frozen parameters they count as the model's parameters
+    # (the `params` and `sparsity` metrics), and inductor freezing still folds and prepacks them.
+    for name, tensor in list(converted.named_buffers(recurse=False)):
+        if tensor.dtype == torch.int8:
+            delattr(converted, name)
+            converted.register_parameter(name, nn.Parameter(tensor, requires_grad=False))
+    if not any(p.dtype == torch.int8 for p in converted.parameters()):
         raise ValueError(f"X86InductorQuantizer quantized no {', '.join(config.targets)} layer of this model")
     _store_activation_qparams(converted)
     return converted

@@ -109,7 +109,9 @@ def _subclass(path: str) -> type:
 
 def _encode_quantized(tensor: torch.Tensor, compact: bool) -> dict[str, Any]:
     encoded: dict[str, Any] = {"quantized": tensor.dtype, "int_repr": encode_tensor(tensor.int_repr(), compact)}
-    if tensor.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
+    # per_channel_affine_float_qparams: torch.ao's int8 embeddings (a float scale and zero point per row)
+    per_channel = (torch.per_channel_affine, torch.per_channel_symmetric, torch.per_channel_affine_float_qparams)
+    if tensor.qscheme() in per_channel:
         encoded |= {
             "scales": tensor.q_per_channel_scales(),
             "zero_points": tensor.q_per_channel_zero_points(),

@@ -12,17 +12,30 @@ from torch import nn
 
 
 def _dense(tensor: torch.Tensor) -> torch.Tensor:
-    """Plain values of a tensor, dequantizing tensor subclasses (torchao) so their zeros count."""
-    if type(tensor) is not torch.Tensor and not isinstance(tensor, nn.Parameter) and hasattr(tensor, "dequantize"):
+    """Plain values of a tensor, dequantizing quantized ones (torch.ao, torchao) so their zeros count."""
+    if tensor.is_quantized or (type(tensor) is not torch.Tensor and hasattr(tensor, "dequantize")):
         return tensor.dequantize()
     return tensor.detach()
+
+
+def _named_tensors(model: nn.Module):
+    """(name, values) of every parameter, including torch.ao's packed int8 weights, which are not parameters."""
+    for name, parameter in model.named_parameters():  # the model's own listing: wrappers may override it
+        yield name, _dense(parameter.data)
+    for module_name, module in model.named_modules():
+        packed = hasattr(module, "_packed_params") or hasattr(module, "_weight_bias")
+        if packed and callable(getattr(module, "weight", None)):
+            prefix = f"{module_name}." if module_name else ""
+            yield prefix + "weight", _dense(module.weight())
+            bias = module.bias() if callable(getattr(module, "bias", None)) else None
+            if bias is not None:
+                yield prefix + "bias", bias.detach()
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(parameters, non-zero parameters) of the model as it will be deployed."""
     total = nonzero = 0
-    for parameter in model.parameters():
-        values = _dense(parameter.data)
+    for _, values in _named_tensors(model):
         total += values.numel()
         nonzero += int(values.ne(0).sum())
     return total, nonzero
@@ -30,17 +43,16 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 
 def layer_sparsity(model: nn.Module) -> dict[str, float]:
     """Fraction of zeros in each weight, by parameter name."""
-    result = {}
-    for name, parameter in model.named_parameters():
-        if name.endswith("weight"):
-            values = _dense(parameter.data)
-            result[name] = 1.0 - int(values.ne(0).sum()) / values.numel()
-    return result
+    return {
+        name: 1.0 - int(values.ne(0).sum()) / values.numel()
+        for name, values in _named_tensors(model)
+        if name.endswith("weight")
+    }
 
 
 def layer_sizes(model: nn.Module) -> dict[str, int]:
     """Number of elements of each weight, by parameter name."""
-    return {name: p.numel() for name, p in model.named_parameters() if name.endswith("weight")}
+    return {name: values.numel() for name, values in _named_tensors(model) if name.endswith("weight")}
 
 
 @dataclass(frozen=True)

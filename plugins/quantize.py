@@ -174,45 +174,11 @@ def probe(backend: str, scheme: str, granularity: str, device: str = "cpu") -> s
     return None
 
 
-@functools.lru_cache
-def eager_embeddings_unsaved() -> str | None:
-    """Why the artifact cannot store torch.ao's int8 embeddings (per-row float qparams), or None.
-
-    They are the only int8 embeddings torch.ao has; framework/artifact.py must encode their qscheme.
-    """
-    import tempfile
-    from pathlib import Path
-
-    import torch.ao.quantization as tq
-    from torch import nn
-
-    from framework.artifact import save_model
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        embedding_qconfig = {nn.Embedding: tq.float_qparams_weight_only_qconfig}
-        tiny = tq.quantize_dynamic(nn.Sequential(nn.Embedding(4, 4)), embedding_qconfig)
-    try:
-        with tempfile.TemporaryDirectory() as directory:
-            save_model(tiny, Path(directory) / "probe.pt")
-    except Exception as error:
-        lines = str(error).strip().splitlines()
-        return f"{type(error).__name__}: {lines[0] if lines else ''}".rstrip(": ")
-    return None
-
-
 def check(config: QuantizeConfig) -> None:
     """Refuse, before any work, a scheme this machine cannot run: never a silent fallback."""
     reason = probe(config.backend, config.scheme, config.granularity, _probe_device())
     if reason:
         raise ValueError(f"backend {config.backend} scheme {config.scheme} cannot run on this machine: {reason}")
-    if config.backend == "eager" and config.embeddings:
-        reason = eager_embeddings_unsaved()
-        if reason:
-            raise ValueError(
-                "backend eager with embeddings=true: the model artifact cannot store torch.ao's int8 embeddings "
-                f"(per-row float qparams) yet: {reason}; use backend=torchao for embeddings"
-            )
 
 
 # --- shared helpers -----------------------------------------------------------------------------------------------
@@ -705,5 +671,5 @@ def label(config: QuantizeConfig) -> str:
 
 @hookimpl
 def register_techniques(register) -> None:
-    # int8 weights cannot be pruned or fine-tuned further: quantization is final.
-    register("quantize", QuantizeConfig, apply, label=label, followed_by=(), check=check)
+    # int8 weights cannot be pruned or fine-tuned further; only placing the finished model may follow.
+    register("quantize", QuantizeConfig, apply, label=label, followed_by=("place",), check=check)

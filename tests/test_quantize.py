@@ -17,7 +17,7 @@ from framework.data import digits
 from framework.errors import ConfigError
 from framework.models import LeNet
 from framework.runner import run
-from plugins.quantize import QuantizeConfig, _warn_eager_deprecated, check_stable, eager_embeddings_unsaved, rebuild
+from plugins.quantize import QuantizeConfig, _warn_eager_deprecated, check_stable, rebuild
 
 TORCH_AO_DEPRECATED = "torch.ao.quantization is deprecated"
 
@@ -134,14 +134,11 @@ def test_keep_float_must_name_a_module(overrides):
 def test_embeddings_are_quantized_too(options, overrides, store, tmp_path):
     model = ["model=mlp", "model._target_=tests.test_quantize.EmbedNet"]
     cfg = compose([*overrides, *model, *quantize(*options, "embeddings=true")])
-    if "backend=eager" in options and eager_embeddings_unsaved():  # until framework/artifact.py stores them
-        with pytest.raises(ConfigError, match="the model artifact cannot store torch.ao's int8 embeddings"):
-            run(cfg)
-        assert not (tmp_path / "mlflow.db").exists()
-        return
     accuracy = run(cfg)
     client, logged = only_run(store)
-    assert logged.data.metrics["compression_ratio"] > 3  # the embedding is 98% of the parameters
+    # The embedding is 98% of the parameters; its rows are 16 wide, so per-row qparams weigh: torch.ao keeps a
+    # float scale and a float zero point per row (16+8 bytes vs 64), torchao a float scale and an int8 zero point.
+    assert logged.data.metrics["compression_ratio"] > (2.5 if "backend=eager" in options else 3)
     assert ",emb)" in logged.info.run_name
     config = OmegaConf.to_object(cfg.technique.quantize)
     assert reloaded_accuracy(client, logged, tmp_path, EmbedNet(), config) == pytest.approx(accuracy, abs=1e-6)

@@ -27,7 +27,7 @@ def register_techniques(register: Register) -> None:
     composes any config (the schemas must be in Hydra's ConfigStore by then).
 
     ``register`` is called as
-    ``register(name, schema, apply, *, label=None, followed_by=None, check=None)``:
+    ``register(name, schema, apply, *, label=None, followed_by=None, check=None, max_speedup=None)``:
 
     - ``name``: the technique's option in the ``technique`` config group and
       its key in the composed config (``technique.<name>.<field>``).
@@ -40,6 +40,10 @@ def register_techniques(register: Register) -> None:
       e.g. ``prune(0.9)``; defaults to the name.
     - ``followed_by``: names of techniques that may come after this one in a
       pipeline (``()`` makes it final); ``None`` means any.
+    - ``max_speedup(config) -> float | None``: the physical bound of the
+      speedup this technique can give over fp32 (int8: 4.0, from the 4x
+      narrower arithmetic). A measured speedup above the pipeline's bound
+      fails the run as a measurement error. ``None``: no known bound.
     - ``check(config)``: a capability probe, called before any work; raise
       ``ValueError`` with the reason when this machine cannot run ``config``
       (e.g. int4 kernels on a CPU without them). Never fall back silently.

@@ -30,6 +30,7 @@ class Register(Protocol):
         label: Callable[[Any], str] | None = None,
         followed_by: Iterable[str] | None = None,
         check: Callable[[Any], None] | None = None,
+        max_speedup: Callable[[Any], float | None] | None = None,
     ) -> None: ...
 
 
@@ -44,6 +45,7 @@ class Technique:
     label: Callable[[Any], str] | None = None
     followed_by: frozenset[str] | None = None  # None: anything may follow
     check: Callable[[Any], None] | None = None  # raises ValueError when this machine cannot run the config
+    max_speedup: Callable[[Any], float | None] | None = None  # the physical bound of the speedup it can give
 
     def describe(self, config: Any) -> str:
         return self.label(config) if self.label else self.name
@@ -63,6 +65,25 @@ class Step:
     def describe(self) -> str:
         return self.technique.describe(self.config)
 
+    def max_speedup(self) -> float | None:
+        bound = self.technique.max_speedup
+        return bound(self.config) if bound else None
+
+
+def speedup_bound(steps: list[Step]) -> float | None:
+    """The largest speedup the pipeline can physically give: the product of its steps' bounds.
+
+    ``None`` (no bound) as soon as one step declares none: a measured figure
+    can only be called impossible when every step says what is possible.
+    """
+    bound = 1.0
+    for step in steps:
+        step_bound = step.max_speedup()
+        if step_bound is None:
+            return None
+        bound *= step_bound
+    return bound if steps else None
+
 
 class TechniqueRegistry:
     """All techniques the loaded plugins registered, by name."""
@@ -73,14 +94,14 @@ class TechniqueRegistry:
     def register_for(self, plugin: str) -> Register:
         """A ``register`` callable that records ``plugin`` as the owner."""
 
-        def register(name, schema, apply, *, label=None, followed_by=None, check=None) -> None:
+        def register(name, schema, apply, *, label=None, followed_by=None, check=None, max_speedup=None) -> None:
             if name in self._techniques:
                 owner = self._techniques[name].plugin
                 raise PluginError(f"plugin {plugin!r} registers technique {name!r}, already registered by {owner!r}")
             if not dataclasses.is_dataclass(schema):
                 raise PluginError(f"plugin {plugin!r}: the schema of technique {name!r} must be a dataclass")
             follow = None if followed_by is None else frozenset(followed_by)
-            self._techniques[name] = Technique(name, schema, apply, plugin, label, follow, check)
+            self._techniques[name] = Technique(name, schema, apply, plugin, label, follow, check, max_speedup)
 
         return register
 

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from framework.errors import ConfigError, PluginError
+
+log = logging.getLogger("slimlab")
 
 if TYPE_CHECKING:
     from omegaconf import DictConfig
@@ -140,12 +143,15 @@ class TechniqueRegistry:
                 valid = ", ".join(self.names()) or "none"
                 raise ConfigError(f"unknown technique {name!r} in 'technique'; registered: {valid}")
             technique = self._techniques[name]
+            if OmegaConf.is_config(node) and OmegaConf.get_type(node) is not technique.schema:
+                # Settings merged from an experiment's body for a technique that the list does not select
+                # (e.g. experiment=quickstart 'technique=[prune]'): the list is the pipeline, so they are ignored.
+                log.warning("technique.%s is set but %r is not in the technique list: ignored", name, name)
+                continue
             if technique.plugin in disabled:
                 raise ConfigError(f"technique {name!r} comes from plugin {technique.plugin!r}, which is disabled")
             try:
-                config = OmegaConf.to_object(node) if OmegaConf.is_config(node) else node
-                if not isinstance(config, technique.schema):  # untyped leftovers, e.g. from an experiment body
-                    config = technique.schema(**config)
+                config = OmegaConf.to_object(node) if OmegaConf.is_config(node) else technique.schema(**node)
                 if technique.check is not None:
                     technique.check(config)
             except (ValueError, TypeError) as error:

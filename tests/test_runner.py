@@ -122,3 +122,12 @@ def test_artifact_stores_zeros_compactly(tmp_path):
     reloaded = load_model(LeNet(), tmp_path / "sparse.pt")
     x = torch.randn(4, 1, 28, 28)
     assert torch.equal(reloaded(x), model(x))
+
+
+def test_experiment_settings_for_unselected_techniques_are_ignored(overrides, store):
+    """The technique list is the pipeline: quickstart's quantize settings do not add quantize to '[prune]'."""
+    cfg = compose(["experiment=quickstart", *overrides, "technique=[prune]"])
+    assert "quantize" in cfg.technique  # merged from the experiment's body...
+    run(cfg)
+    _, logged = only_run(store)
+    assert logged.data.tags["slimlab.techniques"] == "prune"  # ...but not run

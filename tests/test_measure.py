@@ -44,3 +44,18 @@ def test_machine_tags_name_the_cpu_and_versions():
     assert tags["slimlab.measure.threads"] == "2"
     assert tags["slimlab.version.torch"] == torch.__version__
     assert tags["slimlab.cpu"]
+
+
+def test_speedup_above_the_physical_bound_is_a_measurement_error():
+    from framework.plugins import load_plugins
+    from framework.registry import Step
+    from framework.runner import _check_speedup
+    from plugins.prune import PruneConfig
+    from plugins.quantize import QuantizeConfig
+
+    registry = load_plugins().registry
+    int8 = [Step(registry["quantize"], QuantizeConfig(scheme="int8_dynamic"))]
+    _check_speedup(3.9, int8)  # within int8's 4x
+    with pytest.raises(MeasurementError, match="exceeds the physical bound 4x"):
+        _check_speedup(5.0, int8)
+    _check_speedup(9.0, [Step(registry["prune"], PruneConfig(structure="channels")), *int8])  # no bound for pruning

@@ -1,0 +1,292 @@
+"""BENCHMARKS.md from the finished runs of the MLflow experiment ``bench``.
+
+``make bench`` runs each bench workload through slimlab itself
+(``slimlab run -m experiment=bench_NAME``, all into the experiment ``bench``);
+then ``python -m framework.benchmarks [--uri URI] [--out BENCHMARKS.md]`` reads
+those runs, groups them by workload (the ``experiment=`` choice recorded in each
+run's ``overrides.txt`` artifact) and writes one section per workload: the
+command, one row per variant with our figures, whether each target is met (or by
+how much it is missed), and the published anchor it is compared with.
+
+Nothing here times anything: it only reads what the runs measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+EXPERIMENT = "bench"
+OPS = {">=": lambda a, b: a >= b, "<=": lambda a, b: a <= b}
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What a bench workload is compared with: a published anchor and our targets ``{metric: (op, value)}``."""
+
+    title: str
+    anchor: str
+    source: str
+    targets: dict[str, tuple[str, float]] = field(default_factory=dict)
+    note: str = ""
+    reference: str = ""  # a further command whose run the report compares with (e.g. the compiled fp32 model)
+
+
+WORKLOADS: dict[str, Workload] = {
+    "bench_lenet_deep_compression": Workload(
+        title="Deep Compression on LeNet: unstructured pruning + int8",
+        anchor="39x smaller LeNet-5 on MNIST with no accuracy loss (pruning + trained quantization + Huffman coding)",
+        source="Han, Mao & Dally, Deep Compression, ICLR 2016, Table 1 / Table 3",
+        targets={"compression_ratio": (">=", 40.0), "accuracy_drop": ("<=", 0.01)},
+        note=(
+            "Our artifact stores zeros as a 1-bit mask plus the non-zero values, so a float32 weight can shrink "
+            "at most to 1 bit: 32x is a floor this format cannot pass, whatever the sparsity. The paper reaches 39x "
+            "with relative-index encoding of the non-zeros (4-5 bits each, no per-weight mask), 5-8-bit shared-weight "
+            "codebooks and Huffman coding, none of which slimlab implements."
+        ),
+    ),
+    "bench_pt2e_static": Workload(
+        title="Static int8 (PT2E) on LeNet, one thread",
+        anchor="3.8x faster for FX static int8 ResNet-18 over fp32 on one CPU thread",
+        source="PyTorch quantization docs/blog (figure as cited in issue 4, not re-checked offline)",
+        targets={"speedup_vs_compiled_fp32": (">=", 2.0), "accuracy_drop": ("<=", 0.005)},
+        note=(
+            "slimlab's `speedup` is against the fp32 eager baseline. `speedup_vs_compiled_fp32` divides the latency "
+            "of the compiled fp32 reference run (technique `place`, compile=true, one thread) by this run's; it is "
+            "blank when no reference run is recorded (several reference runs: their median)."
+        ),
+        reference=(
+            "slimlab run experiment=bench_pt2e_static 'technique=[place]' "
+            "technique.place.device=cpu technique.place.compile=true technique.place.threads=1"
+        ),
+    ),
+    "bench_structured_prune": Workload(
+        title="Structured channel pruning of LeNet, fine-tuned",
+        anchor="no published anchor for LeNet/digits; our target: >= 1.7x measured speedup within 0.01 accuracy",
+        source="slimlab issue 4 (target set by the project)",
+        targets={"speedup": (">=", 1.7), "accuracy_drop": ("<=", 0.01)},
+    ),
+    "bench_kd": Workload(
+        title="Knowledge distillation LeNet -> lenet_small, scratch control, 5 seeds",
+        anchor="MNIST: distilled small net 74 test errors vs 146 trained on hard labels alone",
+        source="Hinton, Vinyals & Dean, Distilling the Knowledge in a Neural Network, 2015, section 3",
+        targets={},
+        note="No target: the paired gain (distilled minus its scratch twin, same init and seed) is reported as it is.",
+    ),
+}
+
+MACHINE_TAGS = ("slimlab.cpu", "slimlab.cpu_flags", "slimlab.version.torch", "slimlab.measure.threads")
+
+
+@dataclass
+class BenchRun:
+    """One finished run of the bench experiment, as the report needs it."""
+
+    run_id: str
+    name: str
+    workload: str
+    overrides: list[str]
+    metrics: dict[str, float]
+    tags: dict[str, str]
+
+    @property
+    def is_reference(self) -> bool:
+        """The compiled fp32 reference of a workload: the `place` technique alone."""
+        return self.tags.get("slimlab.techniques") == "place"
+
+
+def workload_of(overrides: Iterable[str]) -> str | None:
+    """The ``experiment=NAME`` choice among a run's Hydra overrides."""
+    for override in overrides:
+        key, _, value = override.strip().partition("=")
+        if key.lstrip("+") == "experiment" and value:
+            return value
+    return None
+
+
+def load_runs(uri: str, experiment: str = EXPERIMENT) -> list[BenchRun]:
+    """The FINISHED runs of ``experiment`` in the store at ``uri``, oldest first."""
+    import os
+    import tempfile
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return []
+    runs = client.search_runs(
+        [found.experiment_id], filter_string="attributes.status = 'FINISHED'", order_by=["attributes.start_time ASC"]
+    )
+    out = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for run in runs:
+            try:
+                path = client.download_artifacts(run.info.run_id, "overrides.txt", tmp)
+                overrides = [line for line in Path(path).read_text().splitlines() if line.strip()]
+            except Exception:  # no overrides.txt: not launched through `slimlab run`
+                overrides = []
+            workload = workload_of(overrides)
+            if workload is None:
+                continue
+            out.append(
+                BenchRun(
+                    run_id=run.info.run_id,
+                    name=run.info.run_name or run.info.run_id,
+                    workload=workload,
+                    overrides=overrides,
+                    metrics=dict(run.data.metrics),
+                    tags=dict(run.data.tags),
+                )
+            )
+    return out
+
+
+def primary_metric(metrics: dict[str, float]) -> str:
+    """``accuracy`` when the run logged ``baseline_accuracy``, etc."""
+    for name in metrics:
+        if name.startswith("baseline_") and f"{name[len('baseline_') :]}_drop" in metrics:
+            return name[len("baseline_") :]
+    return "accuracy"
+
+
+def verdict(value: float | None, op: str, target: float) -> str:
+    """``met`` or ``missed by X`` (X: how far the value is from the target), ``n/a`` without a value."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    if OPS[op](value, target):
+        return "met"
+    return f"missed by {_fmt(abs(value - target))}"
+
+
+def _fmt(value: float | None) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    if abs(value) >= 100:
+        return f"{value:,.0f}"
+    if abs(value) >= 1:
+        return f"{value:.2f}"
+    return f"{value:.4f}"
+
+
+def _with_derived(runs: Sequence[BenchRun]) -> None:
+    """Add ``<primary>_drop`` as ``accuracy_drop``-style names and the speedup over a compiled fp32 reference."""
+    references = [r.metrics["latency_ms"] for r in runs if r.is_reference and "latency_ms" in r.metrics]
+    reference = statistics.median(references) if references else None
+    for run in runs:
+        if reference and not run.is_reference and run.metrics.get("latency_ms"):
+            run.metrics["speedup_vs_compiled_fp32"] = reference / run.metrics["latency_ms"]
+
+
+def _command(name: str, runs: Sequence[BenchRun]) -> str:
+    return f"slimlab run -m experiment={name}"
+
+
+def _variant(run: BenchRun, name: str) -> str:
+    """The run name plus the overrides that set it apart from the plain workload."""
+    extra = [o for o in run.overrides if workload_of([o]) is None]
+    return f"{run.name} ({', '.join(extra)})" if extra else run.name
+
+
+def workload_section(name: str, runs: Sequence[BenchRun], workload: Workload | None = None) -> str:
+    """One workload's markdown: heading, command, anchor, table of variants, notes."""
+    workload = workload or WORKLOADS.get(name) or Workload(title=name, anchor="none", source="none")
+    _with_derived(runs)
+    primary = primary_metric(runs[0].metrics) if runs else "accuracy"
+    columns = [primary, f"{primary}_drop", "compression_ratio", "speedup", "latency_ms", "baseline_latency_ms"]
+    if name == "bench_pt2e_static" or any("speedup_vs_compiled_fp32" in r.metrics for r in runs):
+        columns.append("speedup_vs_compiled_fp32")
+    if any("distill_gain" in r.metrics for r in runs):
+        columns += [f"scratch_{primary}", "distill_gain"]
+    lines = [
+        f"## {workload.title}",
+        "",
+        f"`{_command(name, runs)}`",
+        "",
+        *([f"Reference (compiled fp32): `{workload.reference}`", ""] if workload.reference else []),
+        f"Anchor: {workload.anchor}. Source: {workload.source}.",
+        "",
+    ]
+    if workload.targets:
+        lines += ["Targets: " + ", ".join(f"{m} {op} {_fmt(v)}" for m, (op, v) in workload.targets.items()) + ".", ""]
+    header = ["variant", *columns, *(f"target {m}" for m in workload.targets)]
+    lines += ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+    for run in runs:
+        cells = [_variant(run, name), *(_fmt(run.metrics.get(c)) for c in columns)]
+        for metric, (op, value) in workload.targets.items():
+            if run.is_reference:
+                cells.append("reference")
+            else:
+                got = run.metrics.get(metric, run.metrics.get(metric.replace("accuracy", primary)))
+                cells.append(verdict(got, op, value))
+        lines.append("| " + " | ".join(cells) + " |")
+    gains = [r.metrics["distill_gain"] for r in runs if "distill_gain" in r.metrics]
+    if gains:
+        spread = statistics.stdev(gains) if len(gains) > 1 else 0.0
+        lines += [
+            "",
+            f"Paired distill_gain over {len(gains)} runs: mean {statistics.mean(gains):+.4f}, "
+            f"std {spread:.4f}, min {min(gains):+.4f}, max {max(gains):+.4f}.",
+        ]
+    if workload.note:
+        lines += ["", workload.note]
+    return "\n".join(lines) + "\n"
+
+
+def machine_section(runs: Sequence[BenchRun]) -> str:
+    lines = ["## Machine", ""]
+    for tag in MACHINE_TAGS:
+        values = sorted({r.tags[tag] for r in runs if tag in r.tags})
+        lines.append(f"- {tag.removeprefix('slimlab.')}: {', '.join(values) or 'unknown'}")
+    return "\n".join(lines) + "\n"
+
+
+def render(runs: Sequence[BenchRun], workloads: dict[str, Workload] | None = None) -> str:
+    """The whole BENCHMARKS.md: known workloads in table order, then any other workload found."""
+    workloads = {**WORKLOADS, **(workloads or {})}
+    by_workload: dict[str, list[BenchRun]] = {}
+    for run in runs:
+        by_workload.setdefault(run.workload, []).append(run)
+    order = [w for w in workloads if w in by_workload] + sorted(w for w in by_workload if w not in workloads)
+    parts = [
+        "# Benchmarks",
+        "",
+        "Measured by slimlab itself (`make bench`), from the finished runs of the MLflow experiment "
+        f"`{EXPERIMENT}`; written by `python -m framework.benchmarks`. Latencies are medians on this machine; "
+        "ratios are against the fp32 baseline trained in the same run.",
+        "",
+    ]
+    parts += [workload_section(name, by_workload[name], workloads.get(name)) for name in order]
+    missing = [w for w in workloads if w not in by_workload]
+    if missing:
+        parts.append("Not run yet: " + ", ".join(f"`{w}`" for w in missing) + ".\n")
+    parts.append(machine_section(runs))
+    return "\n".join(parts)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from framework.tracking import tracking_uri
+
+    parser = argparse.ArgumentParser(prog="python -m framework.benchmarks", description=__doc__.splitlines()[0])
+    parser.add_argument("--uri", default=None, help="MLflow tracking URI (default: slimlab's, ./mlflow.db)")
+    parser.add_argument("--out", default="BENCHMARKS.md", help="where to write the report")
+    parser.add_argument("--experiment", default=EXPERIMENT, help="MLflow experiment holding the bench runs")
+    args = parser.parse_args(argv)
+    uri = args.uri or tracking_uri()
+    runs = load_runs(uri, args.experiment)
+    if not runs:
+        print(f"no finished runs of experiment {args.experiment!r} in {uri}; run `make bench` first", file=sys.stderr)
+        return 1
+    Path(args.out).write_text(render(runs))
+    print(f"{args.out}: {len(runs)} runs, {len({r.workload for r in runs})} workloads from {uri}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

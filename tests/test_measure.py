@@ -59,3 +59,4 @@ def test_speedup_above_the_physical_bound_is_a_measurement_error():
     with pytest.raises(MeasurementError, match="exceeds the physical bound 4x"):
         _check_speedup(5.0, int8)
     _check_speedup(9.0, [Step(registry["prune"], PruneConfig(structure="channels")), *int8])  # no bound for pruning
+    _check_speedup(9.0, [Step(registry["quantize"], QuantizeConfig(backend="pt2e"))])  # compiled: no fixed bound

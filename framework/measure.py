@@ -107,6 +107,28 @@ def measure_latency(
     return {name: Latency(statistics.median(t), _percentile(t, 95), len(t)) for name, t in times.items()}
 
 
+def check_stable(
+    model: nn.Module,
+    example: torch.Tensor,
+    *,
+    first: torch.Tensor | None = None,
+    touched: torch.Tensor | None = None,
+    name: str = "the model",
+    calls: int = 3,
+) -> None:
+    """Raise MeasurementError unless ``model`` leaves its input untouched and repeats its outputs exactly.
+
+    ``first`` is the output of an earlier call on ``example`` and ``touched`` the input that call got.
+    """
+    if touched is not None:
+        _check(name, touched, example, first, None)
+    reference = None if first is None else first.detach().clone()
+    with torch.inference_mode():
+        for _ in range(calls):
+            output = _checked_call(name, model, example, reference)
+            reference = output if reference is None else reference
+
+
 def _checked_call(name: str, model: nn.Module, batch: torch.Tensor, reference: torch.Tensor | None) -> torch.Tensor:
     x = batch.clone()
     output = model(x)

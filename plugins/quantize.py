@@ -219,35 +219,6 @@ def _targets_present(model: nn.Module, config: QuantizeConfig) -> list[str]:
     return names
 
 
-def _check_input_untouched(x: torch.Tensor, example: torch.Tensor) -> None:
-    import torch
-
-    if not torch.equal(x, example):
-        raise RuntimeError(
-            "the lowered model modified its input tensor in place (max change "
-            f"{(x - example).abs().max().item():.3g}); a known inductor-freezing hazard: try freezing=false"
-        )
-
-
-def check_stable(model: nn.Module, example: torch.Tensor, first: torch.Tensor | None = None) -> None:
-    """Raise RuntimeError unless ``model`` leaves its input untouched and repeats its outputs exactly.
-
-    NOTES.md: with inductor freezing a compiled PT2E int8 graph was seen to modify its input in place,
-    so repeated calls drifted. ``first`` is the output of an earlier call on ``example`` (the compiling call).
-    """
-    import torch
-
-    x = example.clone()
-    with torch.inference_mode():
-        outputs = [model(x), model(x), model(example.clone())]
-    _check_input_untouched(x, example)
-    if first is not None:
-        outputs.insert(0, first)
-    if not all(torch.equal(outputs[0], other) for other in outputs[1:]):
-        spread = max((outputs[0] - other).abs().max().item() for other in outputs[1:])
-        raise RuntimeError(f"the lowered model's outputs differ between calls on the same input (by {spread:.3g})")
-
-
 @functools.cache
 def _lowered_class() -> type:
     import torch
@@ -284,6 +255,8 @@ def _compile(model: nn.Module, config: QuantizeConfig, ctx: RunContext, *, dynam
     """torch.compile ``model``; time the first (compiling) call; check it; expose ``model`` as the artifact."""
     import torch
 
+    from framework.measure import MeasurementError, check_stable
+
     lowered = _lowered_class()(torch.compile(model, dynamic=dynamic), model, config.freezing)
     example = ctx.data.example_batch(ctx.cfg.measure.batch_size).to(ctx.device)
     x = example.clone()
@@ -291,8 +264,10 @@ def _compile(model: nn.Module, config: QuantizeConfig, ctx: RunContext, *, dynam
         start = time.perf_counter()
         first = lowered(x)
         ctx.metrics["compile_time_s"] = time.perf_counter() - start
-    _check_input_untouched(x, example)
-    check_stable(lowered, example, first)
+    try:  # fail here, at lowering, rather than later while timing
+        check_stable(lowered, example, first=first, touched=x, name="the lowered model")
+    except MeasurementError as error:
+        raise MeasurementError(f"{error} (a known inductor-freezing hazard: try freezing=false)") from None
     ctx.tags["slimlab.quantize.lowering"] = f"torch.compile(dynamic={dynamic}), inductor freezing={config.freezing}"
     return lowered
 

@@ -15,9 +15,10 @@ from framework.artifact import load_model, load_state
 from framework.config import compose
 from framework.data import digits
 from framework.errors import ConfigError
+from framework.measure import check_stable
 from framework.models import LeNet
 from framework.runner import run
-from plugins.quantize import QuantizeConfig, _warn_eager_deprecated, check_stable, rebuild
+from plugins.quantize import QuantizeConfig, _warn_eager_deprecated, rebuild
 
 TORCH_AO_DEPRECATED = "torch.ao.quantization is deprecated"
 
@@ -241,7 +242,7 @@ def test_lowering_check_catches_input_mutation_and_unstable_outputs():
     check_stable(nn.Linear(3, 2), x)
     with pytest.raises(RuntimeError, match="modified its input tensor in place"):
         check_stable(MutatesInput(), x)
-    with pytest.raises(RuntimeError, match="outputs differ between calls"):
+    with pytest.raises(RuntimeError, match="outputs differ between identical calls"):
         check_stable(Noisy(), x)
 
 

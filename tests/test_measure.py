@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from framework.measure import MeasurementError, machine_tags, measure_latency
+from framework.measure import MeasurementError, check_stable, machine_tags, measure_latency
 
 
 class MutatesInput(nn.Module):
@@ -60,3 +60,12 @@ def test_speedup_above_the_physical_bound_is_a_measurement_error():
         _check_speedup(5.0, int8)
     _check_speedup(9.0, [Step(registry["prune"], PruneConfig(structure="channels")), *int8])  # no bound for pruning
     _check_speedup(9.0, [Step(registry["quantize"], QuantizeConfig(backend="pt2e"))])  # compiled: no fixed bound
+
+
+def test_stability_check_used_at_lowering_time():
+    x = torch.randn(4, 3)
+    check_stable(nn.Linear(3, 2), x)
+    with pytest.raises(MeasurementError, match="modified its input tensor in place"):
+        check_stable(MutatesInput(), x)
+    with pytest.raises(MeasurementError, match="outputs differ between identical calls"):
+        check_stable(Noisy(), x)

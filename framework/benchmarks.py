@@ -45,7 +45,7 @@ WORKLOADS: dict[str, Workload] = {
         targets={"compression_ratio": (">=", 40.0), "accuracy_drop": ("<=", 0.01)},
         note=(
             "Our artifact stores zeros as a 1-bit mask plus the non-zero values, so a float32 weight can shrink "
-            "at most to 1 bit: 32x is a floor this format cannot pass, whatever the sparsity. The paper reaches 39x "
+            "at most to 1 bit: 32x is a ceiling this format cannot pass, whatever the sparsity. The paper reaches 39x "
             "with relative-index encoding of the non-zeros (4-5 bits each, no per-weight mask), 5-8-bit shared-weight "
             "codebooks and Huffman coding, none of which slimlab implements."
         ),

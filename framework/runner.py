@@ -157,6 +157,8 @@ def _run_pipeline(ctx: RunContext, steps: list[Step], hooks) -> dict[str, float]
         _targets_from_baseline(ctx)
     primary = ctx.data.primary_metric
     model = copy.deepcopy(baseline.model)
+    model_path = ctx.output_dir / "model.pt"
+    metadata = {"techniques": [s.name for s in steps]}
 
     for index, step in enumerate(steps, 1):
         log.info("technique %d/%d: %s", index, len(steps), step.describe())
@@ -164,12 +166,15 @@ def _run_pipeline(ctx: RunContext, steps: list[Step], hooks) -> dict[str, float]
         if model is None:
             raise TypeError(f"technique {step.name!r} returned None; apply() must return the model")
         params, nonzero = count_parameters(model)
+        # The last stage's file is the run's model artifact: saved once.
+        last = index == len(steps)
+        stage_path = model_path if last else ctx.output_dir / "stages" / f"{index}-{step.name}.pt"
         stage = {
             "stage": index,
             "technique": step.name,
             "label": step.describe(),
             primary: ctx.evaluate(model),
-            "size_bytes": save_model(model, ctx.output_dir / "stages" / f"{index}-{step.name}.pt"),
+            "size_bytes": save_model(model, stage_path, metadata={**metadata, "model": _class_path(model)}),
             "params": params,
             "nonzero_params": nonzero,
             "layer_sparsity": layer_sparsity(model),
@@ -177,9 +182,11 @@ def _run_pipeline(ctx: RunContext, steps: list[Step], hooks) -> dict[str, float]
         ctx.stages.append(stage)
         hooks.after_technique(ctx=ctx, name=step.name, model=model, metrics=stage)
 
-    model_path = ctx.output_dir / "model.pt"
     dense_size = save_model(model, ctx.output_dir / "stages" / "dense.pt", compact=False)
-    size = save_model(model, model_path, metadata={"model": _class_path(model), "techniques": [s.name for s in steps]})
+    if steps:
+        size = ctx.stages[-1]["size_bytes"]
+    else:  # the baseline alone
+        size = save_model(model, model_path, metadata={**metadata, "model": _class_path(model)})
     ctx.artifacts["model"] = model_path
     params, nonzero = count_parameters(model)
     measure = ctx.cfg.measure

@@ -47,6 +47,13 @@ class TrackingConfig:
 
 
 @dataclass
+class ArtifactConfig:
+    """How the compressed model's file is written (the baseline stays the plain fp32 file it is compared with)."""
+
+    codec: str = "none"  # none | lzma: entropy-code the file, Deep Compression's last stage
+
+
+@dataclass
 class PluginsConfig:
     disable: list[str] = field(default_factory=list)
 
@@ -60,6 +67,7 @@ class SlimlabConfig:
     cache_dir: str = ".slimlab/cache"
     train: TrainConfig = field(default_factory=TrainConfig)
     measure: MeasureConfig = field(default_factory=MeasureConfig)
+    artifact: ArtifactConfig = field(default_factory=ArtifactConfig)
     plugins: PluginsConfig = field(default_factory=PluginsConfig)
     model: Any = MISSING
     data: Any = MISSING

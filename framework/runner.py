@@ -20,7 +20,7 @@ from framework.plugins import Plugins, load_plugins
 from framework.registry import Step, speedup_bound
 
 TRACKING_PLUGINS = {"mlflow": "mlflow"}  # tracking.backend -> the plugin that implements it
-RUN_KEYS = ("model", "data", "train", "seed", "technique", "device", "measure")
+RUN_KEYS = ("model", "data", "train", "seed", "technique", "device", "measure", "artifact")
 log = logging.getLogger("slimlab")
 
 
@@ -99,7 +99,11 @@ def plan(cfg: DictConfig, plugins: Plugins) -> Plan:
     """
     from hydra.utils import get_class, get_method
 
+    from framework.artifact import CODECS
+
     steps = plugins.registry.pipeline(cfg, disabled=cfg.plugins.disable)
+    if cfg.artifact.codec not in CODECS:
+        raise ConfigError(f"unknown artifact.codec {cfg.artifact.codec!r}; valid: {', '.join(CODECS)}")
     backend = cfg.tracking.backend
     if backend != "none" and backend not in TRACKING_PLUGINS:
         raise ConfigError(f"unknown tracking backend {backend!r}; valid: none, {', '.join(TRACKING_PLUGINS)}")
@@ -159,6 +163,7 @@ def _run_pipeline(ctx: RunContext, steps: list[Step], hooks) -> dict[str, float]
     model = copy.deepcopy(baseline.model)
     model_path = ctx.output_dir / "model.pt"
     metadata = {"techniques": [s.name for s in steps]}
+    codec = ctx.cfg.artifact.codec
 
     for index, step in enumerate(steps, 1):
         log.info("technique %d/%d: %s", index, len(steps), step.describe())
@@ -174,7 +179,9 @@ def _run_pipeline(ctx: RunContext, steps: list[Step], hooks) -> dict[str, float]
             "technique": step.name,
             "label": step.describe(),
             primary: ctx.evaluate(model),
-            "size_bytes": save_model(model, stage_path, metadata={**metadata, "model": _class_path(model)}),
+            "size_bytes": save_model(
+                model, stage_path, metadata={**metadata, "model": _class_path(model)}, codec=codec
+            ),
             "params": params,
             "nonzero_params": nonzero,
             "layer_sparsity": layer_sparsity(model),
@@ -186,7 +193,9 @@ def _run_pipeline(ctx: RunContext, steps: list[Step], hooks) -> dict[str, float]
     if steps:
         size = ctx.stages[-1]["size_bytes"]
     else:  # the baseline alone
-        size = save_model(model, model_path, metadata={**metadata, "model": _class_path(model)})
+        size = save_model(model, model_path, metadata={**metadata, "model": _class_path(model)}, codec=codec)
+    if codec != "none":  # what the entropy coding itself saved
+        ctx.metrics["uncoded_size_bytes"] = save_model(model, ctx.output_dir / "stages" / "uncoded.pt")
     ctx.artifacts["model"] = model_path
     params, nonzero = count_parameters(model)
     measure = ctx.cfg.measure

@@ -27,6 +27,7 @@ BAD_INPUT = [
     (["experiment=nope"], "unknown experiment 'nope'; valid experiment options:"),
     (["technique=[quantize,prune]"], "'prune' cannot follow 'quantize'"),
     (["plugins.disable=[prune]"], "(disabled plugins: prune)"),
+    (["artifact.codec=zip"], "unknown artifact.codec 'zip'; valid: none, lzma"),
 ]
 
 

@@ -124,6 +124,24 @@ def test_artifact_stores_zeros_compactly(tmp_path):
     assert torch.equal(reloaded(x), model(x))
 
 
+def test_lzma_codec_shrinks_a_sparse_artifact_and_reloads_it_exactly(tmp_path):
+    """Entropy coding: the 1-bit masks of a 95%-sparse model are mostly zeros and code far below a bit each."""
+    torch.manual_seed(0)
+    model = LeNet()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter[torch.rand_like(parameter) < 0.95] = 0
+    plain = save_model(model, tmp_path / "plain.pt")
+    coded = save_model(model, tmp_path / "coded.pt", codec="lzma")
+    assert coded < plain * 0.75
+    assert (tmp_path / "coded.pt").read_bytes().startswith(b"\xfd7zXZ")
+    reloaded = load_model(LeNet(), tmp_path / "coded.pt")
+    x = torch.randn(4, 1, 28, 28)
+    assert torch.equal(reloaded(x), model(x))
+    with pytest.raises(ValueError, match="codec must be one of none, lzma"):
+        save_model(model, tmp_path / "bad.pt", codec="zip")
+
+
 def test_experiment_settings_for_unselected_techniques_are_ignored(overrides, store):
     """The technique list is the pipeline: quickstart's quantize settings do not add quantize to '[prune]'."""
     cfg = compose(["experiment=quickstart", *overrides, "technique=[prune]"])

@@ -31,9 +31,13 @@ test-fast: install
 	$(BIN)/pytest -m "not slow" -x
 
 # Each workload is a sweep defined in its experiment file; all go to the MLflow experiment `bench`.
-BENCH_WORKLOADS := bench_structured_prune bench_pt2e_static bench_lenet_deep_compression bench_kd
+# About 20 minutes on 2 cores. BENCHMARKS.md keeps the newest run of each variant.
+BENCH_WORKLOADS := bench_minilm_int8 bench_structured_prune bench_structured_prune_minilm bench_pt2e_static \
+	bench_lenet_deep_compression bench_kd
 bench: install
 	for workload in $(BENCH_WORKLOADS); do $(BIN)/slimlab run -m experiment=$$workload || exit 1; done
+	# slimlab's own cost: bench_overhead timed against a plain script doing the same work
+	$(BIN)/python -m framework.overhead
 	# the compiled fp32 reference that bench_pt2e_static's speedups are divided by
 	$(BIN)/slimlab run experiment=bench_pt2e_static 'technique=[place]' technique.place.device=cpu \
 		technique.place.compile=true technique.place.threads=1

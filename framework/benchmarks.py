@@ -35,6 +35,8 @@ class Workload:
     targets: dict[str, tuple[str, float]] = field(default_factory=dict)
     note: str = ""
     reference: str = ""  # a further command whose run the report compares with (e.g. the compiled fp32 model)
+    columns: tuple[str, ...] = ()  # metrics shown besides the usual ones
+    command: str = ""  # how the workload is run, when it is not `slimlab run -m experiment=NAME`
 
 
 WORKLOADS: dict[str, Workload] = {
@@ -49,6 +51,23 @@ WORKLOADS: dict[str, Workload] = {
             "coding). Without the codec the 1-bit mask caps the ratio near 32x (`uncoded_size_bytes`). The ratio is "
             "against the plain fp32 file, as the paper's is. Digits (1797 8x8 images upsampled to 28x28) is not MNIST: "
             "the accuracy drop is measured on 450 test images, so 0.01 is 4-5 images."
+        ),
+    ),
+    "bench_minilm_int8": Workload(
+        title="int8 all-MiniLM-L6-v2 sentence embeddings, 2 threads",
+        anchor=(
+            "measured on these machines (NOTES.md): legacy per-tensor dynamic int8 about 1.5-2x faster at 0.948 "
+            "mean cosine to fp32; torchao int8 dynamic + torch.compile about 1.9x at 0.9976"
+        ),
+        source="slimlab NOTES.md (checked on this project's machines, torch 2.13, torchao 0.18)",
+        targets={"speedup": (">=", 2.0), "cosine_to_baseline": (">=", 0.995), "compression_ratio": (">=", 3.5)},
+        columns=("similarity_spearman", "nn_agreement", "compile_time_s"),
+        note=(
+            "`speedup` is against the fp32 eager model on the same batch (32 test sentences, 2 threads), measured "
+            "in the same process. int8 speed depends on the CPU: VNNI (avx512_vnni) runs int8 dot products in one "
+            "instruction; on a CPU without it (an earlier machine of this project reported only avx2) the same "
+            "compiled torchao model ran at about 1x. Without `embeddings` the word embeddings (half the parameters) "
+            "stay fp32 and the file is only about 1.5x smaller."
         ),
     ),
     "bench_pt2e_static": Workload(
@@ -72,12 +91,38 @@ WORKLOADS: dict[str, Workload] = {
         source="slimlab issue 4 (target set by the project)",
         targets={"speedup": (">=", 1.7), "accuracy_drop": ("<=", 0.01)},
     ),
+    "bench_structured_prune_minilm": Workload(
+        title="Structured pruning of MiniLM's feed-forward neurons, fine-tuned on the sentence set",
+        anchor="no published anchor for this sentence set; reported as measured",
+        source="slimlab issue 4",
+        columns=("similarity_spearman", "nn_agreement"),
+        note=(
+            "Torch-Pruning removes the same fraction of the 1536 intermediate neurons in each of the 6 layers "
+            "(`intermediate.dense` outputs and `output.dense` inputs); the model then trains for a few epochs "
+            "on the fp32 model's embeddings of the 235 training sentences (MSE). So few sentences cannot "
+            "restore what is cut: fidelity falls quickly with the amount."
+        ),
+    ),
     "bench_kd": Workload(
         title="Knowledge distillation LeNet -> lenet_small, scratch control, 5 seeds",
         anchor="MNIST: distilled small net 74 test errors vs 146 trained on hard labels alone",
         source="Hinton, Vinyals & Dean, Distilling the Knowledge in a Neural Network, 2015, section 3",
         targets={},
         note="No target: the paired gain (distilled minus its scratch twin, same init and seed) is reported as it is.",
+    ),
+    "bench_overhead": Workload(
+        title="slimlab's own overhead: a one-minute job against a plain script doing the same work",
+        anchor="a plain PyTorch script (framework/overhead.py `plain_job`) with the same data, model and steps",
+        source="slimlab issue 4 (target set by the project)",
+        targets={"overhead": ("<=", 0.05), "help_s": ("<=", 1.0)},
+        columns=("slimlab_wall_s", "plain_wall_s", "overhead", "help_s", "pairs"),
+        command="python -m framework.overhead",
+        note=(
+            "Wall time of whole processes (interpreter start, imports, MLflow logging included), plain script and "
+            "`slimlab run experiment=bench_overhead` interleaved in pairs, the slimlab run with a fresh baseline "
+            "cache so both train the baseline; the figures are medians over the pairs. `help_s` is the median "
+            "wall time of `slimlab run --help`."
+        ),
     ),
 }
 
@@ -185,14 +230,34 @@ def _with_derived(runs: Sequence[BenchRun]) -> None:
             run.metrics["speedup_vs_compiled_fp32"] = reference / run.metrics["latency_ms"]
 
 
-def _command(name: str, runs: Sequence[BenchRun]) -> str:
-    return f"slimlab run -m experiment={name}"
+# Overrides that say where a run is recorded or cached, not what it measures.
+PLACE_KEYS = ("cache_dir", "tracking.uri")
+
+
+def _variant_overrides(run: BenchRun) -> list[str]:
+    """The overrides that set a run apart from the plain workload."""
+    return [o for o in run.overrides if workload_of([o]) is None and o.partition("=")[0].lstrip("+") not in PLACE_KEYS]
 
 
 def _variant(run: BenchRun, name: str) -> str:
     """The run name plus the overrides that set it apart from the plain workload."""
-    extra = [o for o in run.overrides if workload_of([o]) is None]
+    extra = _variant_overrides(run)
     return f"{run.name} ({', '.join(extra)})" if extra else run.name
+
+
+def latest_per_variant(runs: Sequence[BenchRun]) -> list[BenchRun]:
+    """The newest run of each workload variant (runs come oldest first), so re-running a workload replaces its rows."""
+    latest: dict[tuple[str, str, tuple[str, ...]], BenchRun] = {}
+    for run in runs:
+        latest[(run.workload, run.name, tuple(sorted(_variant_overrides(run))))] = run
+    return sorted(latest.values(), key=lambda r: runs.index(r))
+
+
+def _meets_all(run: BenchRun, workload: Workload, primary: str) -> bool:
+    return all(
+        verdict(run.metrics.get(m, run.metrics.get(m.replace("accuracy", primary))), op, v) == "met"
+        for m, (op, v) in workload.targets.items()
+    )
 
 
 def workload_section(name: str, runs: Sequence[BenchRun], workload: Workload | None = None) -> str:
@@ -205,12 +270,13 @@ def workload_section(name: str, runs: Sequence[BenchRun], workload: Workload | N
         columns.append("speedup_vs_compiled_fp32")
     if any("uncoded_size_bytes" in r.metrics for r in runs):
         columns += ["size_bytes", "uncoded_size_bytes"]
+    columns += [c for c in workload.columns if c not in columns]
     if any("distill_gain" in r.metrics for r in runs):
         columns += [f"scratch_{primary}", "distill_gain"]
     lines = [
         f"## {workload.title}",
         "",
-        f"`{_command(name, runs)}`",
+        f"`{workload.command or f'slimlab run -m experiment={name}'}`",
         "",
         *([f"Reference (compiled fp32): `{workload.reference}`", ""] if workload.reference else []),
         f"Anchor: {workload.anchor}. Source: {workload.source}.",
@@ -229,6 +295,10 @@ def workload_section(name: str, runs: Sequence[BenchRun], workload: Workload | N
                 got = run.metrics.get(metric, run.metrics.get(metric.replace("accuracy", primary)))
                 cells.append(verdict(got, op, value))
         lines.append("| " + " | ".join(cells) + " |")
+    measured = [r for r in runs if not r.is_reference]
+    if workload.targets and measured:
+        winners = [_variant(r, name) for r in measured if _meets_all(r, workload, primary)]
+        lines += ["", f"Every target met by: {'; '.join(winners)}." if winners else "No variant meets every target."]
     gains = [r.metrics["distill_gain"] for r in runs if "distill_gain" in r.metrics]
     if gains:
         spread = statistics.stdev(gains) if len(gains) > 1 else 0.0
@@ -253,6 +323,7 @@ def machine_section(runs: Sequence[BenchRun]) -> str:
 def render(runs: Sequence[BenchRun], workloads: dict[str, Workload] | None = None) -> str:
     """The whole BENCHMARKS.md: known workloads in table order, then any other workload found."""
     workloads = {**WORKLOADS, **(workloads or {})}
+    runs = latest_per_variant(runs)
     by_workload: dict[str, list[BenchRun]] = {}
     for run in runs:
         by_workload.setdefault(run.workload, []).append(run)

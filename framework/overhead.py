@@ -1,0 +1,192 @@
+"""slimlab's own cost: ``slimlab run experiment=bench_overhead`` against a plain script doing the same work.
+
+``python -m framework.overhead`` (part of ``make bench``) runs, interleaved in pairs, the plain script
+(``python -m framework.overhead plain``: torch and the same data and model code, no Hydra, pluggy or MLflow)
+and ``slimlab run experiment=bench_overhead`` with a fresh baseline cache, so that both train the baseline.
+Each is timed as a user would time it: the wall time of the whole process, interpreter start included.
+It also times ``slimlab run --help``. The figures go onto the slimlab runs in MLflow as metrics
+(``plain_wall_s``, ``slimlab_wall_s``, ``overhead`` = slimlab / plain - 1, ``help_s``); the last run also
+gets the medians over all pairs, which is what BENCHMARKS.md reports.
+
+The plain script mirrors the experiment's config by hand (``PLAIN``): change both together.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+WORKLOAD = "bench_overhead"
+# What experiments/bench_overhead.yaml asks slimlab to do, spelled out for the plain script.
+PLAIN = {
+    "epochs": 50,
+    "fine_tune_epochs": 110,
+    "amount": 0.9,
+    "lr": 1e-3,
+    "batch_size": 64,
+    "seed": 0,
+    "measure_batch": 64,
+    "warmup": 3,
+    "repeats": 20,
+    "threads": 1,
+}
+
+
+def plain_job(out_dir: Path) -> dict[str, float]:
+    """Train LeNet on digits, prune 90% of its weights (global L1), fine-tune, evaluate, save, time both models.
+
+    What a user would write without slimlab; nothing is tracked.
+    """
+    import torch
+    import torch.nn.functional as F
+    import torch.nn.utils.prune as prune
+
+    from framework.data import digits
+    from framework.models import LeNet
+
+    p = PLAIN
+    torch.manual_seed(p["seed"])
+    data = digits(seed=p["seed"])
+    model = LeNet()
+
+    def train(epochs: int) -> None:
+        generator = torch.Generator().manual_seed(p["seed"])
+        optimizer = torch.optim.Adam(model.parameters(), lr=p["lr"])
+        model.train()
+        for _ in range(epochs):
+            order = torch.randperm(len(data.train_x), generator=generator)
+            for start in range(0, len(order), p["batch_size"]):
+                batch = order[start : start + p["batch_size"]]
+                optimizer.zero_grad()
+                F.nll_loss(model(data.train_x[batch]), data.train_y[batch]).backward()
+                optimizer.step()
+        model.eval()
+
+    @torch.inference_mode()
+    def accuracy(net) -> float:
+        return (net(data.test_x).argmax(1) == data.test_y).float().mean().item()
+
+    train(p["epochs"])
+    baseline_accuracy = accuracy(model)
+    torch.save(model.state_dict(), out_dir / "baseline.pt")
+    baseline = LeNet()
+    baseline.load_state_dict(model.state_dict())
+    baseline.eval()
+
+    layers = [(m, "weight") for m in model.modules() if isinstance(m, torch.nn.Linear | torch.nn.Conv2d)]
+    prune.global_unstructured(layers, pruning_method=prune.L1Unstructured, amount=p["amount"])
+    train(p["fine_tune_epochs"])
+    for module, name in layers:
+        prune.remove(module, name)
+    pruned_accuracy = accuracy(model)
+    torch.save(model.state_dict(), out_dir / "model.pt")
+
+    torch.set_num_threads(p["threads"])
+    batch = data.test_x[: p["measure_batch"]]
+    times: dict[str, list[float]] = {"baseline": [], "pruned": []}
+    with torch.inference_mode():
+        for net in (baseline, model):
+            for _ in range(p["warmup"]):
+                net(batch.clone())
+        for _ in range(p["repeats"]):
+            for name, net in (("baseline", baseline), ("pruned", model)):
+                x = batch.clone()
+                start = time.perf_counter()
+                net(x)
+                times[name].append(time.perf_counter() - start)
+    return {
+        "baseline_accuracy": baseline_accuracy,
+        "accuracy": pruned_accuracy,
+        "speedup": statistics.median(times["baseline"]) / statistics.median(times["pruned"]),
+    }
+
+
+def _slimlab() -> list[str]:
+    return [str(Path(sys.executable).with_name("slimlab"))]
+
+
+def _timed(command: list[str], cwd: Path) -> float:
+    start = time.perf_counter()
+    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True)
+    elapsed = time.perf_counter() - start
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} exited {result.returncode}:\n{result.stderr[-3000:]}")
+    return elapsed
+
+
+def _latest_run_id(client, experiment_id: str, since_ms: int) -> str:
+    runs = client.search_runs(
+        [experiment_id],
+        filter_string=f"attributes.start_time >= {since_ms} and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    if not runs:
+        raise RuntimeError("the slimlab run finished but no FINISHED run was found in MLflow")
+    return runs[0].info.run_id
+
+
+def measure(uri: str, pairs: int, help_calls: int = 5) -> dict[str, float]:
+    """Time ``pairs`` plain/slimlab pairs and ``slimlab run --help``; log the figures onto the slimlab runs."""
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+
+    from framework.benchmarks import EXPERIMENT
+    from framework.tracking import experiment_id
+
+    client = MlflowClient(uri)
+    experiment = experiment_id(client, EXPERIMENT, uri)
+    walls: list[tuple[float, float]] = []
+    run_ids: list[str] = []
+    with tempfile.TemporaryDirectory(prefix="slimlab-overhead-") as tmp:
+        work = Path(tmp)
+        for pair in range(pairs):
+            plain = _timed([sys.executable, "-m", "framework.overhead", "plain", "--out", str(work)], cwd=work)
+            since = int(time.time() * 1000)
+            cache = work / f"cache{pair}"  # fresh: slimlab trains the baseline, as the plain script does
+            command = [*_slimlab(), "run", f"experiment={WORKLOAD}", f"cache_dir={cache}", f"tracking.uri={uri}"]
+            wall = _timed(command, cwd=work)
+            walls.append((plain, wall))
+            run_ids.append(_latest_run_id(client, experiment, since))
+            print(f"pair {pair + 1}/{pairs}: plain {plain:.1f} s, slimlab {wall:.1f} s ({wall / plain - 1:+.1%})")
+        helps = [_timed([*_slimlab(), "run", "--help"], cwd=work) for _ in range(help_calls)]
+    help_s = statistics.median(helps)
+    now = int(time.time() * 1000)
+    for run_id, (plain, wall) in zip(run_ids, walls, strict=True):
+        figures = {"plain_wall_s": plain, "slimlab_wall_s": wall, "overhead": wall / plain - 1, "help_s": help_s}
+        client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in figures.items()])
+    summary = {
+        "plain_wall_s": statistics.median(p for p, _ in walls),
+        "slimlab_wall_s": statistics.median(s for _, s in walls),
+        "overhead": statistics.median(s / p - 1 for p, s in walls),
+        "help_s": help_s,
+        "pairs": float(pairs),
+    }
+    client.log_batch(run_ids[-1], metrics=[Metric(k, v, now, 1) for k, v in summary.items()])
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m framework.overhead", description=__doc__.splitlines()[0])
+    parser.add_argument("mode", nargs="?", choices=("measure", "plain"), default="measure")
+    parser.add_argument("--uri", default=None, help="MLflow tracking URI (default: slimlab's, ./mlflow.db)")
+    parser.add_argument("--pairs", type=int, default=3, help="plain/slimlab pairs to time (default 3)")
+    parser.add_argument("--out", default=".", help="plain mode: where the plain script saves its models")
+    args = parser.parse_args(argv)
+    if args.mode == "plain":
+        print(plain_job(Path(args.out)))
+        return 0
+    from framework.tracking import tracking_uri
+
+    summary = measure(args.uri or tracking_uri(), args.pairs)
+    print(", ".join(f"{k} {v:.3f}" for k, v in summary.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -38,9 +38,9 @@ bench: install
 	for workload in $(BENCH_WORKLOADS); do $(BIN)/slimlab run -m experiment=$$workload || exit 1; done
 	# slimlab's own cost: bench_overhead timed against a plain script doing the same work
 	$(BIN)/python -m framework.overhead
-	# the compiled fp32 reference that bench_pt2e_static's speedups are divided by
-	$(BIN)/slimlab run experiment=bench_pt2e_static 'technique=[place]' technique.place.device=cpu \
-		technique.place.compile=true technique.place.threads=1
+	# the compiled fp32 references that bench_pt2e_static's speedups are divided by, one per batch size
+	for batch in 64 256; do $(BIN)/slimlab run experiment=bench_pt2e_static 'technique=[place]' technique.place.device=cpu \
+		technique.place.compile=true technique.place.threads=1 measure.batch_size=$$batch || exit 1; done
 	$(BIN)/python -m framework.benchmarks --out BENCHMARKS.md
 
 lint: install

@@ -3,10 +3,10 @@
 ``python -m framework.overhead`` (part of ``make bench``) runs, interleaved in pairs, the plain script
 (``python -m framework.overhead plain``: torch and the same data and model code, no Hydra, pluggy or MLflow)
 and ``slimlab run experiment=bench_overhead`` with a fresh baseline cache, so that both train the baseline.
-Each is timed as a user would time it: the wall time of the whole process, interpreter start included.
-It also times ``slimlab run --help``. The figures go onto the slimlab runs in MLflow as metrics
-(``plain_wall_s``, ``slimlab_wall_s``, ``overhead`` = slimlab / plain - 1, ``help_s``); the last run also
-gets the medians over all pairs, which is what BENCHMARKS.md reports.
+Each is timed as a user would time it: the wall time of the whole process, interpreter start included,
+and its CPU time. It also times ``slimlab run --help``. The figures go onto the slimlab runs in MLflow as
+metrics (``plain_wall_s``, ``slimlab_wall_s``, ``overhead`` = slimlab / plain - 1, ``cpu_overhead``,
+``help_s``); the last run also gets the medians over all pairs, which is what BENCHMARKS.md reports.
 
 The plain script mirrors the experiment's config by hand (``PLAIN``): change both together.
 """
@@ -110,13 +110,20 @@ def _slimlab() -> list[str]:
     return [str(Path(sys.executable).with_name("slimlab"))]
 
 
-def _timed(command: list[str], cwd: Path) -> float:
-    start = time.perf_counter()
+def _timed(command: list[str], cwd: Path) -> tuple[float, float]:
+    """(wall seconds, CPU seconds: user + system) of ``command`` run to completion."""
+    import resource
+
+    def cpu() -> float:
+        usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return usage.ru_utime + usage.ru_stime
+
+    start, start_cpu = time.perf_counter(), cpu()
     result = subprocess.run(command, cwd=cwd, capture_output=True, text=True)
-    elapsed = time.perf_counter() - start
+    elapsed, used = time.perf_counter() - start, cpu() - start_cpu
     if result.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} exited {result.returncode}:\n{result.stderr[-3000:]}")
-    return elapsed
+    return elapsed, used
 
 
 def _latest_run_id(client, experiment_id: str, since_ms: int) -> str:
@@ -141,32 +148,36 @@ def measure(uri: str, pairs: int, help_calls: int = 5) -> dict[str, float]:
 
     client = MlflowClient(uri)
     experiment = experiment_id(client, EXPERIMENT, uri)
-    walls: list[tuple[float, float]] = []
+    pairs_timed: list[dict[str, float]] = []
     run_ids: list[str] = []
     with tempfile.TemporaryDirectory(prefix="slimlab-overhead-") as tmp:
         work = Path(tmp)
         for pair in range(pairs):
-            plain = _timed([sys.executable, "-m", "framework.overhead", "plain", "--out", str(work)], cwd=work)
+            plain, plain_cpu = _timed([sys.executable, "-m", "framework.overhead", "plain", "--out", str(work)], work)
             since = int(time.time() * 1000)
             cache = work / f"cache{pair}"  # fresh: slimlab trains the baseline, as the plain script does
             command = [*_slimlab(), "run", f"experiment={WORKLOAD}", f"cache_dir={cache}", f"tracking.uri={uri}"]
-            wall = _timed(command, cwd=work)
-            walls.append((plain, wall))
+            wall, wall_cpu = _timed(command, cwd=work)
+            pairs_timed.append(
+                {
+                    "plain_wall_s": plain,
+                    "slimlab_wall_s": wall,
+                    "overhead": wall / plain - 1,
+                    # CPU time is less disturbed than wall time by other work on a shared machine
+                    "cpu_overhead": wall_cpu / plain_cpu - 1,
+                }
+            )
             run_ids.append(_latest_run_id(client, experiment, since))
-            print(f"pair {pair + 1}/{pairs}: plain {plain:.1f} s, slimlab {wall:.1f} s ({wall / plain - 1:+.1%})")
-        helps = [_timed([*_slimlab(), "run", "--help"], cwd=work) for _ in range(help_calls)]
-    help_s = statistics.median(helps)
+            print(
+                f"pair {pair + 1}/{pairs}: plain {plain:.1f} s, slimlab {wall:.1f} s ({wall / plain - 1:+.1%} wall, "
+                f"{wall_cpu / plain_cpu - 1:+.1%} CPU)"
+            )
+        help_s = statistics.median(_timed([*_slimlab(), "run", "--help"], cwd=work)[0] for _ in range(help_calls))
     now = int(time.time() * 1000)
-    for run_id, (plain, wall) in zip(run_ids, walls, strict=True):
-        figures = {"plain_wall_s": plain, "slimlab_wall_s": wall, "overhead": wall / plain - 1, "help_s": help_s}
-        client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in figures.items()])
-    summary = {
-        "plain_wall_s": statistics.median(p for p, _ in walls),
-        "slimlab_wall_s": statistics.median(s for _, s in walls),
-        "overhead": statistics.median(s / p - 1 for p, s in walls),
-        "help_s": help_s,
-        "pairs": float(pairs),
-    }
+    for run_id, figures in zip(run_ids, pairs_timed, strict=True):
+        client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in {**figures, "help_s": help_s}.items()])
+    summary = {name: statistics.median(p[name] for p in pairs_timed) for name in pairs_timed[0]}
+    summary |= {"help_s": help_s, "pairs": float(pairs)}
     client.log_batch(run_ids[-1], metrics=[Metric(k, v, now, 1) for k, v in summary.items()])
     return summary
 

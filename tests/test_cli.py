@@ -61,7 +61,8 @@ def test_help_lists_groups_and_every_technique_option(plugin_site, tmp_path):
         "tracking: mlflow, none",
     ):
         assert line in out
-    assert "technique: distill, explode, place, prune, prune_90, quantize, zero_small" in out  # plugins' too
+    presets = "quantize_ao, quantize_ao_emb, quantize_legacy, quantize_pt2e"
+    assert f"technique: distill, explode, place, prune, prune_90, quantize, {presets}, zero_small" in out  # plugins too
     assert "zero_small (plugin example):\n  threshold: float = 0.01" in out
     assert "amount: float = 0.5" in out
 

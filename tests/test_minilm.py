@@ -249,9 +249,17 @@ def test_embedding_baseline_is_cached_not_trained(overrides, store, few):
 
 # --- every technique on the full model ------------------------------------------------------------------------------
 
+FFN = [f"bert.encoder.layer.{i}.intermediate.dense" for i in range(6)]
 TECHNIQUES = {
     "prune": ["technique=[prune]", "technique.prune.amount=0.5", "technique.prune.module_types=[Linear]"],
     "quantize": ["technique=[quantize]", "technique.quantize.scheme=int8_dynamic"],
+    "quantize_embeddings": [
+        "technique=[quantize]", "technique.quantize.scheme=int8_dynamic", "technique.quantize.embeddings=true",
+    ],
+    "prune_ffn": [
+        "technique=[prune]", "technique.prune.structure=channels", "technique.prune.scope=layer",
+        "technique.prune.amount=0.25", f"technique.prune.layers=[{','.join(FFN)}]",
+    ],
     "place": ["technique=[place]", "technique.place.device=cpu", "technique.place.dtype=bfloat16"],
     "distill": [
         "technique=[distill]", "technique.distill.student=minilm_student", "technique.distill.epochs=1",
@@ -279,6 +287,12 @@ def test_every_technique_runs_on_minilm(technique, overrides, store, tmp_path):
     assert 0.5 < cosine <= 1.0 and metrics["cosine_to_baseline"] == cosine
     if technique == "quantize":
         assert cosine > 0.99 and metrics["compression_ratio"] > 1.4  # int8 Linear weights; embeddings stay fp32
+    if technique == "quantize_embeddings":
+        assert cosine > 0.99 and metrics["compression_ratio"] > 3.5  # the word embeddings are half the weights
+    if technique == "prune_ffn":  # a quarter of each feed-forward block's 1536 neurons removed, for real
+        shapes = logged.data.tags["slimlab.prune.shapes"]
+        assert shapes.count("intermediate.dense:(1152, 384)") == 6 and "output.dense:(384, 1152)" in shapes
+        assert metrics["params"] == 22_565_373 - 6 * (384 * 384 + 384 + 384 * 384)  # weights in and out, biases
     if technique == "place":
         assert cosine > 0.98 and metrics["compression_ratio"] > 1.9  # bf16 weights
     if technique == "distill":

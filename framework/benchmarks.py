@@ -123,7 +123,8 @@ WORKLOADS: dict[str, Workload] = {
         note=(
             "Wall time of whole processes (interpreter start, imports, MLflow logging included), plain script and "
             "`slimlab run experiment=bench_overhead` interleaved in pairs, the slimlab run with a fresh baseline "
-            "cache so both train the baseline; the figures are medians over the pairs. `cpu_overhead` compares "
+            "cache so both train the baseline; the figures compare the fastest run of each over the pairs (as "
+            "`timeit` does: other work on a shared machine only ever adds time). `cpu_overhead` compares "
             "their CPU time (user + system), which other work on a shared machine disturbs less than wall time. "
             "What slimlab adds is mostly fixed: importing Hydra and MLflow, logging the run and its artifacts, "
             "evaluating every stage (about 2-3 s). `help_s` is the median wall time of `slimlab run --help`."

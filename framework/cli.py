@@ -20,6 +20,7 @@ commands:
   run -m [overrides]    a sweep: slimlab run -m technique.prune.amount=0.5,0.7,0.9
   run --help            config groups, options and the composed config
   plugins [--json]      discovered plugins: distribution, version, techniques, hooks
+  report [--sweep ID]   table, Pareto plot, CSV and markdown of a sweep's or an experiment's runs
   ui [--port N]         the MLflow UI on the configured store
 
 Exit codes: 0 success, 1 a run failed, 2 bad input.
@@ -32,7 +33,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(USAGE, end="")
         return EXIT_OK
     command, rest = argv[0], argv[1:]
-    commands = {"run": run_command, "plugins": plugins_command, "ui": ui_command}
+    commands = {"run": run_command, "plugins": plugins_command, "report": report_command, "ui": ui_command}
     if command not in commands:
         print(f"slimlab: error: unknown command {command!r}; valid: {', '.join(commands)}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -68,6 +69,48 @@ def plugins_command(args: list[str]) -> int:
             print(f"    hooks: {', '.join(info.hooks)}")
         if info.error:
             print(f"    error: {info.error}")
+    return EXIT_OK
+
+
+def report_command(args: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="slimlab report",
+        description="A table, the Pareto fronts (quality vs size and vs latency) as pareto.png, report.csv and "
+        "report.md, from the finished runs of a sweep (logged to its parent run too) or of an experiment.",
+    )
+    parser.add_argument("--sweep", metavar="PARENT_RUN_ID", help="a sweep's parent run (default: the latest sweep)")
+    parser.add_argument("--experiment", help="every finished run of this MLflow experiment instead of one sweep")
+    parser.add_argument("--uri", help="tracking store (default: $MLFLOW_TRACKING_URI or ./mlflow.db)")
+    parser.add_argument("--out", default="report", help="directory for the files (default: ./report)")
+    options = parser.parse_args(args)
+    if options.sweep and options.experiment:
+        return _error("give --sweep or --experiment, not both")
+    from pathlib import Path
+
+    from mlflow import MlflowClient
+
+    from framework import report
+    from framework.tracking import tracking_uri
+
+    client = MlflowClient(options.uri or tracking_uri())
+    try:
+        if options.experiment:
+            rows = report.rows_of(report.experiment_runs(client, options.experiment))
+            title = f"experiment {options.experiment}: {len(rows)} finished runs"
+        else:
+            parent = options.sweep or report.latest_sweep(client)
+            rows = report.rows_of(report.sweep_runs(client, parent))
+            title = f"sweep {parent[:8]}: {len(rows)} finished runs"
+    except Exception as error:  # an unknown run id or experiment: the user's input
+        return _error(str(error).splitlines()[0])
+    if not rows:
+        return _error("no finished slimlab runs to report")
+    report.show_table(rows, title)
+    paths = report.write_report(rows, Path(options.out), title)
+    if not options.experiment:
+        for path in paths:
+            client.log_artifact(parent, str(path), artifact_path="report")
+    print("wrote " + ", ".join(str(p) for p in paths) + ("" if options.experiment else f"; logged to run {parent}"))
     return EXIT_OK
 
 
@@ -118,9 +161,14 @@ def _pre_disabled(args: list[str]) -> list[str]:
 
 
 def run_command(args: list[str]) -> int:
+    import signal
+
+    from framework import sweep
     from framework.errors import ConfigError, PluginError, RunFailed
     from framework.hydra_app import BadInput, describe_hydra_error, is_bad_input, launch
 
+    # SIGTERM (a scheduler, `kill`) ends a run or sweep like Ctrl-C: runs are closed KILLED, not left RUNNING.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         return launch(args, disable=_pre_disabled(args))
     except (BadInput, ConfigError, PluginError) as error:
@@ -133,6 +181,7 @@ def run_command(args: list[str]) -> int:
         print(f"slimlab: run failed: {error}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:
+        sweep.interrupt()
         print("slimlab: interrupted", file=sys.stderr)
         return 130
     except Exception as error:

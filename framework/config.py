@@ -64,6 +64,7 @@ class SlimlabConfig:
 
     experiment_name: str = "default"
     seed: int = 0
+    resume: bool = True  # in a sweep, skip a job whose resolved config already has a FINISHED run
     cache_dir: str = ".slimlab/cache"
     train: TrainConfig = field(default_factory=TrainConfig)
     measure: MeasureConfig = field(default_factory=MeasureConfig)

@@ -5,10 +5,7 @@ from __future__ import annotations
 import os
 import re
 import sys
-from typing import TYPE_CHECKING, Any
-
-from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from typing import TYPE_CHECKING
 
 from framework.config import CONFIG_DIR, register_configs
 from framework.errors import ConfigError, RunFailed
@@ -19,7 +16,7 @@ if TYPE_CHECKING:
 _plugins: Plugins | None = None  # loaded once per process
 
 
-def _loaded_plugins(disable: list[str]) -> Plugins:
+def loaded_plugins(disable: list[str]) -> Plugins:
     global _plugins
     if _plugins is None:
         from framework.plugins import load_plugins
@@ -37,53 +34,56 @@ class BadInput(BaseException):  # noqa: N818 - it carries a ConfigError, it is n
     """
 
 
-class PrepareStore(Callback):
-    """Hydra callback: create the store and experiment in the launching process before any sweep job starts.
-
-    Parallel workers that open a fresh sqlite store at once race its schema
-    migrations and lose runs; a store that already exists is safe to share.
-    """
-
-    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        if config.tracking.backend != "mlflow":
-            return
-        from mlflow import MlflowClient
-
-        from framework.tracking import experiment_id, tracking_uri
-
-        uri = tracking_uri(config)
-        experiment_id(MlflowClient(uri), config.experiment_name, uri)
-
-
 def launch(args: list[str], disable: list[str]) -> int:
     """Run Hydra on ``args`` (overrides and Hydra flags) with every plugin's schema registered."""
+    import logging
+
     import hydra
 
-    from framework.runner import run
+    from framework import sweep
+    from framework.config import config_hash
+    from framework.runner import RUN_KEYS, run_metrics
 
-    plugins = _loaded_plugins(disable)
+    log = logging.getLogger("slimlab")
+
+    plugins = loaded_plugins(disable)
     register_configs(plugins)
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra re-raises; the CLI decides the message and exit code
 
     @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")
-    def task(cfg) -> float:
+    def task(cfg) -> dict[str, float] | None:
+        """One job: every metric of the run (sweepers such as Optuna read them), None when it failed."""
         try:
-            return run(cfg, plugins)
+            if sweep.in_sweep() and cfg.resume and cfg.tracking.backend == "mlflow":
+                done = sweep.finished_run(cfg, config_hash(cfg, RUN_KEYS))
+                if done:
+                    log.info("skipped: this config already has a FINISHED run, %s (resume=false runs it)", done.run_id)
+                    sweep.record_outcome("SKIPPED", done.run_id)
+                    return dict(done.metrics)
+            return run_metrics(cfg, plugins)[1]
         except ConfigError as error:
             raise BadInput(str(error)) from error
         except KeyboardInterrupt:
             raise
         except Exception as error:
+            if sweep.in_sweep():  # recorded FAILED with its traceback; the other jobs still run
+                log.error("job failed: %s: %s", type(error).__name__, error)
+                if cfg.tracking.backend != "mlflow":
+                    sweep.record_outcome("FAILED", reason=f"{type(error).__name__}: {error}")
+                return None
             raise RunFailed(f"{type(error).__name__}: {error}") from error
 
     saved = sys.argv
     sys.argv = ["slimlab run", *args]
+    sweep.last_result = None
     try:
         task()
     finally:
         sys.argv = saved
         if "--help" in args or "-h" in args:  # Hydra prints its help and exits; add every technique's options
             print(technique_help(plugins))
+    if sweep.last_result is not None and sweep.last_result.failed:
+        return 1
     return 0
 
 

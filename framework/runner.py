@@ -118,7 +118,13 @@ def plan(cfg: DictConfig, plugins: Plugins) -> Plan:
 
 
 def run(cfg: DictConfig, plugins: Plugins | None = None) -> float:
-    """Run the pipeline that ``cfg`` describes and return its primary metric.
+    """Run the pipeline that ``cfg`` describes and return its primary metric (see ``run_metrics``)."""
+    primary, metrics = run_metrics(cfg, plugins)
+    return metrics[primary]
+
+
+def run_metrics(cfg: DictConfig, plugins: Plugins | None = None) -> tuple[str, dict[str, float]]:
+    """Run the pipeline that ``cfg`` describes; return the name of its primary metric and every metric.
 
     Bad input raises ``ConfigError`` before any hook runs, so nothing is
     recorded for it. Any later error is reported to ``on_run_error`` and
@@ -145,7 +151,7 @@ def run(cfg: DictConfig, plugins: Plugins | None = None) -> float:
     except BaseException as error:
         hooks.on_run_error(ctx=ctx, error=error, traceback_text=traceback.format_exc())
         raise
-    return metrics[data.primary_metric]
+    return data.primary_metric, metrics
 
 
 def _run_pipeline(ctx: RunContext, steps: list[Step], hooks) -> dict[str, float]:

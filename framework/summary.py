@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import TYPE_CHECKING
 
 from framework import hookimpl
@@ -54,7 +55,7 @@ def after_run(ctx: RunContext, metrics: dict[str, float]) -> None:
         table.add_column(column, justify="right" if column else "left")
     for row in summary_rows(ctx, metrics):
         table.add_row(*row)
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 160)  # logs and CI: no 80-column squeeze
     console.print(table)
     tracked = ctx.state.get("mlflow")
     if tracked:

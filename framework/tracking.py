@@ -45,13 +45,16 @@ class MlflowTracking:
         from mlflow import MlflowClient
         from mlflow.entities import Param
 
+        from framework import sweep
         from framework.config import flatten
 
         uri = tracking_uri(ctx.cfg)
         client = MlflowClient(uri)
-        run = client.create_run(
-            experiment_id(client, ctx.cfg.experiment_name, uri), run_name=ctx.run_name, tags=ctx.tags
-        )
+        tags = dict(ctx.tags)
+        parent = sweep.parent_run_id() if sweep.in_sweep() else None
+        if parent:  # one job of a sweep: a child of the sweep's run, grouped under it in the UI
+            tags |= {"mlflow.parentRunId": parent, "slimlab.job": str(sweep.job_number())}
+        run = client.create_run(experiment_id(client, ctx.cfg.experiment_name, uri), run_name=ctx.run_name, tags=tags)
         ctx.state["mlflow"] = {"uri": uri, "run_id": run.info.run_id, "experiment_id": run.info.experiment_id}
         params = [Param(k, v[:6000]) for k, v in flatten(ctx.cfg).items()]
         for start in range(0, len(params), BATCH_LIMIT):
@@ -76,6 +79,9 @@ class MlflowTracking:
         for name, path in ctx.artifacts.items():
             client.log_artifact(run_id, str(path), artifact_path=name if name == "model" else None)
         client.set_terminated(run_id, "FINISHED")
+        from framework import sweep
+
+        sweep.record_outcome("FINISHED", run_id, uri=state["uri"])
 
     @hookimpl
     def on_run_error(self, ctx: RunContext, error: BaseException, traceback_text: str) -> None:
@@ -89,6 +95,9 @@ class MlflowTracking:
         client.set_tag(state["run_id"], "slimlab.error", f"{type(error).__name__}: {error}"[:5000])
         status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
         client.set_terminated(state["run_id"], status)
+        from framework import sweep
+
+        sweep.record_outcome(status, state["run_id"], f"{type(error).__name__}: {error}", uri=state["uri"])
 
 
 def _overrides() -> list[str]:

@@ -136,12 +136,3 @@ def test_ui_serves_the_store(tmp_path, store):
     finally:
         process.terminate()
         process.wait(timeout=30)
-
-
-def test_sweep_store_and_experiment_exist_before_the_first_job(overrides, store, tmp_path):
-    from framework.config import compose
-    from framework.hydra_app import PrepareStore
-
-    PrepareStore().on_multirun_start(config=compose(overrides))
-    assert MlflowClient(store).get_experiment_by_name("tests") is not None
-    assert all_runs(store) == []

@@ -1,0 +1,111 @@
+"""Sweeps through the real CLI and a real sqlite store: parent and children, failure isolation, resume, report."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+
+import pytest
+from mlflow import MlflowClient
+
+from framework.report import Row, pareto_front
+from tests.conftest import FAST, SLIMLAB, slimlab
+
+# Six jobs; the last names a layer LeNet does not have, which only pruning itself finds out: it fails while running.
+LAYERS = "technique.prune.layers=[],[fc1],[conv1],[conv2],[fc2],[nope]"
+
+
+def runs_by_kind(store: str) -> tuple[list, list]:
+    """(parent runs, child runs) in the store, oldest first."""
+    client = MlflowClient(store)
+    runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
+    runs.sort(key=lambda r: r.info.start_time)
+    parents = [r for r in runs if r.data.tags.get("slimlab.sweep") == "parent"]
+    return parents, [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+
+
+def outcomes(run) -> dict[int, dict]:
+    return {int(k.rsplit(".", 1)[1]): json.loads(v) for k, v in run.data.tags.items() if k.startswith("slimlab.job.")}
+
+
+@pytest.mark.slow
+def test_sweep_isolates_a_failing_job_resumes_and_reports(tmp_path, cache_dir, store):
+    common = ["-m", "technique=[prune]", *FAST, f"cache_dir={cache_dir}", f"tracking.uri={store}"]
+    first = slimlab("run", *common, LAYERS, cwd=tmp_path)
+    assert first.returncode == 1, first.stderr[-3000:]
+    assert "sweep: 5 finished, 1 failed, 0 skipped of 6 jobs" in first.stdout
+    assert "job 5 FAILED: ValueError: layers ['nope'] are not Linear/Conv2d layers" in first.stdout
+
+    client = MlflowClient(store)
+    (parent,), children = runs_by_kind(store)
+    assert parent.info.status == "FAILED"
+    assert all(child.info.start_time >= parent.info.start_time for child in children)
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parent.info.run_id}
+    statuses = sorted(c.info.status for c in children)
+    assert statuses == ["FAILED"] + ["FINISHED"] * 5
+    failed = next(c for c in children if c.info.status == "FAILED")
+    traceback = client.download_artifacts(failed.info.run_id, "traceback.txt", str(tmp_path))
+    assert "ValueError: layers ['nope']" in open(traceback).read()
+    assert parent.data.metrics["jobs_failed"] == 1 and parent.data.metrics["jobs_finished"] == 5
+    reported = {item.path for item in client.list_artifacts(parent.info.run_id, "report")}
+    assert reported == {"report/pareto.png", "report/report.csv", "report/report.md"}
+    csv_path = client.download_artifacts(parent.info.run_id, "report/report.csv", str(tmp_path))
+    assert len(open(csv_path).read().strip().splitlines()) == 1 + 5  # header + the finished runs
+
+    # Started again: the five finished configs are skipped, only the failing job runs (and fails again).
+    second = slimlab("run", *common, LAYERS, cwd=tmp_path)
+    assert second.returncode == 1
+    assert "sweep: 0 finished, 1 failed, 5 skipped of 6 jobs" in second.stdout
+    parents, children_after = runs_by_kind(store)
+    new = [c for c in children_after if c.data.tags["mlflow.parentRunId"] == parents[1].info.run_id]
+    assert [c.info.status for c in new] == ["FAILED"]
+    skipped = [o["run_id"] for o in outcomes(parents[1]).values() if o["status"] == "SKIPPED"]
+    assert sorted(skipped) == sorted(c.info.run_id for c in children if c.info.status == "FINISHED")
+
+    # Without the failing value nothing new runs; resume=false runs everything again.
+    third = slimlab("run", *common, LAYERS.removesuffix(",[nope]"), cwd=tmp_path)
+    assert third.returncode == 0 and "sweep: 0 finished, 0 failed, 5 skipped of 5 jobs" in third.stdout
+    assert len(runs_by_kind(store)[1]) == len(children_after)
+    assert runs_by_kind(store)[0][2].info.status == "FINISHED"
+    forced = slimlab("run", *common, "technique.prune.layers=[fc1]", "resume=false", cwd=tmp_path)
+    assert forced.returncode == 0 and "sweep: 1 finished, 0 failed, 0 skipped of 1 jobs" in forced.stdout
+
+
+def test_a_value_refused_at_compose_time_stops_the_sweep_before_it_starts(tmp_path, store):
+    result = slimlab("run", "-m", "technique.prune.amount=0.5,1.5", f"tracking.uri={store}", cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "job 1 (technique.prune.amount=1.5): technique.prune: amount must be in [0, 1), got 1.5" in lines[0]
+    assert not (tmp_path / "mlflow.db").exists() or runs_by_kind(store) == ([], [])
+
+
+@pytest.mark.slow
+def test_sigterm_marks_the_running_child_and_the_parent_killed(tmp_path, cache_dir, store):
+    command = [*SLIMLAB, "run", "-m", "technique=[prune]", "technique.prune.amount=0.5,0.6", "train.epochs=200",
+               f"cache_dir={tmp_path / 'cache'}", f"tracking.uri={store}"]  # fmt: skip
+    MlflowClient(store).search_experiments()  # the store exists before we poll it: no race on its migrations
+    process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not runs_by_kind(store)[1]:
+            assert time.monotonic() < deadline and process.poll() is None, "no child run started"
+            time.sleep(0.5)
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 130, stderr[-2000:]
+    (parent,), children = runs_by_kind(store)
+    assert parent.info.status == "KILLED"
+    assert [c.info.status for c in children] == ["KILLED"]  # the second job never started
+
+
+def test_pareto_front_keeps_the_undominated_runs():
+    def row(name: str, drop: float, size: float) -> Row:
+        return Row(name, name, name, {"accuracy_drop": drop, "size_bytes": size}, "accuracy")
+
+    rows = [row("a", 0.00, 100), row("b", 0.01, 50), row("c", 0.02, 60), row("d", 0.00, 120), row("e", 0.05, 10)]
+    assert [r.name for r in pareto_front(rows, "size_bytes")] == ["e", "b", "a"]

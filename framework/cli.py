@@ -22,6 +22,7 @@ commands:
   plugins [--json]      discovered plugins: distribution, version, techniques, hooks
   report [--sweep ID]   table, Pareto plot, CSV and markdown of a sweep's or an experiment's runs
   ui [--port N]         the MLflow UI on the configured store
+  server ...            a shared MLflow tracking server (PostgreSQL) for sweeps across processes and hosts
 
 Exit codes: 0 success, 1 a run failed, 2 bad input.
 """
@@ -33,7 +34,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(USAGE, end="")
         return EXIT_OK
     command, rest = argv[0], argv[1:]
-    commands = {"run": run_command, "plugins": plugins_command, "report": report_command, "ui": ui_command}
+    commands = {
+        "run": run_command,
+        "plugins": plugins_command,
+        "report": report_command,
+        "ui": ui_command,
+        "server": server_command,
+    }
     if command not in commands:
         print(f"slimlab: error: unknown command {command!r}; valid: {', '.join(commands)}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -121,19 +128,47 @@ def ui_command(args: list[str]) -> int:
     parser.add_argument("--port", type=int, default=5000)
     parser.add_argument("--workers", type=int, default=1, help="web server processes (default: 1)")
     options = parser.parse_args(args)
-    import signal
-    import subprocess
-
     from framework.tracking import tracking_uri
 
     uri = options.uri or tracking_uri()
-    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
-               "--host", options.host, "--port", str(options.port), "--workers", str(options.workers)]  # fmt: skip
+    print(f"MLflow UI for {uri} at http://{options.host}:{options.port}  (Ctrl-C stops it)", flush=True)
+    return _serve(["ui", "--backend-store-uri", uri, *_listen(options)])
+
+
+def server_command(args: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="slimlab server",
+        description="A shared MLflow tracking server for sweeps across processes and hosts: runs in a database "
+        "(PostgreSQL: postgresql+psycopg2://USER@HOST:PORT/DB), artifacts in a directory the server owns and "
+        "serves. Workers only set MLFLOW_TRACKING_URI=http://HOST:PORT.",
+    )
+    parser.add_argument("--backend-store-uri", required=True, help="where runs are stored, e.g. a PostgreSQL URI")
+    parser.add_argument("--artifacts-destination", required=True, help="directory (or s3://...) for artifacts")
+    parser.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to serve other hosts")
+    parser.add_argument("--port", type=int, default=5000)
+    parser.add_argument("--workers", type=int, default=2, help="web server processes (default: 2)")
+    options = parser.parse_args(args)
+    uri = options.backend_store_uri
+    if uri.startswith("postgresql://"):  # SQLAlchemy 2.1 reads this as psycopg 3 (NOTES.md): name the driver
+        uri = "postgresql+psycopg2://" + uri[len("postgresql://") :]
+    print(f"MLflow tracking server at http://{options.host}:{options.port} on {uri}  (Ctrl-C stops it)", flush=True)
+    command = ["server", "--backend-store-uri", uri, "--artifacts-destination", options.artifacts_destination]
+    return _serve([*command, "--serve-artifacts", *_listen(options)])
+
+
+def _listen(options: argparse.Namespace) -> list[str]:
+    return ["--host", options.host, "--port", str(options.port), "--workers", str(options.workers)]
+
+
+def _serve(mlflow_args: list[str]) -> int:
+    """Run ``mlflow <mlflow_args>`` until Ctrl-C or SIGTERM, then stop its whole process group."""
+    import signal
+    import subprocess
+
     # MLflow's background job runner serves GenAI evaluation, not run browsing: a dozen idle processes here.
     env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ}
-    print(f"MLflow UI for {uri} at http://{options.host}:{options.port}  (Ctrl-C stops it)", flush=True)
-    # mlflow ui starts uvicorn in child processes: run it as its own process group and stop the whole group.
-    server = subprocess.Popen(command, env=env, start_new_session=True)
+    # mlflow starts uvicorn in child processes: run it as its own process group and stop the whole group.
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", *mlflow_args], env=env, start_new_session=True)
 
     def stop(*_: object) -> None:
         if server.poll() is None:

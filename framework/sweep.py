@@ -68,6 +68,11 @@ def parent_run_id() -> str | None:
     return os.environ.get(PARENT_ENV) or None
 
 
+def sweep_uri() -> str | None:
+    """The tracking store of the sweep this process runs a job of."""
+    return os.environ.get(URI_ENV) or None
+
+
 def in_sweep() -> bool:
     """Whether the current Hydra job is one job of a multirun."""
     try:
@@ -100,7 +105,7 @@ def record_outcome(status: str, run_id: str | None = None, reason: str = "", uri
         return
     from mlflow import MlflowClient
 
-    MlflowClient(uri or os.environ[URI_ENV]).set_tag(parent, f"{JOB_TAG}{job_number()}", json.dumps(outcome))
+    MlflowClient(uri or sweep_uri()).set_tag(parent, f"{JOB_TAG}{job_number()}", json.dumps(outcome))
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,194 @@
+"""``hydra/sweeper=slimlab_optuna``: a Hydra sweeper on current Optuna, multi-objective and resumable.
+
+hydra-optuna-sweeper 1.3.0 pins optuna<3 and its persistent storage crashes with SQLAlchemy 2.1, so slimlab
+ships this small one, found by Hydra in the ``hydra_plugins`` namespace like any sweeper plugin::
+
+    slimlab run -m hydra/sweeper=slimlab_optuna 'technique=[prune,quantize]' \\
+        'technique.prune.amount=interval(0.5, 0.98)' 'technique.quantize.backend=choice(torchao, pt2e)' \\
+        hydra.sweeper.n_trials=12
+
+Swept overrides (``choice``, ``range``, ``interval``, ``tag(log, interval(...))``) are the search space;
+plain ones are fixed. Each trial is one slimlab job; the job's metrics (the task function returns them all)
+are the objectives, ``hydra.sweeper.objectives`` mapping metric to direction. The study lives in
+``storage`` (default: ``sqlite:///<launch dir>/optuna.db``) under ``study_name``: started again, the sweep
+counts the COMPLETE trials already there and runs only the rest; trials left RUNNING by an interruption
+are marked FAIL and redone. The Pareto front (``study.best_trials``) is printed and written to
+``<sweep dir>/pareto_front.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from hydra.plugins.sweeper import Sweeper
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger("slimlab")
+DIRECTIONS = ("maximize", "minimize")
+SAMPLERS = ("tpe", "nsga2", "random")
+
+
+@dataclass
+class SlimlabOptunaSweeperConf:
+    _target_: str = "hydra_plugins.slimlab_optuna_sweeper.optuna_sweeper.SlimlabOptunaSweeper"
+    objectives: dict[str, str] = field(default_factory=lambda: {"accuracy": "maximize", "size_bytes": "minimize"})
+    n_trials: int = 12
+    n_jobs: int = 1  # trials launched together (a parallel launcher runs them at once)
+    sampler: str = "tpe"  # tpe | nsga2 | random
+    seed: int = 0
+    storage: str | None = None  # None: sqlite:///<launch dir>/optuna.db
+    study_name: str | None = None  # None: the experiment name
+    params: dict[str, str] = field(default_factory=dict)  # the search space, as Hydra sweep overrides
+
+
+ConfigStore.instance().store(group="hydra/sweeper", name="slimlab_optuna", node=SlimlabOptunaSweeperConf)
+
+
+def distribution(override: Any) -> Any:
+    """The Optuna distribution of a Hydra sweep override: choice, range or interval (tag 'log': log scale)."""
+    from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, RangeSweep
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    value = override.value()
+    if isinstance(value, ChoiceSweep):
+        return CategoricalDistribution([str(v) if not isinstance(v, int | float) else v for v in value.list])
+    if isinstance(value, RangeSweep):
+        start, stop, step = value.start, value.stop, value.step
+        if all(isinstance(x, int) for x in (start, stop, step)):
+            return IntDistribution(int(start), int(stop) - 1, step=int(step))
+        values = []
+        while start < stop:
+            values.append(start)
+            start += step
+        return CategoricalDistribution(values)
+    if isinstance(value, IntervalSweep):
+        log_scale = "log" in value.tags
+        if isinstance(value.start, int) and isinstance(value.end, int):
+            return IntDistribution(value.start, value.end, log=log_scale)
+        return FloatDistribution(float(value.start), float(value.end), log=log_scale)
+    raise ValueError(f"cannot search over {override.input_line!r}: use choice(...), range(...) or interval(...)")
+
+
+class SlimlabOptunaSweeper(Sweeper):
+    def __init__(
+        self,
+        objectives: dict[str, str],
+        n_trials: int,
+        n_jobs: int,
+        sampler: str,
+        seed: int,
+        storage: str | None,
+        study_name: str | None,
+        params: dict[str, str],
+    ) -> None:
+        bad = {metric: d for metric, d in objectives.items() if d not in DIRECTIONS}
+        if not objectives or bad:
+            raise ValueError(f"hydra.sweeper.objectives maps metrics to {' or '.join(DIRECTIONS)}; got {bad or {}}")
+        if sampler not in SAMPLERS:
+            raise ValueError(f"hydra.sweeper.sampler must be one of {', '.join(SAMPLERS)}; got {sampler!r}")
+        if n_trials < 1 or n_jobs < 1:
+            raise ValueError(f"hydra.sweeper.n_trials and n_jobs must be >= 1; got {n_trials}, {n_jobs}")
+        self.objectives = dict(objectives)
+        self.n_trials, self.n_jobs, self.sampler_name, self.seed = n_trials, n_jobs, sampler, seed
+        self.storage, self.study_name, self.params = storage, study_name, dict(params or {})
+
+    def setup(self, *, hydra_context: Any, task_function: Any, config: DictConfig) -> None:
+        from hydra.core.plugins import Plugins
+
+        self.hydra_context, self.config = hydra_context, config
+        self.launcher = Plugins.instance().instantiate_launcher(
+            hydra_context=hydra_context, task_function=task_function, config=config
+        )
+
+    def _sampler(self) -> Any:
+        import optuna
+
+        if self.sampler_name == "random":
+            return optuna.samplers.RandomSampler(seed=self.seed)
+        if self.sampler_name == "nsga2":
+            return optuna.samplers.NSGAIISampler(seed=self.seed)
+        return optuna.samplers.TPESampler(seed=self.seed)
+
+    def sweep(self, arguments: list[str]) -> Any:
+        import optuna
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+        from optuna.trial import TrialState
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
+        overrides = parser.parse_overrides([*(f"{k}={v}" for k, v in self.params.items()), *arguments])
+        space = {o.get_key_element(): distribution(o) for o in overrides if o.is_sweep_override()}
+        plain = [o for o in overrides if not o.is_sweep_override()]
+        fixed = [f"{o.get_key_element()}={o.get_value_element_as_str()}" for o in plain]
+        if not space:
+            raise ValueError("slimlab_optuna needs a search space: e.g. 'technique.prune.amount=interval(0.5, 0.95)'")
+
+        storage = self.storage or f"sqlite:///{Path.cwd().resolve() / 'optuna.db'}"
+        name = self.study_name or str(self.config.experiment_name)
+        study = optuna.create_study(
+            study_name=name,
+            storage=storage,
+            directions=[self.objectives[m] for m in self.objectives],
+            sampler=self._sampler(),
+            load_if_exists=True,
+        )
+        for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)):
+            study._storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)  # interrupted: redo
+        done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+        log.info("optuna study %r in %s: %d of %d trials complete", name, storage, done, self.n_trials)
+
+        results = []
+        while done < self.n_trials:
+            trials = [study.ask(space) for _ in range(min(self.n_jobs, self.n_trials - done))]
+            batch = [[*fixed, *(f"{key}={value}" for key, value in t.params.items())] for t in trials]
+            self.validate_batch_is_legal(batch)
+            returns = self.launcher.launch(batch, initial_job_idx=trials[0].number)
+            for trial, job in zip(trials, returns, strict=True):
+                values = self._values(job)
+                if values is None:
+                    study.tell(trial, state=TrialState.FAIL)
+                else:
+                    study.tell(trial, values)
+                    done += 1
+            results.append(returns)
+        self._report(study)
+        return results
+
+    def _values(self, job: Any) -> list[float] | None:
+        """The objectives from a job's metrics, or None when the job failed or lacks one of them."""
+        from hydra.core.utils import JobStatus
+
+        if job.status != JobStatus.COMPLETED or not isinstance(job.return_value, dict):
+            return None
+        metrics = job.return_value
+        missing = [m for m in self.objectives if m not in metrics]
+        if missing:
+            log.error("trial metrics lack objective(s) %s; the run has: %s", missing, ", ".join(sorted(metrics)))
+            return None
+        return [float(metrics[m]) for m in self.objectives]
+
+    def _report(self, study: Any) -> None:
+        front = [
+            {"trial": t.number, "params": t.params, "values": dict(zip(self.objectives, t.values, strict=True))}
+            for t in sorted(study.best_trials, key=lambda t: t.number)
+        ]
+        sweep_dir = Path(str(self.config.hydra.sweep.dir))
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        (sweep_dir / "pareto_front.json").write_text(json.dumps(front, indent=2))
+        from framework import sweep
+
+        if sweep.parent_run_id():  # beside the sweep's report in MLflow
+            from mlflow import MlflowClient
+
+            MlflowClient(sweep.sweep_uri()).log_dict(sweep.parent_run_id(), front, "report/optuna_pareto_front.json")
+        print(f"Pareto front of study {study.study_name!r} ({len(front)} of {len(study.trials)} trials):", flush=True)
+        for entry in front:
+            values = ", ".join(f"{m}={v:.4g}" for m, v in entry["values"].items())
+            params = " ".join(f"{k}={v}" for k, v in entry["params"].items())
+            print(f"  trial {entry['trial']}: {values}  ({params})", flush=True)
+        OmegaConf.save(self.config, sweep_dir / "multirun.yaml")

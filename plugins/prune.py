@@ -161,6 +161,8 @@ def label(config: PruneConfig) -> str:
         getattr(config, key) for key in ("structure", "method", "scope", "schedule")
         if getattr(config, key) != getattr(defaults, key)
     ]  # fmt: skip
+    if config.layers:  # which layers, while the names stay short enough for a run name
+        details.append("+".join(config.layers) if len(config.layers) <= 2 else f"{len(config.layers)} layers")
     return f"prune({','.join(details)})"
 
 

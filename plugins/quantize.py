@@ -391,9 +391,12 @@ def _pt2e_convert(
     for name in config.keep_float:
         quantizer.set_module_name_qconfig(name, None)
 
+    from framework.progress import progress
+
     prepared = prepare_pt2e(exported, quantizer)
+    calibration = list(calibration)
     with torch.no_grad():
-        for inputs in calibration:
+        for inputs in progress(calibration, "quantize: calibrate", total=len(calibration)):
             prepared(inputs)
     converted = convert_pt2e(prepared)
     allow_exported_model_train_eval(converted)  # the runner calls .eval()
@@ -531,9 +534,11 @@ def _eager_static(
                 module.qconfig = tq.float_qparams_weight_only_qconfig
 
     def calibrate_and_convert(root: nn.Module) -> nn.Module:
+        from framework.progress import progress
+
         tq.prepare(root, inplace=True)
         with torch.no_grad():
-            for inputs in calibration:
+            for inputs in progress(calibration, "quantize: calibrate", total=len(calibration)):
                 root(inputs)
         return tq.convert(root, inplace=True)
 

@@ -47,6 +47,8 @@ def test_quickstart_logs_every_metric_and_artifact(overrides, store, tmp_path):
     assert metrics["compression_ratio"] == pytest.approx(metrics["baseline_size_bytes"] / metrics["size_bytes"])
     assert metrics["sparsity"] > 0.85  # 90% of weights pruned (biases are kept)
     assert logged.data.params["technique.prune.amount"] == "0.9"
+    # One log_batch call for all metrics (one log_metric call costs about 5 ms against sqlite): one timestamp.
+    assert len({client.get_metric_history(logged.info.run_id, name)[0].timestamp for name in METRICS}) == 1
     tags = logged.data.tags
     assert tags["slimlab.techniques"] == "prune,quantize"
     assert "prune:slimlab==0.1.0" in tags["slimlab.plugins"] and len(tags["slimlab.config_hash"]) == 16

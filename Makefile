@@ -16,7 +16,8 @@ $(BIN)/python:
 
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/pip install --quiet -e ".[test]"
+	# compat: the repository on sys.path, so Hydra finds hydra_plugins/ (the default finder hides it from pkgutil)
+	$(BIN)/pip install --quiet -e ".[test]" --config-settings editable_mode=compat
 	touch $@
 
 install: $(VENV)/.installed

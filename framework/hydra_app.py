@@ -49,6 +49,9 @@ def launch(args: list[str], disable: list[str]) -> int:
     plugins = loaded_plugins(disable)
     register_configs(plugins)
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra re-raises; the CLI decides the message and exit code
+    if "--help" in args or "-h" in args:
+        print(app_help([a for a in args if a not in ("--help", "-h")], plugins))
+        return 0
 
     @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")
     def task(cfg) -> dict[str, float] | None:
@@ -80,11 +83,41 @@ def launch(args: list[str], disable: list[str]) -> int:
         task()
     finally:
         sys.argv = saved
-        if "--help" in args or "-h" in args:  # Hydra prints its help and exits; add every technique's options
-            print(technique_help(plugins))
     if sweep.last_result is not None and sweep.last_result.failed:
         return 1
     return 0
+
+
+def app_help(overrides: list[str], plugins: Plugins) -> str:
+    """``slimlab run --help``: Hydra's app help (groups, the composed config) plus every technique's options.
+
+    Built here rather than by Hydra, whose help deep-copies every registered config (launchers and sweepers
+    included) once per config group: about 1 s with the Ray, submitit and Optuna plugins installed.
+    """
+    from omegaconf import OmegaConf
+
+    from framework.config import compose
+
+    cfg = compose(overrides, plugins)
+    groups = sorted(path.name for path in CONFIG_DIR.iterdir() if path.is_dir())
+    text = OmegaConf.load(CONFIG_DIR / "config.yaml").hydra.help
+    lines = [
+        str(text.header).rstrip(),
+        "",
+        "== Configuration groups ==",
+        "Compose your configuration from those groups (group=option)",
+        "",
+        *(f"{group}: {', '.join(_group_options(group))}" for group in groups),
+        "",
+        "== Config ==",
+        "Override anything in the config (foo.bar=value)",
+        "",
+        OmegaConf.to_yaml(cfg),
+        str(text.footer).rstrip(),
+        "",
+        technique_help(plugins),
+    ]
+    return "\n".join(lines)
 
 
 def technique_help(plugins: Plugins) -> str:

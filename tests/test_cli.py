@@ -48,7 +48,7 @@ def test_bad_input_exits_2_with_one_line_and_records_nothing(args, message, tmp_
 
 def test_unknown_command_exits_2(tmp_path):
     result = slimlab("compress", cwd=tmp_path)
-    assert result.returncode == 2 and "valid: run, plugins, ui" in result.stderr
+    assert result.returncode == 2 and "valid: run, plugins, report, ui, server" in result.stderr
 
 
 def test_help_lists_groups_and_every_technique_option(plugin_site, tmp_path):

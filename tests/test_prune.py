@@ -99,7 +99,7 @@ def test_seed_pruning_experiment(overrides, store):
     client = MlflowClient(store)
     (logged,) = client.search_runs([client.get_experiment_by_name("tests").experiment_id])
     assert logged.info.status == "FINISHED"
-    assert logged.info.run_name == "lenet prune(0.7,layer)"
+    assert logged.info.run_name == "lenet prune(0.7,layer,4 layers)"
     assert logged.data.metrics["sparsity"] == pytest.approx(0.7, abs=0.01)
 
 

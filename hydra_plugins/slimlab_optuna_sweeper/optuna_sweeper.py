@@ -16,8 +16,8 @@ are marked FAIL and redone. The Pareto front (``study.best_trials``) is printed 
 ``<sweep dir>/pareto_front.json``.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: Hydra's plugin scanner runs this module before it is in sys.modules,
+# where dataclasses cannot resolve string annotations (and OmegaConf needs the real types anyway).
 import json
 import logging
 from dataclasses import dataclass, field

@@ -187,8 +187,8 @@ def plot(rows: Sequence[Row], path: Path, title: str) -> None:
     primary = rows[0].primary
     figure, axes = plt.subplots(1, 2, figsize=(13, 5.5))
     for axis, cost, baseline_cost, label in (
-        (axes[0], "size_bytes", "baseline_size_bytes", "model file size (bytes, log)"),
-        (axes[1], "latency_ms", "baseline_latency_ms", "batch latency (ms, log)"),
+        (axes[0], "size_bytes", "baseline_size_bytes", "model file size (bytes"),
+        (axes[1], "latency_ms", "baseline_latency_ms", "batch latency (ms"),
     ):
         points = [r for r in rows if cost in r.metrics and primary in r.metrics]
         axis.scatter([r.metrics[cost] for r in points], [r.metrics[primary] for r in points], color="0.6", zorder=2)
@@ -202,19 +202,28 @@ def plot(rows: Sequence[Row], path: Path, title: str) -> None:
             zorder=3,
         )
         for row in points:
-            axis.annotate(row.chain, (row.metrics[cost], row.metrics[primary]), fontsize=7, alpha=0.8)
+            axis.annotate(
+                row.chain, (row.metrics[cost], row.metrics[primary]), xytext=(4, 4), textcoords="offset points",
+                fontsize=7, alpha=0.8,
+            )  # fmt: skip
         baselines = [r for r in points if baseline_cost in r.metrics]
         if baselines:
             base = baselines[0].metrics
             axis.scatter(
                 [base[baseline_cost]], [base[f"baseline_{primary}"]], marker="*", s=220, color="tab:blue", zorder=4
             )
-            axis.annotate("baseline", (base[baseline_cost], base[f"baseline_{primary}"]), fontsize=8, color="tab:blue")
-        axis.set_xscale("log")
-        axis.set_xlabel(label)
+            axis.annotate(
+                "baseline", (base[baseline_cost], base[f"baseline_{primary}"]), xytext=(4, -10),
+                textcoords="offset points", fontsize=8, color="tab:blue",
+            )  # fmt: skip
+        costs = [r.metrics[cost] for r in points] + ([base[baseline_cost]] if baselines else [])
+        if costs and min(costs) > 0 and max(costs) / min(costs) > 10:  # sizes from 20 KB to 90 MB: log scale
+            axis.set_xscale("log")
+            label += ", log"
+        axis.set_xlabel(label + ")")
         axis.set_ylabel(primary)
         axis.grid(True, alpha=0.3)
-        axis.legend(loc="lower right")
+        axis.legend(loc="best")
     figure.suptitle(title)
     figure.tight_layout()
     figure.savefig(path, dpi=110)

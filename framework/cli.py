@@ -199,7 +199,7 @@ def run_command(args: list[str]) -> int:
     import signal
 
     from framework import sweep
-    from framework.errors import ConfigError, PluginError, RunFailed
+    from framework.errors import ConfigError, PluginError, RunFailed, SweepSetupFailed
     from framework.hydra_app import BadInput, describe_hydra_error, is_bad_input, launch
 
     # SIGTERM (a scheduler, `kill`) ends a run or sweep like Ctrl-C: runs are closed KILLED, not left RUNNING.
@@ -207,6 +207,7 @@ def run_command(args: list[str]) -> int:
     try:
         return launch(args, disable=_pre_disabled(args))
     except (BadInput, ConfigError, PluginError) as error:
+        sweep.interrupt(status="FAILED")  # a sweep job refused its config after the sweep started
         return _error(str(error))
     except RunFailed as error:
         import traceback
@@ -215,11 +216,15 @@ def run_command(args: list[str]) -> int:
         traceback.print_exception(cause, file=sys.stderr)
         print(f"slimlab: run failed: {error}", file=sys.stderr)
         return EXIT_FAILED
+    except SweepSetupFailed as error:
+        print(f"slimlab: the sweep could not start: {error}", file=sys.stderr)
+        return EXIT_FAILED
     except KeyboardInterrupt:
         sweep.interrupt()
         print("slimlab: interrupted", file=sys.stderr)
         return 130
     except Exception as error:
+        sweep.interrupt(status="FAILED")  # whatever stopped a started sweep, its runs do not stay RUNNING
         if is_bad_input(error):
             return _error(describe_hydra_error(error))
         raise

@@ -11,3 +11,10 @@ class PluginError(RuntimeError):
 
 class RunFailed(RuntimeError):
     """A run raised while it was running; the cause is chained (exit 1)."""
+
+
+class SweepSetupFailed(BaseException):  # noqa: N818 - it carries the cause, like hydra_app.BadInput
+    """A sweep could not be set up (its store or parent run); exit 1.
+
+    A ``BaseException`` because Hydra turns a callback's ``Exception`` into a warning and carries on.
+    """

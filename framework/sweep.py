@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING, Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from framework.errors import SweepSetupFailed
+
 if TYPE_CHECKING:
     from mlflow import MlflowClient
 
@@ -185,6 +187,14 @@ class SweepCallback(Callback):
         last_result = SweepResult(None, len(jobs) if jobs is not None else None)
         if config.tracking.backend != "mlflow":
             return
+        try:
+            self._open_parent(config, jobs)
+        except Exception as error:  # Hydra would only warn and run the jobs without their parent
+            interrupt(status="FAILED")
+            raise SweepSetupFailed(f"{type(error).__name__}: {error}") from error
+
+    def _open_parent(self, config: DictConfig, jobs: list[list[str]] | None) -> None:
+        global last_result
         from mlflow import MlflowClient
 
         from framework.tracking import experiment_id, tracking_uri
@@ -208,15 +218,35 @@ class SweepCallback(Callback):
             client.log_metric(run_id, "jobs", len(jobs))
             client.log_text(run_id, "\n".join(" ".join(job) for job in jobs) + "\n", "jobs.txt")
         os.environ[PARENT_ENV], os.environ[URI_ENV] = run_id, uri
+        _active.update(uri=uri, run_id=run_id)
+        _pass_to_ray_workers(config, {PARENT_ENV: run_id, URI_ENV: uri})
         last_result = SweepResult(run_id, len(jobs) if jobs is not None else None)
         stop = threading.Event()
         progress = threading.Thread(target=_show_progress, args=(uri, run_id, last_result.jobs, stop), daemon=True)
         progress.start()
-        _active.update(uri=uri, run_id=run_id, stop=stop, progress=progress)
+        _active.update(stop=stop, progress=progress)
         log.info("sweep: parent run %s in %s", run_id, uri)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         finish(config)
+
+
+def _pass_to_ray_workers(config: DictConfig, env: dict[str, str]) -> None:
+    """Ray workers on another host do not inherit this process's environment: hand it over in Ray's runtime_env.
+
+    The launcher is built from this same config after ``on_multirun_start``. Local workers (joblib, submitit,
+    a Ray cluster started here) inherit the environment anyway; SLURM jobs get it from sbatch's default export.
+    """
+    if "RayLauncher" not in str(config.hydra.launcher.get("_target_", "")):
+        return
+    from omegaconf import OmegaConf, flag_override
+
+    with flag_override(config, ["struct", "readonly"], [False, False]):
+        init = config.hydra.launcher.ray.init
+        existing = init.get("runtime_env")
+        runtime_env = OmegaConf.to_container(existing, resolve=True) if existing is not None else {}
+        runtime_env["env_vars"] = {**runtime_env.get("env_vars", {}), **env}
+        init.runtime_env = runtime_env
 
 
 def _outcomes(client: MlflowClient, parent: str) -> dict[int, dict[str, str]]:
@@ -294,7 +324,7 @@ def finish(config: DictConfig | None = None) -> SweepResult | None:
     return result
 
 
-def interrupt() -> None:
+def interrupt(status: str = "KILLED") -> None:
     """Ctrl-C or SIGTERM in the launching process: running children and the parent are closed KILLED."""
     _stop_progress()
     if "run_id" not in _active:
@@ -304,8 +334,8 @@ def interrupt() -> None:
     client = MlflowClient(_active["uri"])
     for run in _children(client, _active["run_id"]):
         if run.info.status == "RUNNING":
-            client.set_terminated(run.info.run_id, "KILLED")
-    client.set_terminated(_active["run_id"], "KILLED")
+            client.set_terminated(run.info.run_id, status)
+    client.set_terminated(_active["run_id"], status)
     _forget()
 
 

@@ -198,12 +198,19 @@ def _pre_disabled(args: list[str]) -> list[str]:
 def run_command(args: list[str]) -> int:
     import signal
 
+    # SIGTERM (a scheduler, `kill`) ends a run or sweep like Ctrl-C: runs are closed KILLED, not left RUNNING.
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        return _run(args)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run(args: list[str]) -> int:
     from framework import sweep
     from framework.errors import ConfigError, PluginError, RunFailed, SweepSetupFailed
     from framework.hydra_app import BadInput, describe_hydra_error, is_bad_input, launch
 
-    # SIGTERM (a scheduler, `kill`) ends a run or sweep like Ctrl-C: runs are closed KILLED, not left RUNNING.
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         return launch(args, disable=_pre_disabled(args))
     except (BadInput, ConfigError, PluginError) as error:

@@ -50,31 +50,39 @@ def launch(args: list[str], disable: list[str]) -> int:
     register_configs(plugins)
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra re-raises; the CLI decides the message and exit code
     if "--help" in args or "-h" in args:
-        print(app_help([a for a in args if a not in ("--help", "-h")], plugins))
+        print(app_help([a for a in args if not a.startswith("-")], plugins))  # overrides, not Hydra's flags
         return 0
 
     @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")
     def task(cfg) -> dict[str, float] | None:
-        """One job: every metric of the run (sweepers such as Optuna read them), None when it failed."""
+        """One job: every metric of the run (sweepers such as Optuna read them), None when it failed.
+
+        In a sweep a failing job is recorded (FAILED, with its reason) and returns, so the others still run.
+        """
+        in_sweep = sweep.in_sweep()
         try:
-            if sweep.in_sweep() and cfg.resume and cfg.tracking.backend == "mlflow":
+            if in_sweep and cfg.resume and cfg.tracking.backend == "mlflow":
                 done = sweep.finished_run(cfg, config_hash(cfg, RUN_KEYS))
                 if done:
                     log.info("skipped: this config already has a FINISHED run, %s (resume=false runs it)", done.run_id)
                     sweep.record_outcome("SKIPPED", done.run_id)
                     return dict(done.metrics)
-            return run_metrics(cfg, plugins)[1]
-        except ConfigError as error:
-            raise BadInput(str(error)) from error
+            metrics = run_metrics(cfg, plugins)[1]
+            if in_sweep and not sweep.outcome_recorded():  # tracking=none: nobody else records it
+                sweep.record_outcome("FINISHED")
+            return metrics
         except KeyboardInterrupt:
             raise
         except Exception as error:
-            if sweep.in_sweep():  # recorded FAILED with its traceback; the other jobs still run
-                log.error("job failed: %s: %s", type(error).__name__, error)
-                if cfg.tracking.backend != "mlflow":
-                    sweep.record_outcome("FAILED", reason=f"{type(error).__name__}: {error}")
-                return None
-            raise RunFailed(f"{type(error).__name__}: {error}") from error
+            if not in_sweep:
+                if isinstance(error, ConfigError):
+                    raise BadInput(str(error)) from error
+                raise RunFailed(f"{type(error).__name__}: {error}") from error
+            reason = f"{type(error).__name__}: {error}"
+            log.error("job failed: %s", reason)
+            if not sweep.outcome_recorded():  # failed before its MLflow run existed, or without tracking
+                sweep.record_outcome("FAILED", reason=reason)
+            return None
 
     saved = sys.argv
     sys.argv = ["slimlab run", *args]

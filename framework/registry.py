@@ -132,8 +132,12 @@ class TechniqueRegistry:
         for name, technique in self._techniques.items():
             store.store(group="technique", name=name, node={name: technique.schema}, provider=technique.plugin)
 
-    def pipeline(self, cfg: DictConfig, disabled: Iterable[str] = ()) -> list[Step]:
-        """Validate ``cfg.technique`` and return its steps in order, or raise ConfigError."""
+    def pipeline(self, cfg: DictConfig, disabled: Iterable[str] = (), probe: bool = True) -> list[Step]:
+        """Validate ``cfg.technique`` and return its steps in order, or raise ConfigError.
+
+        ``probe=False`` skips the techniques' capability probes (what this machine can run): a sweep checked
+        on a login node may run its jobs elsewhere.
+        """
         from omegaconf import OmegaConf
 
         disabled = set(disabled)
@@ -152,7 +156,7 @@ class TechniqueRegistry:
                 raise ConfigError(f"technique {name!r} comes from plugin {technique.plugin!r}, which is disabled")
             try:
                 config = OmegaConf.to_object(node) if OmegaConf.is_config(node) else technique.schema(**node)
-                if technique.check is not None:
+                if probe and technique.check is not None:
                     technique.check(config)
             except (ValueError, TypeError) as error:
                 raise ConfigError(f"technique.{name}: {error}") from None

@@ -12,8 +12,7 @@ front when no other run is at least as good on quality (smaller ``<primary>_drop
 from __future__ import annotations
 
 import csv
-import json
-import sys
+import logging
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from mlflow import MlflowClient
 
+log = logging.getLogger("slimlab")
 COLUMNS = ("compression_ratio", "size_bytes", "speedup", "latency_ms", "sparsity")
 
 
@@ -50,7 +50,11 @@ def primary_metric(metrics: dict[str, float]) -> str | None:
 
 
 def rows_of(runs: Sequence) -> list[Row]:
-    """Report rows of MLflow runs that finished with slimlab's metrics (others, like parents, are left out)."""
+    """Report rows of MLflow runs that finished with slimlab's metrics (others, like parents, are left out).
+
+    Runs of different tasks (accuracy, cosine, mse) cannot share a table or a front: the largest group is
+    kept and the others are named in a warning.
+    """
     rows = []
     for run in runs:
         metrics = dict(run.data.metrics)
@@ -60,6 +64,14 @@ def rows_of(runs: Sequence) -> list[Row]:
         name = run.info.run_name or run.info.run_id
         chain = name.split(" ", 1)[1] if " " in name else name  # "lenet prune(0.9)+quantize(int8-wo)" -> the chain
         rows.append(Row(run.info.run_id, name, chain, metrics, primary))
+    groups: dict[str, list[Row]] = {}
+    for row in rows:
+        groups.setdefault(row.primary, []).append(row)
+    if len(groups) > 1:
+        kept = max(groups, key=lambda primary: len(groups[primary]))
+        others = ", ".join(f"{len(g)} by {p}" for p, g in groups.items() if p != kept)
+        log.warning("report: %d runs measured by %s; left out, measured otherwise: %s", len(groups[kept]), kept, others)
+        return groups[kept]
     return rows
 
 
@@ -81,14 +93,12 @@ def pareto_front(rows: Sequence[Row], cost: str) -> list[Row]:
 
 def sweep_runs(client: MlflowClient, parent: str) -> list:
     """The children of a sweep's parent run, plus the earlier runs its resumed jobs were skipped for."""
-    experiment = client.get_run(parent).info.experiment_id
-    runs = client.search_runs([experiment], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'")
-    from framework.sweep import JOB_TAG
+    from framework.sweep import children, outcomes_of
 
+    runs = children(client, parent)
     seen = {run.info.run_id for run in runs}
-    for tag, value in client.get_run(parent).data.tags.items():
-        outcome = json.loads(value) if tag.startswith(JOB_TAG) else {}
-        if outcome.get("status") == "SKIPPED" and outcome.get("run_id") and outcome["run_id"] not in seen:
+    for outcome in outcomes_of(client, parent).values():
+        if outcome["status"] == "SKIPPED" and outcome.get("run_id") and outcome["run_id"] not in seen:
             runs.append(client.get_run(outcome["run_id"]))
             seen.add(outcome["run_id"])
     return runs
@@ -106,10 +116,12 @@ def latest_sweep(client: MlflowClient) -> str:
 
 
 def experiment_runs(client: MlflowClient, experiment: str) -> list:
+    from framework.sweep import search_all
+
     found = client.get_experiment_by_name(experiment)
     if found is None:
         raise ValueError(f"no MLflow experiment named {experiment!r}")
-    return client.search_runs([found.experiment_id], filter_string="attributes.status = 'FINISHED'")
+    return search_all(client, [found.experiment_id], "attributes.status = 'FINISHED'")
 
 
 def write_csv(rows: Sequence[Row], path: Path) -> None:
@@ -165,7 +177,6 @@ def write_markdown(rows: Sequence[Row], path: Path, title: str) -> None:
 
 
 def show_table(rows: Sequence[Row], title: str) -> None:
-    from rich.console import Console
     from rich.table import Table
 
     header, body = table_rows(rows)
@@ -174,7 +185,9 @@ def show_table(rows: Sequence[Row], title: str) -> None:
         table.add_column(column, justify="left" if column in ("run", "front") else "right")
     for cells in body:
         table.add_row(*cells)
-    Console(width=None if sys.stdout.isatty() else 160).print(table)
+    from framework.summary import wide_console
+
+    wide_console().print(table)
 
 
 def plot(rows: Sequence[Row], path: Path, title: str) -> None:

@@ -92,16 +92,17 @@ class Plan:
     left_out: frozenset[str]
 
 
-def plan(cfg: DictConfig, plugins: Plugins) -> Plan:
+def plan(cfg: DictConfig, plugins: Plugins, host: bool = True) -> Plan:
     """Check everything that can be checked before a run starts; raise ConfigError with the reason.
 
-    Cheap and free of side effects: nothing is recorded for a config it refuses.
+    Cheap and free of side effects: nothing is recorded for a config it refuses. ``host=False`` leaves out
+    what depends on the machine (devices, capability probes), for configs that will run on another one.
     """
     from hydra.utils import get_class, get_method
 
     from framework.artifact import CODECS
 
-    steps = plugins.registry.pipeline(cfg, disabled=cfg.plugins.disable)
+    steps = plugins.registry.pipeline(cfg, disabled=cfg.plugins.disable, probe=host)
     if cfg.artifact.codec not in CODECS:
         raise ConfigError(f"unknown artifact.codec {cfg.artifact.codec!r}; valid: {', '.join(CODECS)}")
     backend = cfg.tracking.backend
@@ -114,7 +115,7 @@ def plan(cfg: DictConfig, plugins: Plugins) -> Plan:
         except Exception:
             raise ConfigError(f"{group}._target_={target!r} cannot be imported") from None
     left_out = frozenset(cfg.plugins.disable) | {p for b, p in TRACKING_PLUGINS.items() if b != backend}
-    return Plan(steps, resolve_device(cfg.device.name), left_out)
+    return Plan(steps, resolve_device(cfg.device.name) if host else cfg.device.name, left_out)
 
 
 def run(cfg: DictConfig, plugins: Plugins | None = None) -> float:

@@ -45,9 +45,15 @@ def summary_rows(ctx: RunContext, metrics: dict[str, float]) -> list[tuple[str, 
     ]
 
 
+def wide_console():
+    """A rich console; in logs and CI (no terminal) 160 columns wide rather than squeezed into 80."""
+    from rich.console import Console
+
+    return Console(width=None if sys.stdout.isatty() else 160)
+
+
 @hookimpl(trylast=True)  # after tracking, so the run id is known
 def after_run(ctx: RunContext, metrics: dict[str, float]) -> None:
-    from rich.console import Console
     from rich.table import Table
 
     table = Table(title=ctx.run_name)
@@ -55,7 +61,7 @@ def after_run(ctx: RunContext, metrics: dict[str, float]) -> None:
         table.add_column(column, justify="right" if column else "left")
     for row in summary_rows(ctx, metrics):
         table.add_row(*row)
-    console = Console(width=None if sys.stdout.isatty() else 160)  # logs and CI: no 80-column squeeze
+    console = wide_console()
     console.print(table)
     tracked = ctx.state.get("mlflow")
     if tracked:

@@ -1,12 +1,13 @@
 """A sweep in MLflow: one parent run per ``slimlab run -m``, one child run per job, a summary at the end.
 
 The launching process (Hydra's ``on_multirun_start``) checks every job's config, creates the store, the
-experiment and the parent run before any worker starts, and hands the parent's id to the jobs through
-the environment (``SLIMLAB_SWEEP_RUN_ID``: joblib, Ray and submitit workers inherit it). Each job's run is
-a child (``mlflow.parentRunId``) and records its outcome on the parent as a tag ``slimlab.job.<num>``, so
-outcomes cross processes and hosts through the tracking store alone. A job that raises is recorded and
-the sweep goes on; ``on_multirun_end`` counts the outcomes, prints the summary, logs the report to the
-parent and closes it FINISHED or FAILED. Interrupted, the running children and the parent are closed KILLED.
+experiment and the parent run before any worker starts, and hands the parent's id and store to the jobs
+through ``hydra.job.env_set``, which every launcher applies around each job, wherever it runs. Each job's
+run is a child (``mlflow.parentRunId``) and each job records its outcome on the parent as a tag
+``slimlab.job.<num>`` (without tracking: a file in the sweep directory), so outcomes cross processes and
+hosts. A job that raises is recorded and the sweep goes on; ``on_multirun_end`` counts the outcomes (a job
+that recorded none counts as failed), prints the summary, logs the report to the parent and closes it
+FINISHED or FAILED. Interrupted, the running children and the parent are closed KILLED.
 
 Resume: a job whose resolved config (``slimlab.config_hash``) already has a FINISHED run in the experiment
 is skipped (``resume=false`` runs everything).
@@ -20,6 +21,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hydra.experimental.callback import Callback
@@ -33,6 +35,8 @@ if TYPE_CHECKING:
 PARENT_ENV = "SLIMLAB_SWEEP_RUN_ID"
 URI_ENV = "SLIMLAB_SWEEP_URI"
 JOB_TAG = "slimlab.job."  # + job number, on the parent: {"status", "run_id", "reason"}
+OUTCOMES_DIR = ".slimlab-outcomes"  # in the sweep directory, when nothing is tracked
+LOCAL_LAUNCHERS = ("BasicLauncher", "JoblibLauncher")  # jobs run on this machine: its devices can be checked
 log = logging.getLogger("slimlab")
 
 
@@ -60,8 +64,8 @@ class SweepResult:
         return "\n".join(lines)
 
 
-_active: dict[str, Any] = {}  # the launching process's sweep: uri, parent run id, jobs, progress thread
-_local_outcomes: dict[int, dict[str, str]] = {}  # tracking=none: the outcomes of jobs run in this process
+_active: dict[str, Any] = {}  # the launching process's sweep: uri, parent run id, sweep dir, progress thread
+_recorded: set[tuple[str, int]] = set()  # (sweep dir, job number) whose outcome this process recorded
 last_result: SweepResult | None = None  # read by the CLI for its exit code
 
 
@@ -71,8 +75,13 @@ def parent_run_id() -> str | None:
 
 
 def sweep_uri() -> str | None:
-    """The tracking store of the sweep this process runs a job of."""
+    """The tracking store of the sweep this process runs a job of: its children go there too."""
     return os.environ.get(URI_ENV) or None
+
+
+def active_parent() -> tuple[str, str] | None:
+    """In the launching process: (store, parent run id) of the sweep being run, if it is tracked."""
+    return (_active["uri"], _active["run_id"]) if "run_id" in _active else None
 
 
 def in_sweep() -> bool:
@@ -87,27 +96,38 @@ def in_sweep() -> bool:
 
 
 def job_number() -> int:
+    return _job()[1]
+
+
+def _job() -> tuple[str, int]:
     from hydra.core.hydra_config import HydraConfig
 
-    return int(HydraConfig.get().job.num)
+    config = HydraConfig.get()
+    return str(config.sweep.dir), int(config.job.num)
 
 
-def record_outcome(status: str, run_id: str | None = None, reason: str = "", uri: str | None = None) -> None:
-    """Tell the sweep how this job ended (a tag on the parent run, or in-process without tracking)."""
+def record_outcome(status: str, run_id: str | None = None, reason: str = "") -> None:
+    """Tell the sweep how this job ended: a tag on the parent run, or a file in the sweep directory."""
     if not in_sweep():
         return
-    outcome = {
-        "status": status,
-        "run_id": run_id or "",
-        "reason": reason.strip().splitlines()[0][:300] if reason else "",
-    }
+    sweep_dir, number = _job()
+    first_line = reason.strip().splitlines()[0][:300] if reason.strip() else ""
+    outcome = {"status": status, "run_id": run_id or "", "reason": first_line}
     parent = parent_run_id()
     if parent is None:
-        _local_outcomes[job_number()] = outcome
-        return
-    from mlflow import MlflowClient
+        folder = Path(sweep_dir) / OUTCOMES_DIR
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{number}.json").write_text(json.dumps(outcome))
+    else:
+        from mlflow import MlflowClient
 
-    MlflowClient(uri or sweep_uri()).set_tag(parent, f"{JOB_TAG}{job_number()}", json.dumps(outcome))
+        MlflowClient(sweep_uri()).set_tag(parent, f"{JOB_TAG}{number}", json.dumps(outcome))
+    _recorded.add((sweep_dir, number))
+
+
+def outcome_recorded() -> bool:
+    """Whether this job's outcome is already recorded (by tracking, which knows the run id)."""
+    return in_sweep() and _job() in _recorded
 
 
 @dataclass(frozen=True)
@@ -122,7 +142,7 @@ def finished_run(cfg: DictConfig, config_hash: str) -> FinishedRun | None:
 
     from framework.tracking import tracking_uri
 
-    client = MlflowClient(tracking_uri(cfg))
+    client = MlflowClient(sweep_uri() or tracking_uri(cfg))
     experiment = client.get_experiment_by_name(cfg.experiment_name)
     if experiment is None:
         return None
@@ -132,6 +152,29 @@ def finished_run(cfg: DictConfig, config_hash: str) -> FinishedRun | None:
         max_results=1,
     )
     return FinishedRun(runs[0].info.run_id, dict(runs[0].data.metrics)) if runs else None
+
+
+def search_all(client: MlflowClient, experiment_ids: list[str], filter_string: str = "", **kwargs: Any) -> list:
+    """Every run that matches, page by page (MLflow returns at most 1000 at a time)."""
+    runs, token = [], None
+    while True:
+        page = client.search_runs(experiment_ids, filter_string=filter_string, page_token=token, **kwargs)
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def children(client: MlflowClient, parent: str) -> list:
+    """The child runs of a sweep's parent run."""
+    experiment = client.get_run(parent).info.experiment_id
+    return search_all(client, [experiment], f"tags.`mlflow.parentRunId` = '{parent}'")
+
+
+def outcomes_of(client: MlflowClient, parent: str) -> dict[int, dict[str, str]]:
+    """The outcome each job recorded on the parent run, by job number."""
+    tags = client.get_run(parent).data.tags
+    return {int(k[len(JOB_TAG) :]): json.loads(v) for k, v in tags.items() if k.startswith(JOB_TAG)}
 
 
 def job_overrides(config: DictConfig) -> list[list[str]] | None:
@@ -148,8 +191,11 @@ def job_overrides(config: DictConfig) -> list[list[str]] | None:
     return [job for batch in BasicSweeper.split_arguments(overrides, None) for job in batch]
 
 
-def validate_jobs(jobs: list[list[str]]) -> None:
-    """Compose and check every job's config before the first one starts; raise ConfigError naming the job."""
+def validate_jobs(jobs: list[list[str]], host: bool) -> None:
+    """Compose and check every job's config before the first one starts; raise ConfigError naming the job.
+
+    ``host=False`` when the jobs run elsewhere (Ray, SLURM): this machine's devices and kernels do not count.
+    """
     from hydra import compose
 
     from framework.errors import ConfigError
@@ -161,13 +207,26 @@ def validate_jobs(jobs: list[list[str]]) -> None:
         swept = " ".join(o for o in overrides if o not in shared)  # what sets this job apart
         try:
             cfg = compose("config", overrides=overrides)
-            plan(cfg, loaded_plugins(list(cfg.plugins.disable)))
+            plan(cfg, loaded_plugins(list(cfg.plugins.disable)), host=host)
         except ConfigError as error:
             raise ConfigError(f"job {number} ({swept}): {error}") from None
         except Exception as error:
             if not is_bad_input(error):
                 raise
             raise ConfigError(f"job {number} ({swept}): {describe_hydra_error(error)}") from None
+
+
+def _hand_to_jobs(config: DictConfig, env: dict[str, str]) -> None:
+    """Set ``env`` in every job through ``hydra.job.env_set``, which each launcher applies around a job.
+
+    Jobs are composed again from the sweep's Hydra overrides (``load_sweep_config``), wherever they run, so
+    the values go there; a Ray worker on another host or a SLURM job gets them like a local one.
+    """
+    from omegaconf import flag_override
+
+    quoted = {key: value.replace("'", "\\'") for key, value in env.items()}
+    with flag_override(config, ["struct", "readonly"], [False, False]):
+        config.hydra.overrides.hydra.extend([f"+hydra.job.env_set.{k}='{v}'" for k, v in quoted.items()])
 
 
 class SweepCallback(Callback):
@@ -177,24 +236,27 @@ class SweepCallback(Callback):
         from framework.hydra_app import BadInput
 
         global last_result
-        jobs = job_overrides(config)
+        launcher = str(config.hydra.launcher.get("_target_", ""))
         try:
+            jobs = job_overrides(config)
             if jobs is not None:
-                validate_jobs(jobs)
+                validate_jobs(jobs, host=launcher.endswith(LOCAL_LAUNCHERS))
         except Exception as error:  # Hydra swallows a callback's Exceptions: bad input must stop the sweep
             raise BadInput(str(error)) from error
-        _local_outcomes.clear()
+        _active.clear()
+        _active["sweep_dir"] = str(config.hydra.sweep.dir)
         last_result = SweepResult(None, len(jobs) if jobs is not None else None)
         if config.tracking.backend != "mlflow":
             return
         try:
             self._open_parent(config, jobs)
-        except Exception as error:  # Hydra would only warn and run the jobs without their parent
+        except BaseException as error:  # Hydra would only warn and run the jobs without their parent
             interrupt(status="FAILED")
+            if not isinstance(error, Exception):
+                raise
             raise SweepSetupFailed(f"{type(error).__name__}: {error}") from error
 
     def _open_parent(self, config: DictConfig, jobs: list[list[str]] | None) -> None:
-        global last_result
         from mlflow import MlflowClient
 
         from framework.tracking import experiment_id, tracking_uri
@@ -214,13 +276,12 @@ class SweepCallback(Callback):
             },
         )
         run_id = parent.info.run_id
+        _active.update(uri=uri, run_id=run_id)  # from here on, an interruption closes it
+        last_result.parent_run_id = run_id
         if jobs is not None:
             client.log_metric(run_id, "jobs", len(jobs))
             client.log_text(run_id, "\n".join(" ".join(job) for job in jobs) + "\n", "jobs.txt")
-        os.environ[PARENT_ENV], os.environ[URI_ENV] = run_id, uri
-        _active.update(uri=uri, run_id=run_id)
-        _pass_to_ray_workers(config, {PARENT_ENV: run_id, URI_ENV: uri})
-        last_result = SweepResult(run_id, len(jobs) if jobs is not None else None)
+        _hand_to_jobs(config, {PARENT_ENV: run_id, URI_ENV: uri})
         stop = threading.Event()
         progress = threading.Thread(target=_show_progress, args=(uri, run_id, last_result.jobs, stop), daemon=True)
         progress.start()
@@ -228,35 +289,13 @@ class SweepCallback(Callback):
         log.info("sweep: parent run %s in %s", run_id, uri)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        finish(config)
-
-
-def _pass_to_ray_workers(config: DictConfig, env: dict[str, str]) -> None:
-    """Ray workers on another host do not inherit this process's environment: hand it over in Ray's runtime_env.
-
-    The launcher is built from this same config after ``on_multirun_start``. Local workers (joblib, submitit,
-    a Ray cluster started here) inherit the environment anyway; SLURM jobs get it from sbatch's default export.
-    """
-    if "RayLauncher" not in str(config.hydra.launcher.get("_target_", "")):
-        return
-    from omegaconf import OmegaConf, flag_override
-
-    with flag_override(config, ["struct", "readonly"], [False, False]):
-        init = config.hydra.launcher.ray.init
-        existing = init.get("runtime_env")
-        runtime_env = OmegaConf.to_container(existing, resolve=True) if existing is not None else {}
-        runtime_env["env_vars"] = {**runtime_env.get("env_vars", {}), **env}
-        init.runtime_env = runtime_env
-
-
-def _outcomes(client: MlflowClient, parent: str) -> dict[int, dict[str, str]]:
-    tags = client.get_run(parent).data.tags
-    return {int(k[len(JOB_TAG) :]): json.loads(v) for k, v in tags.items() if k.startswith(JOB_TAG)}
-
-
-def _children(client: MlflowClient, parent: str) -> list:
-    experiment = client.get_run(parent).info.experiment_id
-    return client.search_runs([experiment], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'")
+        try:
+            finish()
+        except BaseException as error:  # Hydra would only warn: the parent must not stay RUNNING
+            interrupt(status="FAILED")
+            if not isinstance(error, Exception):
+                raise
+            raise SweepSetupFailed(f"the sweep's summary failed: {type(error).__name__}: {error}") from error
 
 
 def _show_progress(uri: str, parent: str, jobs: int | None, stop: threading.Event, every: float = 5.0) -> None:
@@ -266,11 +305,10 @@ def _show_progress(uri: str, parent: str, jobs: int | None, stop: threading.Even
     client, shown = MlflowClient(uri), None
     while not stop.wait(every):
         try:
-            outcomes = _outcomes(client, parent)
-            running = sum(1 for run in _children(client, parent) if run.info.status == "RUNNING")
+            statuses = [o["status"] for o in outcomes_of(client, parent).values()]
+            running = sum(1 for run in children(client, parent) if run.info.status == "RUNNING")
         except Exception:  # a busy store: try again at the next tick
             continue
-        statuses = [o["status"] for o in outcomes.values()]
         line = (
             f"sweep progress: {len(statuses)}{f'/{jobs}' if jobs else ''} done "
             f"({statuses.count('FAILED')} failed, {statuses.count('SKIPPED')} skipped), {running} running"
@@ -286,60 +324,61 @@ def _stop_progress() -> None:
         _active["progress"].join(timeout=10)
 
 
-def finish(config: DictConfig | None = None) -> SweepResult | None:
+def _close_running_children(client: MlflowClient, parent: str, status: str) -> list:
+    """Close the children still RUNNING (their worker died or was stopped) with ``status``; return them."""
+    closed = [run for run in children(client, parent) if run.info.status == "RUNNING"]
+    for run in closed:
+        client.set_terminated(run.info.run_id, status)
+    return closed
+
+
+def finish() -> SweepResult | None:
     """Count the jobs' outcomes, print the summary, log the report and close the parent run."""
-    global last_result
     result = last_result
     if result is None:
         return None
     _stop_progress()
-    if result.parent_run_id is None:
-        result.outcomes = dict(_local_outcomes)
-        print(result.summary(), flush=True)
-        return result
-    from mlflow import MlflowClient
-    from mlflow.entities import Metric
-
-    client = MlflowClient(_active["uri"])
     parent = result.parent_run_id
-    result.outcomes = _outcomes(client, parent)
-    for run in _children(client, parent):  # a worker that died without reporting: its run is lost, not running
-        if run.info.status == "RUNNING":
-            client.set_terminated(run.info.run_id, "FAILED")
+    if parent is None:
+        folder = Path(_active.get("sweep_dir", ".")) / OUTCOMES_DIR
+        files = sorted(folder.glob("*.json")) if folder.is_dir() else []
+        result.outcomes = {int(f.stem): json.loads(f.read_text()) for f in files}
+    else:
+        from mlflow import MlflowClient
+
+        client = MlflowClient(_active["uri"])
+        result.outcomes = outcomes_of(client, parent)
+        for run in _close_running_children(client, parent, "FAILED"):
             number = int(run.data.tags.get("slimlab.job", -1))
             result.outcomes[number] = {"status": "FAILED", "run_id": run.info.run_id, "reason": "never finished"}
-    now = int(time.time() * 1000)
-    counts = {"jobs_finished": result.count("FINISHED"), "jobs_failed": result.failed}
-    counts["jobs_skipped"] = result.count("SKIPPED")
-    client.log_batch(parent, metrics=[Metric(k, float(v), now, 0) for k, v in counts.items()])
+    for number in range(result.jobs or 0):  # a job that died before it could say so
+        result.outcomes.setdefault(number, {"status": "FAILED", "run_id": "", "reason": "no outcome recorded"})
     print(result.summary(), flush=True)
-    try:
+    if parent is not None:
+        from mlflow.entities import Metric
+
         from framework.report import sweep_report
 
-        sweep_report(client, parent, show=True)
-    except Exception as error:  # the jobs' results stand; a failed report is reported, not fatal
-        log.error("sweep report failed: %s: %s", type(error).__name__, error)
-    client.set_terminated(parent, "FAILED" if result.failed else "FINISHED")
-    _forget()
+        now = int(time.time() * 1000)
+        counts = {"jobs_finished": result.count("FINISHED"), "jobs_failed": result.failed}
+        counts["jobs_skipped"] = result.count("SKIPPED")
+        client.log_batch(parent, metrics=[Metric(k, float(v), now, 0) for k, v in counts.items()])
+        try:
+            sweep_report(client, parent, show=True)
+        except Exception as error:  # the jobs' results stand; a failed report is reported, not fatal
+            log.error("sweep report failed: %s: %s", type(error).__name__, error)
+        client.set_terminated(parent, "FAILED" if result.failed else "FINISHED")
+    _active.clear()
     return result
 
 
 def interrupt(status: str = "KILLED") -> None:
     """Ctrl-C or SIGTERM in the launching process: running children and the parent are closed KILLED."""
     _stop_progress()
-    if "run_id" not in _active:
-        return
-    from mlflow import MlflowClient
+    if "run_id" in _active:
+        from mlflow import MlflowClient
 
-    client = MlflowClient(_active["uri"])
-    for run in _children(client, _active["run_id"]):
-        if run.info.status == "RUNNING":
-            client.set_terminated(run.info.run_id, status)
-    client.set_terminated(_active["run_id"], status)
-    _forget()
-
-
-def _forget() -> None:
-    for name in (PARENT_ENV, URI_ENV):
-        os.environ.pop(name, None)
+        client = MlflowClient(_active["uri"])
+        _close_running_children(client, _active["run_id"], status)
+        client.set_terminated(_active["run_id"], status)
     _active.clear()

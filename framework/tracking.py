@@ -48,12 +48,14 @@ class MlflowTracking:
         from framework import sweep
         from framework.config import flatten
 
-        uri = tracking_uri(ctx.cfg)
-        client = MlflowClient(uri)
         tags = dict(ctx.tags)
         parent = sweep.parent_run_id() if sweep.in_sweep() else None
-        if parent:  # one job of a sweep: a child of the sweep's run, grouped under it in the UI
+        if parent:  # one job of a sweep: a child of the sweep's run, in its store, grouped under it in the UI
+            uri = sweep.sweep_uri() or tracking_uri(ctx.cfg)
             tags |= {"mlflow.parentRunId": parent, "slimlab.job": str(sweep.job_number())}
+        else:
+            uri = tracking_uri(ctx.cfg)
+        client = MlflowClient(uri)
         run = client.create_run(experiment_id(client, ctx.cfg.experiment_name, uri), run_name=ctx.run_name, tags=tags)
         ctx.state["mlflow"] = {"uri": uri, "run_id": run.info.run_id, "experiment_id": run.info.experiment_id}
         params = [Param(k, v[:6000]) for k, v in flatten(ctx.cfg).items()]
@@ -81,7 +83,7 @@ class MlflowTracking:
         client.set_terminated(run_id, "FINISHED")
         from framework import sweep
 
-        sweep.record_outcome("FINISHED", run_id, uri=state["uri"])
+        sweep.record_outcome("FINISHED", run_id)
 
     @hookimpl
     def on_run_error(self, ctx: RunContext, error: BaseException, traceback_text: str) -> None:
@@ -97,7 +99,7 @@ class MlflowTracking:
         client.set_terminated(state["run_id"], status)
         from framework import sweep
 
-        sweep.record_outcome(status, state["run_id"], f"{type(error).__name__}: {error}", uri=state["uri"])
+        sweep.record_outcome(status, state["run_id"], f"{type(error).__name__}: {error}")
 
 
 def _overrides() -> list[str]:

@@ -109,3 +109,19 @@ def test_pareto_front_keeps_the_undominated_runs():
 
     rows = [row("a", 0.00, 100), row("b", 0.01, 50), row("c", 0.02, 60), row("d", 0.00, 120), row("e", 0.05, 10)]
     assert [r.name for r in pareto_front(rows, "size_bytes")] == ["e", "b", "a"]
+
+
+@pytest.mark.slow
+def test_a_job_failing_before_its_run_exists_is_counted_and_so_are_jobs_without_tracking(tmp_path, cache_dir, store):
+    # test_fraction=1.5 passes composition but the data split refuses it: before the job's MLflow run exists
+    args = ["run", "-m", "technique=[prune]", "data.test_fraction=0.25,1.5", *FAST, f"cache_dir={cache_dir}"]
+    tracked = slimlab(*args, f"tracking.uri={store}", cwd=tmp_path)
+    assert tracked.returncode == 1, tracked.stderr[-3000:]
+    assert "sweep: 1 finished, 1 failed, 0 skipped of 2 jobs" in tracked.stdout
+    assert "job 1 FAILED: " in tracked.stdout
+    (parent,), children = runs_by_kind(store)
+    assert parent.info.status == "FAILED" and [c.info.status for c in children] == ["FINISHED"]
+
+    untracked = slimlab(*args, "tracking=none", cwd=tmp_path)
+    assert untracked.returncode == 1, untracked.stderr[-3000:]
+    assert "sweep: 1 finished, 1 failed, 0 skipped of 2 jobs" in untracked.stdout

@@ -39,6 +39,7 @@ class SlimlabOptunaSweeperConf:
     objectives: dict[str, str] = field(default_factory=lambda: {"accuracy": "maximize", "size_bytes": "minimize"})
     n_trials: int = 12
     n_jobs: int = 1  # trials launched together (a parallel launcher runs them at once)
+    max_failures: int | None = None  # failed trials before the search gives up; None: n_trials
     sampler: str = "tpe"  # tpe | nsga2 | random
     seed: int = 0
     storage: str | None = None  # None: sqlite:///<launch dir>/optuna.db
@@ -80,6 +81,7 @@ class SlimlabOptunaSweeper(Sweeper):
         objectives: dict[str, str],
         n_trials: int,
         n_jobs: int,
+        max_failures: int | None,
         sampler: str,
         seed: int,
         storage: str | None,
@@ -96,6 +98,7 @@ class SlimlabOptunaSweeper(Sweeper):
         self.objectives = dict(objectives)
         self.n_trials, self.n_jobs, self.sampler_name, self.seed = n_trials, n_jobs, sampler, seed
         self.storage, self.study_name, self.params = storage, study_name, dict(params or {})
+        self.max_failures = n_trials if max_failures is None else max_failures
 
     def setup(self, *, hydra_context: Any, task_function: Any, config: DictConfig) -> None:
         from hydra.core.plugins import Plugins
@@ -137,12 +140,13 @@ class SlimlabOptunaSweeper(Sweeper):
             sampler=self._sampler(),
             load_if_exists=True,
         )
-        for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)):
-            study._storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)  # interrupted: redo
+        # Left RUNNING by an interruption (one sweeper per study): failed, so their points are asked again.
+        for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            study.tell(trial.number, state=TrialState.FAIL)
         done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
         log.info("optuna study %r in %s: %d of %d trials complete", name, storage, done, self.n_trials)
 
-        results = []
+        results, failures = [], 0
         while done < self.n_trials:
             trials = [study.ask(space) for _ in range(min(self.n_jobs, self.n_trials - done))]
             batch = [[*fixed, *(f"{key}={value}" for key, value in t.params.items())] for t in trials]
@@ -152,10 +156,16 @@ class SlimlabOptunaSweeper(Sweeper):
                 values = self._values(job)
                 if values is None:
                     study.tell(trial, state=TrialState.FAIL)
+                    failures += 1
                 else:
                     study.tell(trial, values)
                     done += 1
             results.append(returns)
+            if failures >= self.max_failures:
+                raise RuntimeError(
+                    f"{failures} trials failed (hydra.sweeper.max_failures={self.max_failures}); "
+                    f"{done} of {self.n_trials} complete: see the failed runs' tracebacks in MLflow"
+                )
         self._report(study)
         return results
 
@@ -167,9 +177,11 @@ class SlimlabOptunaSweeper(Sweeper):
             return None
         metrics = job.return_value
         missing = [m for m in self.objectives if m not in metrics]
-        if missing:
-            log.error("trial metrics lack objective(s) %s; the run has: %s", missing, ", ".join(sorted(metrics)))
-            return None
+        if missing:  # every trial would lack it: stop now, with what the runs do measure
+            raise ValueError(
+                f"hydra.sweeper.objectives names {missing}, which the runs do not log; "
+                f"they log: {', '.join(sorted(metrics))}"
+            )
         return [float(metrics[m]) for m in self.objectives]
 
     def _report(self, study: Any) -> None:
@@ -182,10 +194,12 @@ class SlimlabOptunaSweeper(Sweeper):
         (sweep_dir / "pareto_front.json").write_text(json.dumps(front, indent=2))
         from framework import sweep
 
-        if sweep.parent_run_id():  # beside the sweep's report in MLflow
+        tracked = sweep.active_parent()
+        if tracked:  # beside the sweep's report in MLflow
             from mlflow import MlflowClient
 
-            MlflowClient(sweep.sweep_uri()).log_dict(sweep.parent_run_id(), front, "report/optuna_pareto_front.json")
+            uri, parent = tracked
+            MlflowClient(uri).log_dict(parent, front, "report/optuna_pareto_front.json")
         print(f"Pareto front of study {study.study_name!r} ({len(front)} of {len(study.trials)} trials):", flush=True)
         for entry in front:
             values = ", ".join(f"{m}={v:.4g}" for m, v in entry["values"].items())

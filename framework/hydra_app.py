@@ -161,8 +161,15 @@ def describe_hydra_error(error: BaseException) -> str:
     if isinstance(error, MissingConfigException) and error.missing_cfg_file:
         group, _, option = error.missing_cfg_file.rpartition("/")
         choices = ", ".join(sorted(error.options or _group_options(group))) or "none"
-        disabled = [i.name for i in (_plugins.infos if _plugins else []) if i.status == "disabled"]
-        note = f" (disabled plugins: {', '.join(disabled)})" if group == "technique" and disabled else ""
+        infos = _plugins.infos if _plugins else []
+        disabled = [i.name for i in infos if i.status == "disabled"]
+        refused = [f"{i.name} ({i.distribution}): {i.error}" for i in infos if i.status == "failed"]
+        notes = []
+        if disabled:
+            notes.append(f"disabled plugins: {', '.join(disabled)}")
+        if refused:
+            notes.append(f"refused plugins: {'; '.join(refused)}")
+        note = f" ({'; '.join(notes)})" if group == "technique" and notes else ""
         if group:
             return f"unknown {group} {option!r}; valid {group} options: {choices}{note}"
         return f"config {option!r} not found"

@@ -10,7 +10,7 @@ from importlib.metadata import entry_points
 
 import pluggy
 
-from framework import PROJECT, hookspecs
+from framework import API_VERSION, PROJECT, hookspecs
 from framework.errors import PluginError
 from framework.registry import TechniqueRegistry
 
@@ -62,18 +62,55 @@ def disabled_from_env() -> list[str]:
     return [n.strip() for n in os.environ.get(DISABLE_ENV, "").split(",") if n.strip()]
 
 
+def _api_mismatch(plugin: object) -> str | None:
+    """Why ``plugin``'s declared ``SLIMLAB_API`` excludes this slimlab's hook API, or None."""
+    wanted = getattr(plugin, "SLIMLAB_API", None)
+    if wanted is None:
+        return None
+    from packaging.specifiers import InvalidSpecifier, SpecifierSet
+
+    try:
+        accepted = SpecifierSet(str(wanted))
+    except InvalidSpecifier:
+        return f"SLIMLAB_API = {wanted!r} is not a version specifier (e.g. '>=1,<2')"
+    if API_VERSION in accepted:
+        return None
+    return f"needs slimlab plugin API {wanted}; this slimlab provides API {API_VERSION}"
+
+
+def _unknown_hooks(manager: pluggy.PluginManager, plugin: object) -> list[str]:
+    """Hook implementations of ``plugin`` that match no hook of ``hookspecs`` (a misspelled name)."""
+    return sorted(caller.name for caller in manager.get_hookcallers(plugin) or [] if caller.spec is None)
+
+
+def _refuse(manager: pluggy.PluginManager, info: PluginInfo, error: str) -> None:
+    """Take a plugin out, say why (naming it and its distribution); the others keep working."""
+    if manager.get_plugin(info.name) is not None:
+        manager.unregister(name=info.name)
+    info.status, info.error = "failed", error
+    log.warning(
+        "slimlab plugin %r (entry point %s = %s, distribution %s %s) is not used: %s",
+        info.name, PROJECT, info.value, info.distribution, info.version, error,
+    )  # fmt: skip
+
+
 def load_plugins(disable: Iterable[str] = ()) -> Plugins:
     """Load every ``slimlab`` entry point except the disabled ones, then register their techniques.
 
-    A plugin that fails to import is reported (entry point and distribution)
-    and skipped; the others still load. A plugin that implements a hook that
-    does not exist fails with its name (``check_pending``).
+    A plugin that fails to import, declares an incompatible ``SLIMLAB_API``, implements a hook that does
+    not exist or with arguments the hook does not have, or registers a technique name another plugin
+    already took, is refused: reported with its entry point and distribution, and left out; the others
+    still load. slimlab's own plugins load first, so a third-party plugin cannot take a built-in's name.
     """
     disabled = set(disable) | set(disabled_from_env())
     manager = pluggy.PluginManager(PROJECT)
     manager.add_hookspecs(hookspecs)
     infos: list[PluginInfo] = []
-    for entry_point in sorted(entry_points(group=PROJECT), key=lambda ep: ep.name):
+
+    def order(entry_point) -> tuple[bool, str]:
+        return (entry_point.dist is None or entry_point.dist.name != PROJECT, entry_point.name)
+
+    for entry_point in sorted(entry_points(group=PROJECT), key=order):
         dist = entry_point.dist
         info = PluginInfo(
             name=entry_point.name,
@@ -92,27 +129,31 @@ def load_plugins(disable: Iterable[str] = ()) -> Plugins:
         try:
             plugin = entry_point.load()
         except Exception as error:  # a broken third-party plugin must not take slimlab down
-            info.status, info.error = "failed", f"{type(error).__name__}: {error}"
-            log.warning(
-                "slimlab plugin %r (entry point %s = %s, distribution %s %s) failed to load: %s",
-                info.name,
-                PROJECT,
-                info.value,
-                info.distribution,
-                info.version,
-                info.error,
-            )
+            _refuse(manager, info, f"failed to import: {type(error).__name__}: {error}")
             continue
-        manager.register(plugin, name=info.name)
-    try:
-        manager.check_pending()
-    except pluggy.PluginValidationError as error:
-        name = manager.get_name(error.plugin) or repr(error.plugin)
-        raise PluginError(f"plugin {name!r}: {error}") from None
+        mismatch = _api_mismatch(plugin)
+        if mismatch:
+            _refuse(manager, info, mismatch)
+            continue
+        try:
+            manager.register(plugin, name=info.name)
+        except pluggy.PluginValidationError as error:  # a hook implemented with arguments it does not have
+            _refuse(manager, info, str(error))
+            continue
+        unknown = _unknown_hooks(manager, plugin)
+        if unknown:
+            valid = ", ".join(hookspecs.hook_names())
+            _refuse(manager, info, f"implements {', '.join(unknown)}, which is no slimlab hook; hooks: {valid}")
+    manager.check_pending()  # each plugin was checked above: nothing is left to find here
 
     registry = TechniqueRegistry()
-    for impl in manager.hook.register_techniques.get_hookimpls():
-        impl.function(register=registry.register_for(impl.plugin_name))
+    by_name = {info.name: info for info in infos}
+    for impl in manager.hook.register_techniques.get_hookimpls():  # registration order: built-ins first
+        try:
+            impl.function(register=registry.register_for(impl.plugin_name))
+        except PluginError as error:  # e.g. a technique name another plugin already registered
+            registry.remove_plugin(impl.plugin_name)
+            _refuse(manager, by_name[impl.plugin_name], str(error))
     for info in infos:
         plugin = manager.get_plugin(info.name)
         if plugin is not None:

@@ -108,6 +108,11 @@ class TechniqueRegistry:
 
         return register
 
+    def remove_plugin(self, plugin: str) -> None:
+        """Forget every technique ``plugin`` registered (it was refused)."""
+        for name in self.by_plugin(plugin):
+            del self._techniques[name]
+
     def __contains__(self, name: str) -> bool:
         return name in self._techniques
 

@@ -6,9 +6,6 @@ import json
 import subprocess
 import sys
 
-import pytest
-
-from framework.errors import PluginError
 from framework.plugins import DISABLE_ENV, load_plugins
 from tests.conftest import REPO, slimlab, write_plugin
 
@@ -58,14 +55,79 @@ def test_plugin_that_fails_to_import_is_reported_and_others_load(tmp_path, monke
     assert {"prune", "quantize"} <= set(plugins.registry.names())
 
 
-def test_misspelled_hook_fails_with_the_plugin_name(tmp_path, monkeypatch):
+def refused(site, name: str) -> str:
+    """The error of plugin ``name`` after loading with ``site`` on the path; the built-ins must still work."""
+    plugins = load_plugins()
+    info = {i.name: i for i in plugins.infos}[name]
+    assert info.status == "failed"
+    assert {"prune", "quantize", "distill", "place"} <= set(plugins.registry.names())
+    return info.error
+
+
+def test_misspelled_hook_is_refused_with_the_plugin_name(tmp_path, monkeypatch, caplog):
     source = "from framework import hookimpl\n\n@hookimpl\ndef befor_run(ctx):\n    pass\n"
     site = write_plugin(tmp_path, "slimlab-typo", "slimlab_typo", source, {"typo": "slimlab_typo"})
     monkeypatch.syspath_prepend(str(site))
-    with pytest.raises(PluginError, match="'typo'.*befor_run"):
-        load_plugins()
+    assert "implements befor_run, which is no slimlab hook; hooks: register_techniques" in refused(site, "typo")
+    assert "'typo'" in caplog.text and "slimlab-typo" in caplog.text  # the plugin and its distribution
     result = slimlab("plugins", cwd=tmp_path, env={"PYTHONPATH": str(site)})
-    assert result.returncode == 2 and "typo" in result.stderr and "Traceback" not in result.stderr
+    assert result.returncode == 0 and "typo  (slimlab-typo 0.3.1" in result.stdout and "befor_run" in result.stdout
+
+
+def test_hook_with_a_wrong_signature_is_refused(tmp_path, monkeypatch):
+    source = "from framework import hookimpl\n\n@hookimpl\ndef before_run(ctx, budget):\n    pass\n"
+    site = write_plugin(tmp_path, "slimlab-sig", "slimlab_sig", source, {"sig": "slimlab_sig"})
+    monkeypatch.syspath_prepend(str(site))
+    error = refused(site, "sig")
+    assert "before_run" in error and "budget" in error
+
+
+DUPLICATE = """
+    from dataclasses import dataclass
+
+    from framework import hookimpl
+
+
+    @dataclass
+    class Config:
+        amount: float = 0.5
+
+
+    @hookimpl
+    def register_techniques(register):
+        register("{name}", Config, lambda model, config, ctx: model)
+"""
+
+
+def test_a_technique_name_already_taken_is_refused_never_shadowed(tmp_path, monkeypatch, with_plugins):
+    site = write_plugin(
+        tmp_path, "slimlab-copycat", "slimlab_copycat", DUPLICATE.format(name="prune"), {"copycat": "slimlab_copycat"}
+    )
+    twin = DUPLICATE.format(name="zero_small")
+    write_plugin(tmp_path, "slimlab-twin", "slimlab_twin", twin, {"twin": "slimlab_twin"})
+    monkeypatch.syspath_prepend(str(site))
+    assert "registers technique 'prune', already registered by 'prune'" in refused(site, "copycat")
+    assert "registers technique 'zero_small', already registered by 'example'" in refused(site, "twin")
+    plugins = load_plugins()
+    assert plugins.registry["prune"].plugin == "prune" and plugins.registry["zero_small"].plugin == "example"
+    # runs go on, with the first plugin's technique
+    assert slimlab("run", "technique=[zero_small]", "tracking=none", "train.epochs=1", "measure.repeats=5",
+                   cwd=tmp_path, env={"PYTHONPATH": f"{site}:{with_plugins}"}).returncode == 0  # fmt: skip
+
+
+def test_a_plugin_for_another_hook_api_is_refused_with_the_versions_it_needs(tmp_path, monkeypatch):
+    source = 'SLIMLAB_API = ">=2,<3"\n'
+    site = write_plugin(tmp_path, "slimlab-future", "slimlab_future", source, {"future": "slimlab_future"})
+    monkeypatch.syspath_prepend(str(site))
+    assert refused(site, "future") == "needs slimlab plugin API >=2,<3; this slimlab provides API 1.0"
+
+
+def test_the_public_api_is_small_and_stable():
+    import framework
+
+    assert framework.__all__ == ["API_VERSION", "PROJECT", "ConfigError", "RunContext", "hookimpl", "hookspec"]
+    assert all(hasattr(framework, name) for name in framework.__all__)
+    assert framework.API_VERSION == "1.0"
 
 
 def test_plugins_json_lists_builtins_and_third_party(plugin_site, tmp_path):

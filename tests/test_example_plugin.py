@@ -1,0 +1,69 @@
+"""The external example plugin (examples/slimlab-lowrank), pip-installed into a directory of its own.
+
+It is a fifth technique that none of the built-ins covers, packaged as a third party would: discovered
+through its entry point, listed with its distribution, sweepable, logged like a built-in.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from tests.conftest import FAST, REPO, slimlab
+
+EXAMPLE = REPO / "examples" / "slimlab-lowrank"
+
+
+@pytest.fixture(scope="module")
+def lowrank_site(tmp_path_factory) -> Path:
+    """``pip install`` of the example into a fresh directory (its dependency, slimlab, is the one under test)."""
+    site = tmp_path_factory.mktemp("lowrank-site")
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+         "--target", str(site), str(EXAMPLE)],
+        check=True, capture_output=True, text=True,
+    )  # fmt: skip
+    assert (site / "slimlab_lowrank-0.1.0.dist-info").is_dir()
+    return site
+
+
+def test_listed_with_its_distribution_and_in_run_help(lowrank_site, tmp_path):
+    env = {"PYTHONPATH": str(lowrank_site)}
+    listed = json.loads(slimlab("plugins", "--json", cwd=tmp_path, env=env).stdout)
+    entry = next(e for e in listed if e["name"] == "lowrank")
+    assert (entry["distribution"], entry["version"], entry["status"]) == ("slimlab-lowrank", "0.1.0", "loaded")
+    assert entry["techniques"] == ["lowrank"]
+    help_text = slimlab("run", "--help", cwd=tmp_path, env=env).stdout
+    assert "lowrank (plugin lowrank):\n  energy: float = 0.9" in help_text
+
+
+@pytest.mark.slow
+def test_lowrank_then_quantize_logs_a_finished_run(lowrank_site, tmp_path, cache_dir, store):
+    result = slimlab(
+        "run", "technique=[lowrank,quantize]", "technique.lowrank.energy=0.8", *FAST, f"cache_dir={cache_dir}",
+        f"tracking.uri={store}", cwd=tmp_path, env={"PYTHONPATH": str(lowrank_site)},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    client = MlflowClient(store)
+    (run,) = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
+    assert run.info.status == "FINISHED" and run.info.run_name == "lenet lowrank(0.8)+quantize(int8-wo)"
+    metrics = run.data.metrics
+    assert metrics["lowrank_layers"] >= 1 and metrics["compression_ratio"] > 4  # fewer weights, then int8
+    assert "lowrank:slimlab-lowrank==0.1.0" in run.data.tags["slimlab.plugins"]
+    assert "fc1:" in run.data.tags["lowrank.ranks"]
+
+
+@pytest.mark.slow
+def test_the_example_passes_its_own_tests(lowrank_site):
+    env = {**os.environ, "PYTHONPATH": str(lowrank_site)}
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(EXAMPLE / "tests")],
+        cwd=lowrank_site, env=env, capture_output=True, text=True,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:]

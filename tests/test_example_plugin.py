@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -67,3 +68,5 @@ def test_the_example_passes_its_own_tests(lowrank_site):
         cwd=lowrank_site, env=env, capture_output=True, text=True,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:]
+    passed = re.search(r"(\d+) passed", result.stdout)
+    assert passed and int(passed.group(1)) >= 12, result.stdout[-2000:]  # its 5 tests + slimlab's 7-test contract

@@ -8,6 +8,8 @@ import torch
 from slimlab_lowrank import LowRankConfig, factorise, rank_for
 from torch import nn
 
+from framework.testing import TechniqueContract  # slimlab's conformance suite, shipped with slimlab
+
 
 def test_installed_as_a_slimlab_plugin():
     (entry_point,) = [ep for ep in distribution("slimlab-lowrank").entry_points if ep.group == "slimlab"]
@@ -41,3 +43,8 @@ def test_a_layer_that_would_grow_is_left_alone():
 def test_bad_energy_is_refused():
     with pytest.raises(ValueError, match="energy must be in"):
         LowRankConfig(energy=0)
+
+
+class TestLowRankContract(TechniqueContract):
+    technique = "lowrank"
+    options = ["technique.lowrank.energy=0.8"]

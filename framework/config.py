@@ -14,8 +14,10 @@ from omegaconf import MISSING, SI, DictConfig, OmegaConf
 if TYPE_CHECKING:
     from framework.plugins import Plugins
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "conf"
-EXPERIMENTS_DIR = CONFIG_DIR.parent / "experiments"
+# A checkout has conf/ beside the package; an installed slimlab carries it inside (pyproject's package-dir).
+_INSTALLED_CONFIG = Path(__file__).resolve().parent / "conf"
+CONFIG_DIR = _INSTALLED_CONFIG if _INSTALLED_CONFIG.is_dir() else Path(__file__).resolve().parent.parent / "conf"
+EXPERIMENTS_DIR = (CONFIG_DIR / "experiment").resolve()  # experiments/ in a checkout
 
 
 @dataclass

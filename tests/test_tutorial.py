@@ -1,0 +1,82 @@
+"""docs/plugins.md, followed word for word in a fresh virtual environment: its files written, its commands run.
+
+The fresh environment gets slimlab installed with pip (``--no-deps``) and sees slimlab's dependencies
+(torch and the rest, already installed for this suite) through a path file, so the test does not
+download gigabytes; everything the tutorial does, it does there, with that environment's pip.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+import framework.hookspecs as hookspecs
+from tests.conftest import REPO
+
+TUTORIAL = REPO / "docs" / "plugins.md"
+FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.S | re.M)
+
+
+def tutorial_script() -> str:
+    """A bash script: each ``$ command`` of a console block, each file block written where it appears."""
+    lines = ["set -euo pipefail"]
+    for language, body in FENCE.findall(TUTORIAL.read_text()):
+        first = body.splitlines()[0] if body.strip() else ""
+        if language == "console":
+            lines += [line[2:] for line in body.splitlines() if line.startswith("$ ")]
+        elif language in ("python", "toml") and first.startswith("# ") and "." in first:
+            path = first[2:].strip()
+            lines += [f"mkdir -p $(dirname {path})", f"cat > {path} <<'SLIMLAB_EOF'", body.rstrip("\n"), "SLIMLAB_EOF"]
+    return "\n".join(lines) + "\n"
+
+
+def test_the_tutorial_has_files_and_commands():
+    script = tutorial_script()
+    for expected in ("cat > slimlab_zero_small.py", "cat > pyproject.toml", "pip install", "slimlab run -m"):
+        assert expected in script
+
+
+def test_every_hook_is_in_the_reference():
+    text = TUTORIAL.read_text()
+    for name in hookspecs.hook_names():
+        assert re.search(rf"^### {name}\(", text, re.M), f"docs/plugins.md: no reference entry for hook {name}"
+
+
+def fresh_environment(root: Path) -> dict[str, str]:
+    """A new venv with slimlab pip-installed and its dependencies visible; returns the environment to run in."""
+    venv = root / "venv"
+    subprocess.run([sys._base_executable, "-m", "venv", str(venv)], check=True)  # type: ignore[attr-defined]
+    # This suite's site-packages minus slimlab itself, as a path file: the dependencies, not the package.
+    deps = root / "deps"
+    deps.mkdir()
+    for entry in Path(sysconfig.get_paths()["purelib"]).iterdir():
+        if entry.suffix != ".pth" and "slimlab" not in entry.name and entry.name not in ("pip", "setuptools"):
+            (deps / entry.name).symlink_to(entry)
+    site = next((venv / "lib").glob("python*/site-packages"))
+    (site / "slimlab_dependencies.pth").write_text(f"{deps}\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "MLFLOW_TRACKING_URI", "VIRTUAL_ENV")}
+    env["PATH"] = f"{venv / 'bin'}{os.pathsep}{env['PATH']}"
+    subprocess.run([venv / "bin" / "pip", "install", "--quiet", "--no-deps", str(REPO)], check=True, env=env)
+    return env
+
+
+@pytest.mark.slow
+def test_following_the_tutorial_word_for_word_gives_a_working_plugin(tmp_path):
+    env = fresh_environment(tmp_path)
+    work = tmp_path / "work"
+    work.mkdir()
+    result = subprocess.run(
+        ["bash", "-c", tutorial_script()], cwd=work, env=env, capture_output=True, text=True, timeout=900
+    )
+    assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    assert "zero_small  (slimlab-zero-small 0.1.0, slimlab_zero_small)  [loaded]" in result.stdout
+    assert "sweep: 2 finished, 0 failed, 0 skipped of 2 jobs" in result.stdout
+    assert re.search(r"\b7 passed\b", result.stdout), result.stdout[-2000:]  # the conformance contract
+    plugin_files = work / "slimlab-zero-small"
+    assert (plugin_files / "slimlab_zero_small.py").exists() and (plugin_files / "mlflow.db").exists()

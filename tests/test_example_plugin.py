@@ -70,3 +70,24 @@ def test_the_example_passes_its_own_tests(lowrank_site):
     assert result.returncode == 0, result.stdout[-3000:]
     passed = re.search(r"(\d+) passed", result.stdout)
     assert passed and int(passed.group(1)) >= 12, result.stdout[-2000:]  # its 5 tests + slimlab's 7-test contract
+
+
+@pytest.mark.slow
+def test_broken_plugins_beside_it_do_not_stop_its_runs(lowrank_site, tmp_path, cache_dir):
+    from tests.conftest import write_plugin
+
+    broken = tmp_path / "broken-site"
+    write_plugin(broken, "slimlab-broken", "slimlab_broken", "import not_a_module_xyz\n", {"broken": "slimlab_broken"})
+    copycat = (
+        "from dataclasses import dataclass\nfrom framework import hookimpl\n\n@dataclass\nclass C:\n    x: int = 1\n\n"
+        "@hookimpl\ndef register_techniques(register):\n    register('lowrank', C, lambda m, c, ctx: m)\n"
+    )
+    write_plugin(broken, "slimlab-copycat", "slimlab_copycat", copycat, {"lowrank_clone": "slimlab_copycat"})
+    result = slimlab(
+        "run", "technique=[lowrank]", *FAST, "tracking=none", f"cache_dir={cache_dir}", cwd=tmp_path,
+        env={"PYTHONPATH": f"{lowrank_site}{os.pathsep}{broken}"},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "lenet lowrank(0.9)" in result.stdout  # the real plugin ran, not the copycat
+    assert "'broken'" in result.stderr and "slimlab-broken" in result.stderr and "not_a_module_xyz" in result.stderr
+    assert "'lowrank_clone'" in result.stderr and "already registered by 'lowrank'" in result.stderr

@@ -146,6 +146,7 @@ def test_help_and_plugins_do_not_import_torch_or_mlflow():
         "from framework.cli import main\n"
         "with contextlib.redirect_stdout(io.StringIO()):\n"
         "    main(['--help']); main(['plugins'])\n"
+        "import framework.testing\n"  # the conformance kit, which pytest loads in every test session
         "print(sorted(m for m in ('torch', 'mlflow', 'torchao', 'sklearn') if m in sys.modules))\n"
     )
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)

@@ -35,13 +35,19 @@ def slimlab_plugins():
     return load_plugins()
 
 
+@pytest.fixture(scope="session")
+def slimlab_cache(tmp_path_factory) -> Path:
+    """A baseline cache for the test session: each distinct baseline is trained once."""
+    return tmp_path_factory.mktemp("slimlab-baselines")
+
+
 @pytest.fixture
-def slimlab_compose(slimlab_plugins, tmp_path):
-    """``compose(overrides)``: a config composed as ``slimlab run`` would, its baseline cached in a temp dir."""
+def slimlab_compose(slimlab_plugins, slimlab_cache):
+    """``compose(overrides)``: a config composed as ``slimlab run`` would, its baseline in the session's cache."""
     from framework.config import compose
 
     def composed(overrides: list[str]):
-        return compose([*overrides, f"cache_dir={tmp_path / 'cache'}"], slimlab_plugins)
+        return compose([*overrides, f"cache_dir={slimlab_cache}"], slimlab_plugins)
 
     return composed
 

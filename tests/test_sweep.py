@@ -93,8 +93,11 @@ def test_sigterm_marks_the_running_child_and_the_parent_killed(tmp_path, cache_d
         while not runs_by_kind(store)[1]:
             assert time.monotonic() < deadline and process.poll() is None, "no child run started"
             time.sleep(0.5)
+        # Into the baseline's 200 epochs, not inside the run's first writes to the store: a signal that lands
+        # mid-transaction can leave sqlite locked for the writes that close the runs.
+        time.sleep(3)
         process.send_signal(signal.SIGTERM)
-        _, stderr = process.communicate(timeout=60)
+        _, stderr = process.communicate(timeout=120)
     finally:
         process.kill()
     assert process.returncode == 130, stderr[-2000:]

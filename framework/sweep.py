@@ -241,8 +241,16 @@ class SweepCallback(Callback):
             jobs = job_overrides(config)
             if jobs is not None:
                 validate_jobs(jobs, host=launcher.endswith(LOCAL_LAUNCHERS))
+            else:  # another sweeper (e.g. slimlab_optuna) may check its own settings before anything starts
+                from hydra.utils import get_class
+
+                check = getattr(get_class(str(config.hydra.sweeper._target_)), "check_sweep", None)
+                if check is not None:
+                    check(config)
         except Exception as error:  # Hydra swallows a callback's Exceptions: bad input must stop the sweep
-            raise BadInput(str(error)) from error
+            from framework.hydra_app import describe_hydra_error, is_bad_input
+
+            raise BadInput(describe_hydra_error(error) if is_bad_input(error) else str(error)) from error
         _active.clear()
         _active["sweep_dir"] = str(config.hydra.sweep.dir)
         last_result = SweepResult(None, len(jobs) if jobs is not None else None)

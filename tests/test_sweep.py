@@ -128,3 +128,18 @@ def test_a_job_failing_before_its_run_exists_is_counted_and_so_are_jobs_without_
     untracked = slimlab(*args, "tracking=none", cwd=tmp_path)
     assert untracked.returncode == 1, untracked.stderr[-3000:]
     assert "sweep: 1 finished, 1 failed, 0 skipped of 2 jobs" in untracked.stdout
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["technique=[prune]"], "slimlab_optuna needs a search space"),
+        (["hydra.sweeper.sampler=grid", "technique.prune.amount=interval(0.1, 0.9)"], "sampler must be one of tpe"),
+    ],
+)
+def test_bad_optuna_settings_stop_the_search_before_it_starts(args, message, tmp_path, store):
+    result = slimlab("run", "-m", "hydra/sweeper=slimlab_optuna", *args, f"tracking.uri={store}", cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], result.stderr
+    assert not (tmp_path / "mlflow.db").exists()

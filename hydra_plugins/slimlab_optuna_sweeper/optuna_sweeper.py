@@ -100,6 +100,30 @@ class SlimlabOptunaSweeper(Sweeper):
         self.storage, self.study_name, self.params = storage, study_name, dict(params or {})
         self.max_failures = n_trials if max_failures is None else max_failures
 
+    @classmethod
+    def check_sweep(cls, config: DictConfig) -> None:
+        """Refuse a bad sweeper setting or an empty search space before the sweep starts (slimlab calls this)."""
+        from hydra.utils import instantiate
+
+        try:
+            sweeper = instantiate(config.hydra.sweeper)  # the constructor checks objectives, sampler, counts
+        except Exception as error:  # Hydra wraps the constructor's ValueError: report the ValueError itself
+            cause = error.__cause__
+            raise (cause if isinstance(cause, ValueError) else error) from None
+        sweeper._space_and_fixed(list(config.hydra.overrides.task), parser=None)
+
+    def _space_and_fixed(self, arguments: list[str], parser: Any) -> tuple[dict[str, Any], list[str]]:
+        """The search space (swept overrides as Optuna distributions) and the fixed overrides."""
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+
+        parser = parser or OverridesParser.create()
+        overrides = parser.parse_overrides([*(f"{k}={v}" for k, v in self.params.items()), *arguments])
+        space = {o.get_key_element(): distribution(o) for o in overrides if o.is_sweep_override()}
+        plain = [o for o in overrides if not o.is_sweep_override()]
+        if not space:
+            raise ValueError("slimlab_optuna needs a search space: e.g. 'technique.prune.amount=interval(0.5, 0.95)'")
+        return space, [f"{o.get_key_element()}={o.get_value_element_as_str()}" for o in plain]
+
     def setup(self, *, hydra_context: Any, task_function: Any, config: DictConfig) -> None:
         from hydra.core.plugins import Plugins
 
@@ -124,12 +148,7 @@ class SlimlabOptunaSweeper(Sweeper):
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
-        overrides = parser.parse_overrides([*(f"{k}={v}" for k, v in self.params.items()), *arguments])
-        space = {o.get_key_element(): distribution(o) for o in overrides if o.is_sweep_override()}
-        plain = [o for o in overrides if not o.is_sweep_override()]
-        fixed = [f"{o.get_key_element()}={o.get_value_element_as_str()}" for o in plain]
-        if not space:
-            raise ValueError("slimlab_optuna needs a search space: e.g. 'technique.prune.amount=interval(0.5, 0.95)'")
+        space, fixed = self._space_and_fixed(arguments, parser)
 
         storage = self.storage or f"sqlite:///{Path.cwd().resolve() / 'optuna.db'}"
         name = self.study_name or str(self.config.experiment_name)

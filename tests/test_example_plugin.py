@@ -61,6 +61,17 @@ def test_lowrank_then_quantize_logs_a_finished_run(lowrank_site, tmp_path, cache
 
 
 @pytest.mark.slow
+def test_lowrank_sweeps_like_a_built_in(lowrank_site, tmp_path, cache_dir, store):
+    result = slimlab(
+        "run", "-m", "technique=[lowrank]", "technique.lowrank.energy=0.7,0.9", *FAST, f"cache_dir={cache_dir}",
+        f"tracking.uri={store}", cwd=tmp_path, env={"PYTHONPATH": str(lowrank_site)},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "sweep: 2 finished, 0 failed, 0 skipped of 2 jobs" in result.stdout
+    assert "lenet lowrank(0.7)" in result.stdout and "lenet lowrank(0.9)" in result.stdout
+
+
+@pytest.mark.slow
 def test_the_example_passes_its_own_tests(lowrank_site):
     env = {**os.environ, "PYTHONPATH": str(lowrank_site)}
     result = subprocess.run(

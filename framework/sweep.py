@@ -380,13 +380,29 @@ def finish() -> SweepResult | None:
     return result
 
 
-def interrupt(status: str = "KILLED") -> None:
-    """Ctrl-C or SIGTERM in the launching process: running children and the parent are closed KILLED."""
+def interrupt(status: str = "KILLED", wait: float = 30.0) -> None:
+    """Ctrl-C or SIGTERM in the launching process: running children and the parent are closed KILLED.
+
+    The closing gets ``wait`` seconds: an interruption that landed inside a store write can leave the store
+    locked for a while, and a process asked to stop must stop; what could not be closed is said.
+    """
     _stop_progress()
     if "run_id" in _active:
         from mlflow import MlflowClient
 
-        client = MlflowClient(_active["uri"])
-        _close_running_children(client, _active["run_id"], status)
-        client.set_terminated(_active["run_id"], status)
+        uri, parent = _active["uri"], _active["run_id"]
+
+        def close() -> None:
+            try:
+                client = MlflowClient(uri)
+                _close_running_children(client, parent, status)
+                client.set_terminated(parent, status)
+            except Exception as error:  # the store is gone or locked: say so, the process still stops
+                log.error("sweep: could not close run %s: %s: %s", parent, type(error).__name__, error)
+
+        closing = threading.Thread(target=close, daemon=True)
+        closing.start()
+        closing.join(timeout=wait)
+        if closing.is_alive():
+            log.error("sweep: could not close run %s and its children in %s within %.0f s", parent, uri, wait)
     _active.clear()

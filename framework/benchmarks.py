@@ -128,7 +128,7 @@ WORKLOADS: dict[str, Workload] = {
             "their CPU time (user + system), which other work on a shared machine disturbs less than wall time. "
             "What slimlab adds is mostly fixed, 2.5 s on an idle machine and 4-5 s under load: importing MLflow and "
             "opening its store (about 1.5 s; importing it in a thread beside torch was slower, not faster), the "
-            "per-layer sparsity chart (matplotlib, about 0.6 s), Hydra, logging the run and its artifacts. "
+            "per-layer sparsity chart (matplotlib, about 0.5 s), Hydra, logging the run and its artifacts. "
             "`help_s` is the median wall time of `slimlab run --help`."
         ),
     ),
@@ -205,11 +205,10 @@ def load_runs(uri: str, experiment: str = EXPERIMENT) -> list[BenchRun]:
 
 
 def primary_metric(metrics: dict[str, float]) -> str:
-    """``accuracy`` when the run logged ``baseline_accuracy``, etc."""
-    for name in metrics:
-        if name.startswith("baseline_") and f"{name[len('baseline_') :]}_drop" in metrics:
-            return name[len("baseline_") :]
-    return "accuracy"
+    """The run's primary metric (see ``framework.report.primary_metric``), ``accuracy`` when it names none."""
+    from framework.report import primary_metric as named
+
+    return named(metrics) or "accuracy"
 
 
 def verdict(value: float | None, op: str, target: float) -> str:
@@ -268,7 +267,8 @@ def latest_per_variant(runs: Sequence[BenchRun]) -> list[BenchRun]:
     latest: dict[tuple[str, str, tuple[str, ...]], BenchRun] = {}
     for run in runs:
         latest[(run.workload, run.name, tuple(sorted(_variant_overrides(run))))] = run
-    return sorted(latest.values(), key=lambda r: runs.index(r))
+    kept = {run.run_id for run in latest.values()}
+    return [run for run in runs if run.run_id in kept]
 
 
 def _meets_all(run: BenchRun, workload: Workload, primary: str) -> bool:

@@ -179,8 +179,8 @@ def measure(uri: str, pairs: int, help_calls: int = 5) -> dict[str, float]:
     for run_id, figures in zip(run_ids, pairs_timed, strict=True):
         client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in {**figures, "help_s": help_s}.items()])
     # The fastest run of each (as timeit reports): other work on a shared machine only ever adds time.
-    fastest = {name: min(p[name] for p in pairs_timed) for name in ("plain_wall_s", "slimlab_wall_s", "plain_cpu_s")}
-    fastest["slimlab_cpu_s"] = min(p["slimlab_cpu_s"] for p in pairs_timed)
+    names = ("plain_wall_s", "slimlab_wall_s", "plain_cpu_s", "slimlab_cpu_s")
+    fastest = {name: min(p[name] for p in pairs_timed) for name in names}
     summary = fastest | _overheads(fastest) | {"help_s": help_s, "pairs": float(pairs)}
     client.log_batch(run_ids[-1], metrics=[Metric(k, v, now, 1) for k, v in summary.items()])
     return summary

@@ -144,7 +144,6 @@ def load_plugins(disable: Iterable[str] = ()) -> Plugins:
         if unknown:
             valid = ", ".join(hookspecs.hook_names())
             _refuse(manager, info, f"implements {', '.join(unknown)}, which is no slimlab hook; hooks: {valid}")
-    manager.check_pending()  # each plugin was checked above: nothing is left to find here
 
     registry = TechniqueRegistry()
     by_name = {info.name: info for info in infos}

@@ -124,13 +124,17 @@ def experiment_runs(client: MlflowClient, experiment: str) -> list:
     return search_all(client, [found.experiment_id], "attributes.status = 'FINISHED'")
 
 
+def front_ids(rows: Sequence[Row]) -> tuple[set[str], set[str]]:
+    """Run ids on the quality-vs-size front and on the quality-vs-latency front."""
+    return ({r.run_id for r in pareto_front(rows, "size_bytes")}, {r.run_id for r in pareto_front(rows, "latency_ms")})
+
+
 def write_csv(rows: Sequence[Row], path: Path) -> None:
     primary = rows[0].primary if rows else "accuracy"
     with open(path, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["run_id", "run_name", primary, f"{primary}_drop", *COLUMNS, "pareto_size", "pareto_latency"])
-        on_size = {r.run_id for r in pareto_front(rows, "size_bytes")}
-        on_latency = {r.run_id for r in pareto_front(rows, "latency_ms")}
+        on_size, on_latency = front_ids(rows)
         for row in rows:
             writer.writerow(
                 [row.run_id, row.name, row.metrics.get(primary), row.drop, *(row.metrics.get(c) for c in COLUMNS)]
@@ -146,8 +150,7 @@ def _fmt(value: float | None) -> str:
 
 def table_rows(rows: Sequence[Row]) -> tuple[list[str], list[list[str]]]:
     primary = rows[0].primary if rows else "accuracy"
-    on_size = {r.run_id for r in pareto_front(rows, "size_bytes")}
-    on_latency = {r.run_id for r in pareto_front(rows, "latency_ms")}
+    on_size, on_latency = front_ids(rows)
     header = ["run", primary, "drop", "compression", "size_bytes", "speedup", "latency_ms", "front"]
     body = []
     for row in sorted(rows, key=lambda r: (r.drop, r.metrics.get("size_bytes", 0))):

@@ -134,9 +134,8 @@ class TechniqueContract:
         import torch
 
         torch.manual_seed(int(cfg.seed))
-        baseline = copy.deepcopy(model)
-        return self.step(cfg, plugins).technique.apply(model, self.step(cfg, plugins).config,
-                                                       context(cfg, data, tmp_path, baseline))  # fmt: skip
+        step = self.step(cfg, plugins)
+        return step.technique.apply(model, step.config, context(cfg, data, tmp_path, copy.deepcopy(model)))
 
     def test_apply_returns_a_working_module(self, slimlab_compose, slimlab_plugins, tiny_data, tiny_model, tmp_path):
         import torch

@@ -83,7 +83,7 @@ def test_a_value_refused_at_compose_time_stops_the_sweep_before_it_starts(tmp_pa
 
 
 @pytest.mark.slow
-def test_sigterm_marks_the_running_child_and_the_parent_killed(tmp_path, cache_dir, store):
+def test_sigterm_marks_the_running_child_and_the_parent_killed(tmp_path, store):
     command = [*SLIMLAB, "run", "-m", "technique=[prune]", "technique.prune.amount=0.5,0.6", "train.epochs=200",
                f"cache_dir={tmp_path / 'cache'}", f"tracking.uri={store}"]  # fmt: skip
     MlflowClient(store).search_experiments()  # the store exists before we poll it: no race on its migrations

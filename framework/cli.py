@@ -7,6 +7,7 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
@@ -131,8 +132,25 @@ def ui_command(args: list[str]) -> int:
     from framework.tracking import tracking_uri
 
     uri = options.uri or tracking_uri()
-    print(f"MLflow UI for {uri} at http://{options.host}:{options.port}  (Ctrl-C stops it)", flush=True)
+    base_url = f"http://{options.host}:{options.port}"
+    print(f"MLflow UI for {uri} at {base_url}  (Ctrl-C stops it)", flush=True)
+    for name, url in comparison_links(uri, base_url):
+        print(f"  compare the runs of {name}: {url}", flush=True)
     return _serve(["ui", "--backend-store-uri", uri, *_listen(options)])
+
+
+def comparison_links(uri: str, base_url: str, limit: int = 5) -> list[tuple[str, str]]:
+    """The comparison view of the experiments slimlab wrote to, most recently updated first."""
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).exists():
+        return []  # nothing recorded yet; do not create the database just to look
+    from mlflow import MlflowClient
+
+    from framework.tracking import VIEW_TAG, comparison_url
+
+    experiments = MlflowClient(uri).search_experiments(
+        filter_string=f"tags.`{VIEW_TAG}` != ''", order_by=["last_update_time DESC"], max_results=limit
+    )
+    return [(e.name, comparison_url(base_url, e.experiment_id)) for e in experiments]
 
 
 def server_command(args: list[str]) -> int:

@@ -46,6 +46,7 @@ class TrackingConfig:
 
     backend: str = "mlflow"
     uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///<launch dir>/mlflow.db
+    log_model: bool = True  # the compressed model with mlflow.pytorch.log_model (signature, input example)
 
 
 @dataclass

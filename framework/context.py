@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from framework.data import TaskData
+    from framework.registry import Step
 
 
 @dataclass
@@ -21,7 +22,9 @@ class RunContext:
     """The state of one run, handed to every technique and hook.
 
     ``baseline`` is the trained, uncompressed model (the default teacher);
-    techniques must not modify it. ``state`` is scratch space for plugins
+    techniques must not modify it. ``steps`` is the pipeline (each technique
+    with its validated config); ``model`` is the compressed model as
+    deployed, set once the last technique ran. ``state`` is scratch space for plugins
     (e.g. a tracking run id), keyed by plugin name by convention. Techniques
     put measurements about themselves (compile time, dense size) in
     ``metrics`` and readable facts (placement) in ``tags``; both are logged.
@@ -33,7 +36,9 @@ class RunContext:
     run_name: str
     config_hash: str
     output_dir: Path
+    steps: list[Step] = field(default_factory=list)
     baseline: nn.Module | None = None
+    model: nn.Module | None = None
     baseline_metrics: dict[str, float] = field(default_factory=dict)
     stages: list[dict[str, Any]] = field(default_factory=list)
     artifacts: dict[str, Path] = field(default_factory=dict)

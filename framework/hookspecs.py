@@ -27,7 +27,8 @@ def register_techniques(register: Register) -> None:
     composes any config (the schemas must be in Hydra's ConfigStore by then).
 
     ``register`` is called as
-    ``register(name, schema, apply, *, label=None, followed_by=None, check=None, max_speedup=None)``:
+    ``register(name, schema, apply, *, label=None, followed_by=None, check=None, max_speedup=None,
+    key_params=None, serialization_format="pt2")``:
 
     - ``name``: the technique's option in the ``technique`` config group and
       its key in the composed config (``technique.<name>.<field>``).
@@ -47,6 +48,15 @@ def register_techniques(register: Register) -> None:
     - ``check(config)``: a capability probe, called before any work; raise
       ``ValueError`` with the reason when this machine cannot run ``config``
       (e.g. int4 kernels on a CPU without them). Never fall back silently.
+    - ``key_params``: the schema's fields that matter when comparing runs;
+      logged as short top-level params ``<name>.<field>`` beside the full
+      config. ``None``: every scalar field.
+    - ``serialization_format``: how the tracking plugin saves this
+      technique's output with ``mlflow.pytorch.log_model``: ``"pt2"``
+      (torch.export; loads without your classes) or ``"pickle"`` (any module,
+      e.g. ``torch.ao`` quantized ones, which torch.export cannot hold), or a
+      function of the config returning one. A pipeline with any ``pickle``
+      step is saved as ``pickle``.
 
     Returns nothing. Registering a name twice is a ``PluginError``.
     """

@@ -34,6 +34,8 @@ class Register(Protocol):
         followed_by: Iterable[str] | None = None,
         check: Callable[[Any], None] | None = None,
         max_speedup: Callable[[Any], float | None] | None = None,
+        key_params: Iterable[str] | None = None,
+        serialization_format: str | Callable[[Any], str] = "pt2",
     ) -> None: ...
 
 
@@ -49,6 +51,8 @@ class Technique:
     followed_by: frozenset[str] | None = None  # None: anything may follow
     check: Callable[[Any], None] | None = None  # raises ValueError when this machine cannot run the config
     max_speedup: Callable[[Any], float | None] | None = None  # the physical bound of the speedup it can give
+    key_params: tuple[str, ...] | None = None  # the fields that matter when comparing runs; None: every scalar
+    serialization_format: str | Callable[[Any], str] = "pt2"  # how MLflow saves its output: pt2 or pickle
 
     def describe(self, config: Any) -> str:
         return self.label(config) if self.label else self.name
@@ -71,6 +75,34 @@ class Step:
     def max_speedup(self) -> float | None:
         bound = self.technique.max_speedup
         return bound(self.config) if bound else None
+
+    def key_params(self) -> dict[str, Any]:
+        """``{"<technique>.<field>": value}`` for the fields that matter when comparing runs."""
+        names = self.technique.key_params
+        if names is None:  # every scalar field: lists and nested settings do not fit a table column
+            names = tuple(f.name for f in dataclasses.fields(self.config) if _is_scalar(getattr(self.config, f.name)))
+        return {f"{self.name}.{name}": getattr(self.config, name) for name in names}
+
+    def serialization_format(self) -> str:
+        chosen = self.technique.serialization_format
+        return chosen(self.config) if callable(chosen) else chosen
+
+
+def _is_scalar(value: Any) -> bool:
+    return value is None or isinstance(value, bool | int | float | str)
+
+
+SERIALIZATION_FORMATS = ("pt2", "pickle")  # mlflow.pytorch.log_model's serialization_format
+
+
+def serialization_format(steps: list[Step]) -> str:
+    """How the pipeline's model is saved for ``mlflow.pytorch.log_model``: ``pickle`` if any step needs it.
+
+    ``pt2`` (torch.export, MLflow's default) loads without slimlab's classes but cannot hold ``torch.ao``
+    quantized modules; ``pickle`` holds any module whose classes are importable where it is loaded.
+    """
+    formats = {step.serialization_format() for step in steps}
+    return "pickle" if "pickle" in formats else "pt2"
 
 
 def speedup_bound(steps: list[Step]) -> float | None:
@@ -97,14 +129,40 @@ class TechniqueRegistry:
     def register_for(self, plugin: str) -> Register:
         """A ``register`` callable that records ``plugin`` as the owner."""
 
-        def register(name, schema, apply, *, label=None, followed_by=None, check=None, max_speedup=None) -> None:
+        def register(
+            name,
+            schema,
+            apply,
+            *,
+            label=None,
+            followed_by=None,
+            check=None,
+            max_speedup=None,
+            key_params=None,
+            serialization_format="pt2",
+        ) -> None:
             if name in self._techniques:
                 owner = self._techniques[name].plugin
                 raise PluginError(f"plugin {plugin!r} registers technique {name!r}, already registered by {owner!r}")
             if not dataclasses.is_dataclass(schema):
                 raise PluginError(f"plugin {plugin!r}: the schema of technique {name!r} must be a dataclass")
+            fields = {f.name for f in dataclasses.fields(schema)}
+            unknown = sorted(set(key_params or ()) - fields)
+            if unknown:
+                raise PluginError(
+                    f"plugin {plugin!r}: key_params {unknown} of technique {name!r} are not fields of its schema "
+                    f"(fields: {', '.join(sorted(fields))})"
+                )
+            if not callable(serialization_format) and serialization_format not in SERIALIZATION_FORMATS:
+                raise PluginError(
+                    f"plugin {plugin!r}: serialization_format {serialization_format!r} of technique {name!r}; "
+                    f"valid: {', '.join(SERIALIZATION_FORMATS)} or a function of the config returning one"
+                )
             follow = None if followed_by is None else frozenset(followed_by)
-            self._techniques[name] = Technique(name, schema, apply, plugin, label, follow, check, max_speedup)
+            keys = None if key_params is None else tuple(key_params)
+            self._techniques[name] = Technique(
+                name, schema, apply, plugin, label, follow, check, max_speedup, keys, serialization_format
+            )
 
         return register
 

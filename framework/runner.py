@@ -144,6 +144,7 @@ def run_metrics(cfg: DictConfig, plugins: Plugins | None = None) -> tuple[str, d
         config_hash=hash_,
         output_dir=_output_dir(),
         tags=_tags(plugins, steps, hash_),
+        steps=steps,
     )
     hooks.before_run(ctx=ctx)
     try:
@@ -204,6 +205,7 @@ def _run_pipeline(ctx: RunContext, steps: list[Step], hooks) -> dict[str, float]
     if codec != "none":  # what the entropy coding itself saved
         ctx.metrics["uncoded_size_bytes"] = save_model(model, ctx.output_dir / "stages" / "uncoded.pt")
     ctx.artifacts["model"] = model_path
+    ctx.model = model
     params, nonzero = count_parameters(model)
     measure = ctx.cfg.measure
     latency = measure_latency(

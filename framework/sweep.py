@@ -191,6 +191,18 @@ def job_overrides(config: DictConfig) -> list[list[str]] | None:
     return [job for batch in BasicSweeper.split_arguments(overrides, None) for job in batch]
 
 
+def swept_overrides(config: DictConfig) -> list[str]:
+    """What the sweep varies (``technique.prune.amount=0.5,0.9``), from the command line and ``sweeper.params``."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    params = [f"{key}={value}" for key, value in (config.hydra.sweeper.get("params") or {}).items()]
+    try:
+        overrides = OverridesParser.create().parse_overrides([*params, *config.hydra.overrides.task])
+    except Exception:  # a sweeper's own syntax Hydra cannot parse: name the sweep by all its overrides
+        return list(config.hydra.overrides.task)
+    return [o.input_line for o in overrides if o.is_sweep_override() and o.input_line]
+
+
 def validate_jobs(jobs: list[list[str]], host: bool) -> None:
     """Compose and check every job's config before the first one starts; raise ConfigError naming the job.
 
@@ -275,7 +287,7 @@ class SweepCallback(Callback):
         overrides = " ".join(config.hydra.overrides.task)
         parent = client.create_run(
             experiment,
-            run_name=f"sweep {time.strftime('%Y-%m-%d %H:%M:%S')} {overrides}"[:250],
+            run_name=f"sweep {config.experiment_name}: {' '.join(swept_overrides(config))}".rstrip(": ")[:250],
             tags={
                 "slimlab.sweep": "parent",
                 "slimlab.sweep.overrides": overrides[:5000],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -15,6 +16,22 @@ if TYPE_CHECKING:
     from framework.context import RunContext
 
 BATCH_LIMIT = 100  # MLflow accepts at most 100 params per log_batch call
+
+# The MLflow UI opens a shared view from an experiment tag mlflow.sharedViewState.<key> (what its Share button
+# writes): slimlab's shows the metrics of DESIGN.md section 4 and the comparison params as columns.
+# `slimlab ui` prints its link.
+VIEW_KEY = "slimlab"
+VIEW_TAG = f"mlflow.sharedViewState.{VIEW_KEY}"
+VIEW_METRICS = ("{primary}", "{primary}_drop", "compression_ratio", "size_bytes", "speedup", "latency_ms", "sparsity")
+VIEW_PARAMS = ("model", "data", "techniques")
+
+
+def comparison_view(primary: str = "accuracy") -> str:
+    """The shared view's state, as the MLflow UI stores it (JSON)."""
+    metrics = [name.format(primary=primary) for name in VIEW_METRICS]
+    columns = [f"metrics.`{m}`" for m in metrics] + [f"params.`{p}`" for p in VIEW_PARAMS]
+    # No sort key: the UI nests a sweep's children under their parent only when runs are sorted by time.
+    return json.dumps({"selectedColumns": columns})
 
 
 def tracking_uri(cfg: DictConfig | None = None) -> str:
@@ -30,11 +47,35 @@ def artifact_location(uri: str) -> str | None:
     return None
 
 
-def experiment_id(client: Any, name: str, uri: str) -> str:
+def experiment_id(client: Any, name: str, uri: str, primary: str | None = None) -> str:
+    """The experiment's id, created if new, its comparison view (for task metric ``primary``) kept current."""
     experiment = client.get_experiment_by_name(name)
-    if experiment is not None:
-        return experiment.experiment_id
-    return client.create_experiment(name, artifact_location=artifact_location(uri))
+    if experiment is None:
+        experiment_id = client.create_experiment(name, artifact_location=artifact_location(uri))
+        tags: dict[str, str] = {}
+    else:
+        experiment_id, tags = experiment.experiment_id, experiment.tags
+    view = comparison_view(primary or "accuracy")
+    if VIEW_TAG not in tags or (primary and tags[VIEW_TAG] != view):  # new, or this run's task metric differs
+        client.set_experiment_tag(experiment_id, VIEW_TAG, view)
+    return experiment_id
+
+
+def comparison_url(base_url: str, experiment_id: str) -> str:
+    """The experiment's runs table with slimlab's comparison columns (a view the MLflow UI can share)."""
+    return f"{base_url.rstrip('/')}/#/experiments/{experiment_id}/runs?viewStateShareKey={VIEW_KEY}"
+
+
+def comparison_params(ctx: RunContext) -> dict[str, str]:
+    """The few params that matter when comparing runs, short and top-level: model, data, chain, key settings."""
+    params = {
+        "model": str(ctx.cfg.model.get("name", "model")),
+        "data": str(ctx.cfg.data.get("name", "data")),
+        "techniques": "+".join(step.name for step in ctx.steps) or "none",
+    }
+    for step in ctx.steps:
+        params |= {key: str(value) for key, value in step.key_params().items()}
+    return params
 
 
 class MlflowTracking:
@@ -56,9 +97,12 @@ class MlflowTracking:
         else:
             uri = tracking_uri(ctx.cfg)
         client = MlflowClient(uri)
-        run = client.create_run(experiment_id(client, ctx.cfg.experiment_name, uri), run_name=ctx.run_name, tags=tags)
+        experiment = experiment_id(client, ctx.cfg.experiment_name, uri, ctx.data.primary_metric)
+        run = client.create_run(experiment, run_name=ctx.run_name, tags=tags)
         ctx.state["mlflow"] = {"uri": uri, "run_id": run.info.run_id, "experiment_id": run.info.experiment_id}
-        params = [Param(k, v[:6000]) for k, v in flatten(ctx.cfg).items()]
+        flat = flatten(ctx.cfg)
+        short = {k: v for k, v in comparison_params(ctx).items() if k not in flat}
+        params = [Param(k, v[:6000]) for k, v in {**short, **flat}.items()]
         for start in range(0, len(params), BATCH_LIMIT):
             client.log_batch(run.info.run_id, params=params[start : start + BATCH_LIMIT])
 
@@ -71,15 +115,17 @@ class MlflowTracking:
         state = ctx.state["mlflow"]
         client, run_id = MlflowClient(state["uri"]), state["run_id"]
         now = int(time.time() * 1000)
-        client.log_batch(
-            run_id,
-            metrics=[Metric(name, float(value), now, 0) for name, value in metrics.items()],
-            tags=[RunTag(k, v) for k, v in ctx.tags.items()],  # tags added while running (baseline, threads)
-        )
+        client.log_batch(run_id, metrics=[Metric(name, float(value), now, 0) for name, value in metrics.items()])
         client.log_text(run_id, OmegaConf.to_yaml(ctx.cfg, resolve=True), "config.yaml")
         client.log_text(run_id, "\n".join(_overrides()) + "\n", "overrides.txt")
-        for name, path in ctx.artifacts.items():
-            client.log_artifact(run_id, str(path), artifact_path=name if name == "model" else None)
+        for path in ctx.artifacts.values():  # at the root: runs:/<id>/model is the logged MLflow model
+            client.log_artifact(run_id, str(path))
+        if ctx.cfg.tracking.log_model:  # after the metrics, which MLflow links to the logged model
+            from framework.logged_model import log_compressed_model
+
+            log_compressed_model(state["uri"], run_id, ctx)
+        # tags added while running (baseline, threads, the logged model's format and URI)
+        client.log_batch(run_id, tags=[RunTag(k, v) for k, v in ctx.tags.items()])
         client.set_terminated(run_id, "FINISHED")
         from framework import sweep
 

@@ -291,4 +291,5 @@ def label(config: DistillConfig) -> str:
 
 @hookimpl
 def register_techniques(register) -> None:
-    register("distill", DistillConfig, apply, label=label)
+    key_params = ("teacher", "student", "loss", "alpha", "temperature", "epochs", "scratch")
+    register("distill", DistillConfig, apply, label=label, key_params=key_params)

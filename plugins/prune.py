@@ -168,4 +168,5 @@ def label(config: PruneConfig) -> str:
 
 @hookimpl
 def register_techniques(register) -> None:
-    register("prune", PruneConfig, apply, label=label)
+    key_params = ("amount", "method", "structure", "scope", "schedule", "fine_tune_epochs")
+    register("prune", PruneConfig, apply, label=label, key_params=key_params)

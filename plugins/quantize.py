@@ -664,5 +664,14 @@ def max_speedup(config: QuantizeConfig) -> float | None:
 def register_techniques(register) -> None:
     # int8 weights cannot be pruned or fine-tuned further; only placing the finished model may follow.
     register(
-        "quantize", QuantizeConfig, apply, label=label, followed_by=("place",), check=check, max_speedup=max_speedup
+        "quantize",
+        QuantizeConfig,
+        apply,
+        label=label,
+        followed_by=("place",),
+        check=check,
+        max_speedup=max_speedup,
+        key_params=("backend", "scheme", "granularity", "embeddings", "compile"),
+        # torch.export cannot hold torch.ao's quantized modules (packed params); pt2e's graph cannot be pickled
+        serialization_format=lambda config: "pickle" if config.backend == "eager" else "pt2",
     )

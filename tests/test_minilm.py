@@ -228,7 +228,7 @@ def test_tiny_minilm_run_logs_fidelity_not_accuracy(overrides, store, few, tmp_p
     assert stages["stages"][0]["cosine_to_baseline"] == pytest.approx(cosine)
 
     # the artifact reloads into a fresh 2-layer MiniLM and gives the same embeddings
-    model_file = Path(client.download_artifacts(logged.info.run_id, "model/model.pt", str(tmp_path)))
+    model_file = Path(client.download_artifacts(logged.info.run_id, "model.pt", str(tmp_path)))
     reloaded = load_model(MiniLM(num_layers=2), model_file).eval()
     baseline = MiniLM(num_layers=2).eval()
     data = sentences(path=str(few), test_fraction=0.5, seed=0)

@@ -90,7 +90,7 @@ def test_cpu_float32_with_threads(overrides, store, cache_dir, tmp_path):
     assert "slimlab.place.device_map" not in tags
 
     # The artifact is the inner model's state, under its own names: it loads into a fresh LeNet.
-    model_file = artifact(client, logged, "model/model.pt", tmp_path)
+    model_file = artifact(client, logged, "model.pt", tmp_path)
     assert model_file.stat().st_size == metrics["size_bytes"]
     assert_same_weights(load_state(model_file), baseline_state(logged, cache_dir))
 
@@ -105,7 +105,7 @@ def test_half_precision_halves_the_file(overrides, store, tmp_path, dtype, short
     assert abs(metrics["accuracy_drop"]) <= 0.02
     assert metrics["test_mismatches"] <= 0.02 * 450  # at most 2% of the test split changes its prediction
     assert logged.data.tags["slimlab.place.dtype"] == dtype
-    model_file = artifact(client, logged, "model/model.pt", tmp_path)
+    model_file = artifact(client, logged, "model.pt", tmp_path)
     assert model_file.stat().st_size == metrics["size_bytes"]
     assert {tensor.dtype for tensor in load_state(model_file).values()} == {getattr(torch, dtype)}
     reloaded = load_model(LeNet(), model_file)
@@ -126,7 +126,7 @@ def test_device_map_splits_by_module_name_on_cpu(overrides, store, cache_dir, tm
     assert metrics["test_mismatches"] == 0 and metrics["test_max_abs_diff"] == 0
     # fc1's weights live on disk (meta in the module), yet they are counted and saved for real.
     assert metrics["params"] == metrics["nonzero_params"] == LENET_PARAMS
-    model_file = artifact(client, logged, "model/model.pt", tmp_path)
+    model_file = artifact(client, logged, "model.pt", tmp_path)
     assert_same_weights(load_state(model_file), baseline_state(logged, cache_dir))
 
 
@@ -143,7 +143,7 @@ def test_max_memory_below_the_model_offloads_to_disk(overrides, store, cache_dir
     assert metrics["test_mismatches"] == 0 and metrics["test_max_abs_diff"] == 0
     assert metrics["accuracy"] == metrics["baseline_accuracy"]
     assert metrics["params"] == metrics["nonzero_params"] == LENET_PARAMS
-    model_file = artifact(client, logged, "model/model.pt", tmp_path)
+    model_file = artifact(client, logged, "model.pt", tmp_path)
     assert model_file.stat().st_size == metrics["size_bytes"]
     assert_same_weights(load_state(model_file), baseline_state(logged, cache_dir))
 
@@ -264,7 +264,7 @@ def test_cuda_placement(overrides, store, tmp_path):
     assert METRICS <= set(metrics)
     assert logged.data.tags["slimlab.place.device"].startswith("cuda:")
     assert metrics["test_mismatches"] <= 2 and abs(metrics["accuracy_drop"]) <= 0.005
-    model_file = artifact(client, logged, "model/model.pt", tmp_path)
+    model_file = artifact(client, logged, "model.pt", tmp_path)
     assert model_file.stat().st_size == metrics["size_bytes"]
     load_model(LeNet(), model_file)  # saved from the GPU, loads on the CPU
 
@@ -279,7 +279,7 @@ def test_cuda_with_cpu_offload(overrides, store, cache_dir, tmp_path):
     assert device_map["fc1"] == "cpu" and device_map["conv1"].startswith("cuda:")
     metrics = logged.data.metrics
     assert metrics["test_mismatches"] <= 2 and metrics["params"] == LENET_PARAMS
-    model_file = artifact(client, logged, "model/model.pt", tmp_path)
+    model_file = artifact(client, logged, "model.pt", tmp_path)
     assert_same_weights(load_state(model_file), baseline_state(logged, cache_dir))
 
 

@@ -77,7 +77,7 @@ def test_structured_removes_channels_and_the_artifact_reloads_at_its_new_shapes(
     assert metrics["params"] < 0.3 * 431_080  # half the channels of each layer: about a quarter of the weights
     assert metrics["sparsity"] < 0.01  # nothing masked: the weights are gone
     assert "fc1:(250, 400)" in logged.data.tags["slimlab.prune.shapes"]
-    model_file = client.download_artifacts(logged.info.run_id, "model/model.pt", str(tmp_path))
+    model_file = client.download_artifacts(logged.info.run_id, "model.pt", str(tmp_path))
     reloaded = load_model(LeNet(), model_file)
     assert reloaded.conv2.out_channels == 25 and reloaded.fc1.in_features == 400
     data = digits()

@@ -52,7 +52,7 @@ def quantize(*options: str) -> list[str]:
 
 def reloaded_accuracy(client, logged, tmp_path: Path, model: nn.Module, config: QuantizeConfig, seed: int = 0):
     """Accuracy of the logged model.pt, loaded into the rebuilt quantized structure."""
-    model_file = Path(client.download_artifacts(logged.info.run_id, "model/model.pt", str(tmp_path)))
+    model_file = Path(client.download_artifacts(logged.info.run_id, "model.pt", str(tmp_path)))
     assert model_file.stat().st_size == logged.data.metrics["size_bytes"]
     data = digits(seed=seed)
     reloaded = load_model(rebuild(model, config, data.example_batch(64)), model_file)
@@ -96,7 +96,7 @@ def test_each_backend_quantizes_lenet_to_a_quarter_and_reloads(case, overrides, 
 def test_pt2e_artifact_is_int8_without_fp32_leftovers(overrides, store, tmp_path):
     run(compose([*overrides, *quantize("backend=pt2e", "compile=false", "targets=[Linear,Conv2d]")]))
     client, logged = only_run(store)
-    state = load_state(Path(client.download_artifacts(logged.info.run_id, "model/model.pt", str(tmp_path))))
+    state = load_state(Path(client.download_artifacts(logged.info.run_id, "model.pt", str(tmp_path))))
     int8 = {name: t for name, t in state.items() if t.dtype == torch.int8}
     weights = [p.shape for n, p in LeNet().named_parameters() if n.endswith("weight")]
     assert sorted(t.shape for t in int8.values()) == sorted(weights)
@@ -115,7 +115,7 @@ def test_keep_float_leaves_sensitive_layers_in_float(options, overrides, store, 
     cfg = compose([*overrides, *quantize(*options, "keep_float=[fc1]")])
     run(cfg)
     client, logged = only_run(store)
-    state = load_state(Path(client.download_artifacts(logged.info.run_id, "model/model.pt", str(tmp_path))))
+    state = load_state(Path(client.download_artifacts(logged.info.run_id, "model.pt", str(tmp_path))))
     assert state["fc1.weight"].dtype == torch.float32 and not state["fc1.weight"].is_quantized
     assert logged.data.metrics["compression_ratio"] < 1.2  # fc1 is 93% of LeNet's weights
 

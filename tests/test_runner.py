@@ -52,12 +52,12 @@ def test_quickstart_logs_every_metric_and_artifact(overrides, store, tmp_path):
     tags = logged.data.tags
     assert tags["slimlab.techniques"] == "prune,quantize"
     assert "prune:slimlab==0.1.0" in tags["slimlab.plugins"] and len(tags["slimlab.config_hash"]) == 16
-    assert {"config.yaml", "overrides.txt", "stages.json", "model/model.pt"} <= artifact_paths(
+    assert {"config.yaml", "overrides.txt", "stages.json", "model.pt"} <= artifact_paths(
         client, logged.info.run_id
     )
 
     # size_bytes is the size of the very file logged, and that file reloads to the same model.
-    model_file = Path(client.download_artifacts(logged.info.run_id, "model/model.pt", str(tmp_path)))
+    model_file = Path(client.download_artifacts(logged.info.run_id, "model.pt", str(tmp_path)))
     assert model_file.stat().st_size == metrics["size_bytes"]
     assert not [key for key in load_state(model_file) if key.endswith(("_orig", "_mask"))]  # pruning is permanent
     reloaded = load_model(LeNet(), model_file)

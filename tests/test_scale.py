@@ -195,7 +195,7 @@ def test_parallel_sweep_against_a_tracking_server_on_postgresql(tmp_path, cache_
         assert len(child_configs(uri)) == 4  # no run lost
         client = MlflowClient(uri)
         _, children = runs_by_kind(uri)
-        model = client.download_artifacts(children[0].info.run_id, "model/model.pt", str(tmp_path))
+        model = client.download_artifacts(children[0].info.run_id, "model.pt", str(tmp_path))
         assert Path(model).stat().st_size == children[0].data.metrics["size_bytes"]  # served by the server
     finally:
         os.killpg(server.pid, signal.SIGTERM)

@@ -103,8 +103,9 @@ def after_run(ctx: RunContext, metrics: dict[str, float]) -> None:
     """A run finished successfully.
 
     When: last, with ``metrics``, every metric of the run (DESIGN.md section 4
-    plus the ``evaluate`` results). ``ctx`` is the run's context. ``ctx.artifacts`` maps artifact names to the local
-    files written for this run (compressed model, stage metrics). Tracking
+    plus the ``evaluate`` results). ``ctx`` is the run's context: ``ctx.model`` the compressed model as deployed,
+    ``ctx.steps`` the pipeline, ``ctx.artifacts`` the local files written for this run (compressed model, stage
+    metrics), by name. Tracking
     plugins log and close their run here. Returns nothing.
     """
 

@@ -31,7 +31,10 @@ CASES = {
     "pruned": (["technique=[prune]", "technique.prune.amount=0.9"], "pt2"),
     "quantized (torch.ao eager)": (["technique=[quantize_legacy]"], "pickle"),
     "quantized (pt2e)": (["technique=[quantize_pt2e]"], "pt2"),
-    "distilled": (["technique=[distill]", "technique.distill.student=lenet_small", "technique.distill.epochs=1"], "pt2"),
+    "distilled": (
+        ["technique=[distill]", "technique.distill.student=lenet_small", "technique.distill.epochs=1"],
+        "pt2",
+    ),
 }
 
 
@@ -58,3 +61,69 @@ def test_logged_model_loads_back_with_the_same_outputs(case, overrides, store):
         assert info.signature is not None and info.saved_input_example_info is not None
     finally:
         mlflow.set_tracking_uri(None)
+
+
+class ValueDependent(torch.nn.Module):
+    """Python control flow on a tensor's value: torch.export cannot trace it, pickle holds it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(28 * 28, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.linear(x.flatten(1))
+        return out if out.sum() > 0 else -out
+
+
+def test_a_model_torch_export_cannot_trace_is_logged_as_pickle_with_the_reason(store, tmp_path, tiny_data):
+    from framework.context import RunContext
+    from framework.logged_model import log_compressed_model
+    from framework.tracking import experiment_id
+
+    client = MlflowClient(store)
+    run = client.create_run(experiment_id(client, "tests", store))
+    torch.manual_seed(0)
+    model = ValueDependent().eval()
+    ctx = RunContext(cfg=None, data=tiny_data, device="cpu", run_name="x", config_hash="0", output_dir=tmp_path)
+    ctx.model = model
+    uri = log_compressed_model(store, run.info.run_id, ctx)
+
+    assert ctx.tags["slimlab.model_format"].startswith("pickle (pt2 failed: ")
+    mlflow.set_tracking_uri(store)
+    try:
+        loaded = mlflow.pytorch.load_model(uri)
+    finally:
+        mlflow.set_tracking_uri(None)
+    batch = tiny_data.example_batch(8)
+    with torch.inference_mode():
+        torch.testing.assert_close(loaded(batch), model(batch), rtol=0, atol=0)
+
+
+def test_the_pipeline_is_pickled_when_any_step_needs_it(slimlab_plugins, slimlab_compose):
+    from framework.registry import serialization_format
+    from framework.runner import plan
+
+    def steps(techniques: str):
+        return plan(slimlab_compose(["tracking=none", f"technique={techniques}"]), slimlab_plugins).steps
+
+    assert serialization_format(steps("[prune,distill]")) == "pt2"
+    assert serialization_format(steps("[prune,quantize_pt2e]")) == "pt2"
+    assert serialization_format(steps("[prune,quantize_legacy]")) == "pickle"
+    assert serialization_format([]) == "pt2"  # the baseline alone
+
+
+def test_key_params_and_serialization_format_are_checked_at_registration():
+    from dataclasses import dataclass
+
+    from framework.errors import PluginError
+    from framework.registry import TechniqueRegistry
+
+    @dataclass
+    class Options:
+        amount: float = 0.5
+
+    register = TechniqueRegistry().register_for("third-party")
+    with pytest.raises(PluginError, match=r"key_params \['amout'\] .* not fields of its schema \(fields: amount\)"):
+        register("a", Options, lambda m, c, x: m, key_params=["amout"])
+    with pytest.raises(PluginError, match="serialization_format 'onnx'.*valid: pt2, pickle"):
+        register("b", Options, lambda m, c, x: m, serialization_format="onnx")

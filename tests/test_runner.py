@@ -47,14 +47,21 @@ def test_quickstart_logs_every_metric_and_artifact(overrides, store, tmp_path):
     assert metrics["compression_ratio"] == pytest.approx(metrics["baseline_size_bytes"] / metrics["size_bytes"])
     assert metrics["sparsity"] > 0.85  # 90% of weights pruned (biases are kept)
     assert logged.data.params["technique.prune.amount"] == "0.9"
+    # beside the full config, the short params that matter when comparing runs
+    short = {k: logged.data.params[k] for k in ("model", "data", "techniques", "prune.amount", "quantize.backend")}
+    assert short == {
+        "model": "lenet",
+        "data": "digits",
+        "techniques": "prune+quantize",
+        "prune.amount": "0.9",
+        "quantize.backend": "torchao",
+    }
     # One log_batch call for all metrics (one log_metric call costs about 5 ms against sqlite): one timestamp.
     assert len({client.get_metric_history(logged.info.run_id, name)[0].timestamp for name in METRICS}) == 1
     tags = logged.data.tags
     assert tags["slimlab.techniques"] == "prune,quantize"
     assert "prune:slimlab==0.1.0" in tags["slimlab.plugins"] and len(tags["slimlab.config_hash"]) == 16
-    assert {"config.yaml", "overrides.txt", "stages.json", "model.pt"} <= artifact_paths(
-        client, logged.info.run_id
-    )
+    assert {"config.yaml", "overrides.txt", "stages.json", "model.pt"} <= artifact_paths(client, logged.info.run_id)
 
     # size_bytes is the size of the very file logged, and that file reloads to the same model.
     model_file = Path(client.download_artifacts(logged.info.run_id, "model.pt", str(tmp_path)))

@@ -24,8 +24,8 @@ class RunContext:
     ``baseline`` is the trained, uncompressed model (the default teacher);
     techniques must not modify it. ``steps`` is the pipeline (each technique
     with its validated config); ``model`` is the compressed model as
-    deployed, set once the last technique ran. ``state`` is scratch space for plugins
-    (e.g. a tracking run id), keyed by plugin name by convention. Techniques
+    deployed, set once the last technique ran. ``state`` is scratch space for
+    plugins (e.g. a tracking run id), keyed by plugin name by convention. Techniques
     put measurements about themselves (compile time, dense size) in
     ``metrics`` and readable facts (placement) in ``tags``; both are logged.
     """

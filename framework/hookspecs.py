@@ -105,8 +105,7 @@ def after_run(ctx: RunContext, metrics: dict[str, float]) -> None:
     When: last, with ``metrics``, every metric of the run (DESIGN.md section 4
     plus the ``evaluate`` results). ``ctx`` is the run's context: ``ctx.model`` the compressed model as deployed,
     ``ctx.steps`` the pipeline, ``ctx.artifacts`` the local files written for this run (compressed model, stage
-    metrics), by name. Tracking
-    plugins log and close their run here. Returns nothing.
+    metrics), by name. Tracking plugins log and close their run here. Returns nothing.
     """
 
 

@@ -1,6 +1,6 @@
 """The compressed model as an MLflow model: ``mlflow.pytorch.log_model``, loadable with ``mlflow.pytorch.load_model``.
 
-This is the model to deploy, beside the run's measured artifact (``model/model.pt``, the file whose bytes are
+This is the model to deploy, beside the run's measured artifact (``model.pt``, the file whose bytes are
 ``size_bytes``). Each technique declares the ``serialization_format`` its output needs (``pt2``: torch.export,
 loads without slimlab; ``pickle``: any module, e.g. ``torch.ao`` quantized ones). A pipeline whose model
 torch.export cannot trace falls back to ``pickle``, and the run's ``slimlab.model_format`` tag says why.
@@ -13,9 +13,10 @@ import logging
 from importlib import metadata
 from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from torch import nn
+import torch  # imported by the tracking plugin only when it logs a model
+from torch import nn
 
+if TYPE_CHECKING:
     from framework.context import RunContext
 
 NAME = "model"  # the logged model's name: runs:/<run id>/model
@@ -27,14 +28,12 @@ log = logging.getLogger("slimlab")
 def log_compressed_model(uri: str, run_id: str, ctx: RunContext) -> str:
     """Log ``ctx.model`` to run ``run_id`` in store ``uri``; return the model's URI (``models:/<id>``)."""
     import mlflow.pytorch
-    import torch
     from mlflow.models import infer_signature
     from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 
-    from framework.artifact import deployable
     from framework.registry import serialization_format
 
-    model = _on_cpu(deployable(ctx.model))
+    model = portable(ctx.model)
     example = ctx.data.example_batch(EXAMPLE_ROWS).cpu()
     with torch.inference_mode():
         output = model(example)
@@ -92,9 +91,38 @@ def uses_quantized_ops(model: nn.Module) -> bool:
     return graph is not None and any(str(node.target).startswith("quantized_decomposed.") for node in graph.nodes)
 
 
-def _on_cpu(model: nn.Module) -> nn.Module:
-    """The model as it is, or a CPU copy: the input example and the loaded model live on the CPU."""
-    tensors = [*model.parameters(), *model.buffers()]
-    if all(t.device.type == "cpu" for t in tensors):
-        return model
-    return copy.deepcopy(model).cpu()
+def portable(model: nn.Module) -> nn.Module:
+    """The deployed model as one CPU module that takes and returns what the run's data has, like the run's model.
+
+    A placed model (``plugins/place.py``) runs its inner module on other devices, offloaded or in half
+    precision, behind a wrapper that moves and casts inputs. The portable form is that inner module on the CPU,
+    without accelerate's hooks, its offloaded weights read back, and, when its weights are not float32, a cast
+    at each end, so that the logged model has the run's float32 signature.
+    """
+    from framework.artifact import deployable
+
+    inner = deployable(model)
+    tensors = [*inner.parameters(), *inner.buffers()]
+    hooked = any(hasattr(m, "_hf_hook") for m in inner.modules())  # accelerate's dispatch or offload hooks
+    if hooked or any(t.device.type != "cpu" for t in tensors):
+        state = {name: value.cpu() for name, value in inner.state_dict().items()}  # offloaded ones read back
+        inner = copy.deepcopy(inner)
+        if hooked:
+            from accelerate.hooks import remove_hook_from_module
+
+            remove_hook_from_module(inner, recurse=True)
+        inner = inner.to_empty(device="cpu")
+        inner.load_state_dict(state)
+    dtype = next((t.dtype for t in inner.parameters() if t.is_floating_point()), torch.float32)
+    return inner if dtype == torch.float32 else Float32Interface(inner, dtype)
+
+
+class Float32Interface(nn.Module):
+    """``inner`` in its own dtype (bfloat16, float16), called with float32 tensors and returning float32 ones."""
+
+    def __init__(self, inner: nn.Module, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.inner, self.dtype = inner, dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x.to(self.dtype) if x.is_floating_point() else x).float()

@@ -179,28 +179,29 @@ def outcomes_of(client: MlflowClient, parent: str) -> dict[int, dict[str, str]]:
 
 def job_overrides(config: DictConfig) -> list[list[str]] | None:
     """Every job's overrides, as Hydra's basic sweeper will expand them; None for other sweepers."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
     target = str(config.hydra.sweeper.get("_target_", ""))
     if not target.endswith("BasicSweeper"):
         return None
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 
-    params = [f"{key}={value}" for key, value in (config.hydra.sweeper.get("params") or {}).items()]
-    overrides = OverridesParser.create().parse_overrides([*params, *config.hydra.overrides.task])
-    return [job for batch in BasicSweeper.split_arguments(overrides, None) for job in batch]
+    return [job for batch in BasicSweeper.split_arguments(_sweep_overrides(config), None) for job in batch]
 
 
 def swept_overrides(config: DictConfig) -> list[str]:
     """What the sweep varies (``technique.prune.amount=0.5,0.9``), from the command line and ``sweeper.params``."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    params = [f"{key}={value}" for key, value in (config.hydra.sweeper.get("params") or {}).items()]
     try:
-        overrides = OverridesParser.create().parse_overrides([*params, *config.hydra.overrides.task])
+        overrides = _sweep_overrides(config)
     except Exception:  # a sweeper's own syntax Hydra cannot parse: name the sweep by all its overrides
         return list(config.hydra.overrides.task)
     return [o.input_line for o in overrides if o.is_sweep_override() and o.input_line]
+
+
+def _sweep_overrides(config: DictConfig) -> list:
+    """The sweeper's ``params`` and the command line's overrides, parsed as Hydra's sweepers parse them."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    params = [f"{key}={value}" for key, value in (config.hydra.sweeper.get("params") or {}).items()]
+    return OverridesParser.create().parse_overrides([*params, *config.hydra.overrides.task])
 
 
 def validate_jobs(jobs: list[list[str]], host: bool) -> None:
@@ -287,7 +288,7 @@ class SweepCallback(Callback):
         overrides = " ".join(config.hydra.overrides.task)
         parent = client.create_run(
             experiment,
-            run_name=f"sweep {config.experiment_name}: {' '.join(swept_overrides(config))}".rstrip(": ")[:250],
+            run_name=" ".join([f"sweep {config.experiment_name}:", *swept_overrides(config)])[:250],
             tags={
                 "slimlab.sweep": "parent",
                 "slimlab.sweep.overrides": overrides[:5000],

@@ -9,42 +9,47 @@ import torch
 from mlflow import MlflowClient
 
 from framework import hookimpl
-from framework.artifact import deployable
 from framework.config import compose
+from framework.logged_model import LOAD_NOTE, portable
 from framework.plugins import load_plugins
 from framework.runner import run_metrics
 
 
 class RecordOutputs:
-    """A plugin that keeps the deployed model's outputs on a fixed batch, taken just before tracking logs it."""
-
-    outputs: torch.Tensor | None = None
+    """A plugin that keeps the run's model's outputs on a fixed batch, taken just before tracking logs it."""
 
     @hookimpl(tryfirst=True)
     def after_run(self, ctx) -> None:
         self.batch = ctx.data.example_batch(16).cpu()
         with torch.inference_mode():
-            self.outputs = deployable(ctx.model)(self.batch).clone()
+            self.deployed = ctx.model(self.batch).clone()  # as the run measured it
+            self.logged = portable(ctx.model)(self.batch).clone()  # the form logged: one CPU module
 
 
+# technique options, the expected serialization format, whether the deployed model computes what is logged
 CASES = {
-    "pruned": (["technique=[prune]", "technique.prune.amount=0.9"], "pt2"),
-    "quantized (torch.ao eager)": (["technique=[quantize_legacy]"], "pickle"),
-    "quantized (pt2e)": (["technique=[quantize_pt2e]"], "pt2"),
+    "pruned": (["technique=[prune]", "technique.prune.amount=0.9"], "pt2", True),
+    "quantized (torch.ao eager)": (["technique=[quantize_legacy]"], "pickle", True),
+    "quantized (pt2e)": (["technique=[quantize_pt2e]"], "pt2", False),  # deployed compiled: inductor's kernels
     "distilled": (
         ["technique=[distill]", "technique.distill.student=lenet_small", "technique.distill.epochs=1"],
         "pt2",
+        True,
     ),
+    "placed (float16)": (["technique=[place]", "technique.place.dtype=float16"], "pt2", True),
+    "placed (offloaded to disk)": (["technique=[place]", "+technique.place.device_map={fc1:disk}"], "pt2", True),
 }
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_logged_model_loads_back_with_the_same_outputs(case, overrides, store):
-    options, expected_format = CASES[case]
+    options, expected_format, same_as_deployed = CASES[case]
     plugins = load_plugins()
     recorder = RecordOutputs()
     plugins.manager.register(recorder, name="record-outputs")
     run_metrics(compose([*overrides, "model=lenet", "data=digits", *options]), plugins)
+    if same_as_deployed:
+        torch.testing.assert_close(recorder.logged, recorder.deployed, rtol=0, atol=0)
 
     client = MlflowClient(store)
     (run,) = client.search_runs([client.get_experiment_by_name("tests").experiment_id])
@@ -56,9 +61,11 @@ def test_logged_model_loads_back_with_the_same_outputs(case, overrides, store):
         for uri in (tags["slimlab.model_uri"], f"runs:/{run.info.run_id}/model"):  # both name the same model
             loaded = mlflow.pytorch.load_model(uri)
             with torch.inference_mode():
-                torch.testing.assert_close(loaded(recorder.batch), recorder.outputs, rtol=0, atol=0)
+                torch.testing.assert_close(loaded(recorder.batch), recorder.logged, rtol=0, atol=0)
         info = mlflow.models.get_model_info(tags["slimlab.model_uri"])
         assert info.signature is not None and info.saved_input_example_info is not None
+        # a pt2e graph calls quantized ops that only exist once torchao is imported: its MLmodel says so
+        assert (info.metadata == LOAD_NOTE) == (case == "quantized (pt2e)")
     finally:
         mlflow.set_tracking_uri(None)
 

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import textwrap
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -40,6 +43,26 @@ def slimlab(*args: str, cwd: Path, env: dict[str, str] | None = None, timeout: i
     full_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), extra.pop("PYTHONPATH", None)]))
     full_env.update(extra)
     return subprocess.run([*SLIMLAB, *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until_healthy(url: str, process: subprocess.Popen, seconds: float = 120) -> None:
+    """Poll an MLflow server's ``/health`` until it answers; fail if ``process`` exits or time runs out."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                assert response.status == 200
+                return
+        except OSError:
+            assert process.poll() is None, f"the server exited with code {process.returncode}"
+            assert time.monotonic() < deadline, f"{url} did not answer /health in {seconds:g} s"
+            time.sleep(0.5)
 
 
 def write_plugin(site: Path, dist: str, module: str, source: str, entry_points: dict[str, str]) -> Path:

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import socket
 import subprocess
-import time
-import urllib.request
 
 import pytest
 from mlflow import MlflowClient
 
-from tests.conftest import FAST, SLIMLAB, slimlab
+from tests.conftest import FAST, SLIMLAB, free_port, slimlab, wait_until_healthy
 
 BAD_INPUT = [
     (["technique.prune.amount=1.5"], r"technique.prune: amount must be in [0, 1), got 1.5"),
@@ -110,12 +107,6 @@ def test_default_store_is_absolute_sqlite_in_launch_dir(tmp_path, cache_dir):
     assert "slimlab ui" in result.stdout  # the summary says how to look at it
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_ui_serves_the_store(tmp_path, store):
     port = free_port()
@@ -124,16 +115,27 @@ def test_ui_serves_the_store(tmp_path, store):
     )
     try:
         assert f"http://127.0.0.1:{port}" in process.stdout.readline()
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
-                    assert response.status == 200
-                    break
-            except OSError:
-                assert time.monotonic() < deadline, "the MLflow UI did not come up in 90 s"
-                assert process.poll() is None, "slimlab ui exited"
-                time.sleep(0.5)
+        wait_until_healthy(f"http://127.0.0.1:{port}", process, seconds=90)
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+def test_ui_links_the_comparison_view_of_each_experiment_slimlab_wrote(store, tmp_path):
+    from framework.cli import comparison_links
+    from framework.tracking import VIEW_TAG, experiment_id
+
+    assert comparison_links(f"sqlite:///{tmp_path / 'none' / 'mlflow.db'}", "http://h:1") == []  # nothing created
+    assert not (tmp_path / "none").exists()
+    client = MlflowClient(store)
+    classify = experiment_id(client, "classify", store)
+    regress = experiment_id(client, "regress", store, primary="mse")
+    client.create_experiment("not slimlab's")
+    links = dict(comparison_links(store, "http://h:1"))
+    assert links == {
+        "classify": f"http://h:1/#/experiments/{classify}/runs?viewStateShareKey=slimlab",
+        "regress": f"http://h:1/#/experiments/{regress}/runs?viewStateShareKey=slimlab",
+    }
+    # the view's columns follow the task's metric
+    assert "metrics.`mse`" in client.get_experiment(regress).tags[VIEW_TAG]
+    assert "metrics.`accuracy`" in client.get_experiment(classify).tags[VIEW_TAG]

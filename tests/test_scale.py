@@ -10,28 +10,20 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
 
-from tests.conftest import FAST, SLIMLAB, slimlab
+from tests.conftest import FAST, SLIMLAB, free_port, slimlab, wait_until_healthy
 from tests.test_sweep import runs_by_kind
 
 pytestmark = pytest.mark.slow
 
 SWEEP = ["-m", "technique=[prune]", "technique.prune.amount=0.2,0.4,0.6,0.8", *FAST]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def child_configs(store: str) -> set[str]:
@@ -179,14 +171,7 @@ def test_parallel_sweep_against_a_tracking_server_on_postgresql(tmp_path, cache_
     )  # fmt: skip
     uri = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{uri}/health", timeout=2):
-                    break
-            except OSError:
-                assert time.monotonic() < deadline and server.poll() is None, "the MLflow server did not come up"
-                time.sleep(0.5)
+        wait_until_healthy(uri, server)
         result = slimlab(
             "run", *SWEEP, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", f"cache_dir={cache_dir}",
             cwd=tmp_path, env={"MLFLOW_TRACKING_URI": uri}, timeout=600,

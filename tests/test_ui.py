@@ -11,16 +11,13 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
 
 from framework.tracking import comparison_url
-from tests.conftest import FAST, slimlab
-from tests.test_cli import free_port
+from tests.conftest import FAST, free_port, slimlab, wait_until_healthy
 
 pytestmark = pytest.mark.slow
 
@@ -63,15 +60,7 @@ def mlflow_server(tmp_path):
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2):
-                    break
-            except OSError:
-                assert server.poll() is None, (tmp_path / "mlflow-server.log").read_text()[-3000:]
-                assert time.monotonic() < deadline, "mlflow server did not come up in 120 s"
-                time.sleep(0.5)
+        wait_until_healthy(url, server)
         yield url
     finally:
         os.killpg(server.pid, signal.SIGTERM)  # uvicorn runs in child processes: stop the whole group

@@ -126,9 +126,11 @@ WORKLOADS: dict[str, Workload] = {
             "cache so both train the baseline; the figures compare the fastest run of each over the pairs (as "
             "`timeit` does: other work on a shared machine only ever adds time). `cpu_overhead` compares "
             "their CPU time (user + system), which other work on a shared machine disturbs less than wall time. "
-            "What slimlab adds is mostly fixed, 2.5 s on an idle machine and 4-5 s under load: importing MLflow and "
-            "opening its store (about 1.5 s; importing it in a thread beside torch was slower, not faster), the "
-            "per-layer sparsity chart (matplotlib, about 0.5 s), Hydra, logging the run and its artifacts. "
+            "What slimlab adds is mostly fixed: importing MLflow and opening its store (about 1.5 s; importing it "
+            "in a thread beside torch was slower, not faster), the per-layer sparsity chart (matplotlib, about "
+            "0.5 s), Hydra, logging the run and its artifacts, and logging the model with `mlflow.pytorch.log_model` "
+            "(2.2-3.0 s per process on experiment=quickstart, mostly torch.export's first call; "
+            "`tracking.log_model=false` skips it). "
             "`help_s` is the median wall time of `slimlab run --help`."
         ),
     ),

@@ -18,6 +18,8 @@ SLIMLAB = [sys.executable, "-m", "framework"]
 
 # Small but real: fewer epochs and repeats than the defaults, same code paths.
 FAST = ["train.epochs=2", "measure.repeats=5", "measure.warmup=1"]
+# For sweeps that test orchestration, not models: the MLflow model's torch.export costs about 3 s in each process.
+NO_MLFLOW_MODEL = "tracking.log_model=false"
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,7 @@ import pytest
 from framework.benchmarks import WORKLOADS, BenchRun, latest_per_variant, load_runs, render, verdict, workload_of
 from framework.config import EXPERIMENTS_DIR, compose
 from framework.overhead import PLAIN
-from tests.conftest import FAST, slimlab
+from tests.conftest import FAST, NO_MLFLOW_MODEL, slimlab
 
 BENCHES = sorted(path.stem for path in EXPERIMENTS_DIR.glob("bench_*.yaml"))
 UNSWEPT = {"bench_overhead"}  # one job, timed by its own driver (WORKLOADS[...].command)
@@ -84,7 +84,7 @@ def test_verdict():
 
 def test_report_from_a_real_store(tmp_path, cache_dir, store):
     """Two tiny bench runs through the real CLI into a sqlite store, then the markdown rows."""
-    common = [*FAST, f"cache_dir={cache_dir}", f"tracking.uri={store}"]
+    common = [*FAST, NO_MLFLOW_MODEL, f"cache_dir={cache_dir}", f"tracking.uri={store}"]
     tiny_dc = [
         "experiment=bench_lenet_deep_compression",
         "technique.prune.amount=0.9",

@@ -70,6 +70,16 @@ def test_logged_model_loads_back_with_the_same_outputs(case, overrides, store):
         mlflow.set_tracking_uri(None)
 
 
+def test_log_model_false_logs_the_measured_file_only(overrides, store):
+    run_metrics(compose([*overrides, "technique=[prune]", "tracking.log_model=false"]))
+    client = MlflowClient(store)
+    experiment = client.get_experiment_by_name("tests").experiment_id
+    (run,) = client.search_runs([experiment])
+    assert "slimlab.model_uri" not in run.data.tags
+    assert client.search_logged_models([experiment]) == []
+    assert "model.pt" in [a.path for a in client.list_artifacts(run.info.run_id)]
+
+
 class ValueDependent(torch.nn.Module):
     """Python control flow on a tensor's value: torch.export cannot trace it, pickle holds it."""
 

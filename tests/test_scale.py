@@ -18,12 +18,12 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from tests.conftest import FAST, SLIMLAB, free_port, slimlab, wait_until_healthy
+from tests.conftest import FAST, NO_MLFLOW_MODEL, SLIMLAB, free_port, slimlab, wait_until_healthy
 from tests.test_sweep import runs_by_kind
 
 pytestmark = pytest.mark.slow
 
-SWEEP = ["-m", "technique=[prune]", "technique.prune.amount=0.2,0.4,0.6,0.8", *FAST]
+SWEEP = ["-m", "technique=[prune]", "technique.prune.amount=0.2,0.4,0.6,0.8", *FAST, NO_MLFLOW_MODEL]
 
 
 def child_configs(store: str) -> set[str]:
@@ -58,8 +58,9 @@ def test_joblib_ray_and_basic_launchers_give_the_same_children(tmp_path, cache_d
 def test_submitit_local_launcher(tmp_path, cache_dir):
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     result = slimlab(
-        "run", "-m", "technique=[prune]", "technique.prune.amount=0.3,0.6", *FAST, "hydra/launcher=submitit_local",
-        "hydra.launcher.timeout_min=10", f"cache_dir={cache_dir}", f"tracking.uri={store}", cwd=tmp_path, timeout=600,
+        "run", "-m", "technique=[prune]", "technique.prune.amount=0.3,0.6", *FAST, NO_MLFLOW_MODEL,
+        "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10", f"cache_dir={cache_dir}",
+        f"tracking.uri={store}", cwd=tmp_path, timeout=600,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert len(child_configs(store)) == 2
@@ -70,7 +71,8 @@ def test_optuna_search_resumes_after_an_interruption(tmp_path, cache_dir):
     command = [
         *SLIMLAB, "run", "-m", "hydra/sweeper=slimlab_optuna", "hydra.sweeper.n_trials=12", "technique=[prune]",
         "technique.prune.amount=interval(0.1, 0.95)", "technique.prune.scope=choice(global, layer)", *FAST,
-        f"cache_dir={cache_dir}", f"tracking.uri={store}", f"hydra.sweeper.storage=sqlite:///{tmp_path}/optuna.db",
+        NO_MLFLOW_MODEL, f"cache_dir={cache_dir}", f"tracking.uri={store}",
+        f"hydra.sweeper.storage=sqlite:///{tmp_path}/optuna.db",
     ]  # fmt: skip
     MlflowClient(store).search_experiments()  # the store exists before we poll it
     process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -11,7 +11,7 @@ import pytest
 from mlflow import MlflowClient
 
 from framework.report import Row, pareto_front
-from tests.conftest import FAST, SLIMLAB, slimlab
+from tests.conftest import FAST, NO_MLFLOW_MODEL, SLIMLAB, slimlab
 
 # Six jobs; the last names a layer LeNet does not have, which only pruning itself finds out: it fails while running.
 LAYERS = "technique.prune.layers=[],[fc1],[conv1],[conv2],[fc2],[nope]"
@@ -32,7 +32,7 @@ def outcomes(run) -> dict[int, dict]:
 
 @pytest.mark.slow
 def test_sweep_isolates_a_failing_job_resumes_and_reports(tmp_path, cache_dir, store):
-    common = ["-m", "technique=[prune]", *FAST, f"cache_dir={cache_dir}", f"tracking.uri={store}"]
+    common = ["-m", "technique=[prune]", *FAST, NO_MLFLOW_MODEL, f"cache_dir={cache_dir}", f"tracking.uri={store}"]
     first = slimlab("run", *common, LAYERS, cwd=tmp_path)
     assert first.returncode == 1, first.stderr[-3000:]
     assert "sweep: 5 finished, 1 failed, 0 skipped of 6 jobs" in first.stdout

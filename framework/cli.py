@@ -134,7 +134,12 @@ def ui_command(args: list[str]) -> int:
     uri = options.uri or tracking_uri()
     base_url = f"http://{options.host}:{options.port}"
     print(f"MLflow UI for {uri} at {base_url}  (Ctrl-C stops it)", flush=True)
-    for name, url in comparison_links(uri, base_url):
+    try:
+        links = comparison_links(uri, base_url)
+    except Exception as error:  # the links are a convenience: the UI still starts
+        print(f"  (no comparison links: {type(error).__name__}: {error})", flush=True)
+        links = []
+    for name, url in links:
         print(f"  compare the runs of {name}: {url}", flush=True)
     return _serve(["ui", "--backend-store-uri", uri, *_listen(options)])
 

@@ -77,6 +77,6 @@ def test_following_the_tutorial_word_for_word_gives_a_working_plugin(tmp_path):
     assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     assert "zero_small  (slimlab-zero-small 0.1.0, slimlab_zero_small)  [loaded]" in result.stdout
     assert "sweep: 2 finished, 0 failed, 0 skipped of 2 jobs" in result.stdout
-    assert re.search(r"\b7 passed\b", result.stdout), result.stdout[-2000:]  # the conformance contract
+    assert re.search(r"\b8 passed\b", result.stdout), result.stdout[-2000:]  # the conformance contract
     plugin_files = work / "slimlab-zero-small"
     assert (plugin_files / "slimlab_zero_small.py").exists() and (plugin_files / "mlflow.db").exists()

@@ -58,6 +58,10 @@ def log_compressed_model(uri: str, run_id: str, ctx: RunContext) -> str:
     except Exception as error:
         if fmt == "pickle":
             raise
+        with _use_tracking_uri(uri):  # MLflow recorded the model before torch.export failed: keep only one
+            failed = mlflow.last_logged_model()
+        if failed is not None and failed.source_run_id == run_id and str(failed.status) != "READY":
+            mlflow.MlflowClient(uri).delete_logged_model(failed.model_id)
         reason = f"{type(error).__name__}: {(str(error).splitlines() or [''])[0]}"[:300]
         log.warning("torch.export cannot trace this model (%s); logging it as pickle", reason)
         fmt = f"pickle (pt2 failed: {reason})"

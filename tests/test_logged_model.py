@@ -106,6 +106,8 @@ def test_a_model_torch_export_cannot_trace_is_logged_as_pickle_with_the_reason(s
     uri = log_compressed_model(store, run.info.run_id, ctx)
 
     assert ctx.tags["slimlab.model_format"].startswith("pickle (pt2 failed: ")
+    (logged,) = client.search_logged_models([run.info.experiment_id])  # the failed pt2 attempt is not kept
+    assert f"models:/{logged.model_id}" == uri and str(logged.status) == "READY"
     mlflow.set_tracking_uri(store)
     try:
         loaded = mlflow.pytorch.load_model(uri)

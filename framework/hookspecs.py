@@ -48,10 +48,10 @@ def register_techniques(register: Register) -> None:
     - ``check(config)``: a capability probe, called before any work; raise
       ``ValueError`` with the reason when this machine cannot run ``config``
       (e.g. int4 kernels on a CPU without them). Never fall back silently.
-    - ``key_params``: the schema's fields that matter when comparing runs;
+    - ``key_params`` (API 1.1): the schema's fields that matter when comparing runs;
       logged as short top-level params ``<name>.<field>`` beside the full
       config. ``None``: every scalar field.
-    - ``serialization_format``: how the tracking plugin saves this
+    - ``serialization_format`` (API 1.1): how the tracking plugin saves this
       technique's output with ``mlflow.pytorch.log_model``: ``"pt2"``
       (torch.export; loads without your classes) or ``"pickle"`` (any module,
       e.g. ``torch.ao`` quantized ones, which torch.export cannot hold), or a

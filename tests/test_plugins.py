@@ -119,7 +119,7 @@ def test_a_plugin_for_another_hook_api_is_refused_with_the_versions_it_needs(tmp
     source = 'SLIMLAB_API = ">=2,<3"\n'
     site = write_plugin(tmp_path, "slimlab-future", "slimlab_future", source, {"future": "slimlab_future"})
     monkeypatch.syspath_prepend(str(site))
-    assert refused(site, "future") == "needs slimlab plugin API >=2,<3; this slimlab provides API 1.0"
+    assert refused(site, "future") == "needs slimlab plugin API >=2,<3; this slimlab provides API 1.1"
 
 
 def test_the_public_api_is_small_and_stable():
@@ -127,7 +127,7 @@ def test_the_public_api_is_small_and_stable():
 
     assert framework.__all__ == ["API_VERSION", "PROJECT", "ConfigError", "RunContext", "hookimpl", "hookspec"]
     assert all(hasattr(framework, name) for name in framework.__all__)
-    assert framework.API_VERSION == "1.0"
+    assert framework.API_VERSION == "1.1"
 
 
 def test_plugins_json_lists_builtins_and_third_party(plugin_site, tmp_path):

@@ -145,7 +145,7 @@ def ui_command(args: list[str]) -> int:
 
 
 def comparison_links(uri: str, base_url: str, limit: int = 5) -> list[tuple[str, str]]:
-    """The comparison view of the experiments slimlab wrote to, most recently updated first."""
+    """The comparison view of the ``limit`` newest experiments slimlab wrote to, newest first."""
     if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).exists():
         return []  # nothing recorded yet; do not create the database just to look
     from mlflow import MlflowClient
@@ -153,7 +153,7 @@ def comparison_links(uri: str, base_url: str, limit: int = 5) -> list[tuple[str,
     from framework.tracking import VIEW_TAG, comparison_url
 
     experiments = MlflowClient(uri).search_experiments(
-        filter_string=f"tags.`{VIEW_TAG}` != ''", order_by=["last_update_time DESC"], max_results=limit
+        filter_string=f"tags.`{VIEW_TAG}` != ''", order_by=["creation_time DESC"], max_results=limit
     )
     return [(e.name, comparison_url(base_url, e.experiment_id)) for e in experiments]
 

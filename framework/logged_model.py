@@ -3,13 +3,18 @@
 This is the model to deploy, beside the run's measured artifact (``model.pt``, the file whose bytes are
 ``size_bytes``). Each technique declares the ``serialization_format`` its output needs (``pt2``: torch.export,
 loads without slimlab; ``pickle``: any module, e.g. ``torch.ao`` quantized ones). A pipeline whose model
-torch.export cannot trace falls back to ``pickle``, and the run's ``slimlab.model_format`` tag says why.
+cannot be saved in the declared format (torch.export cannot trace it; a pt2e graph cannot be pickled) is logged
+in the other one, and the run's ``slimlab.model_format`` tag says why.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
+import os
+import traceback
+from collections.abc import Iterator
 from importlib import metadata
 from typing import TYPE_CHECKING
 
@@ -29,7 +34,6 @@ def log_compressed_model(uri: str, run_id: str, ctx: RunContext) -> str:
     """Log ``ctx.model`` to run ``run_id`` in store ``uri``; return the model's URI (``models:/<id>``)."""
     import mlflow.pytorch
     from mlflow.models import infer_signature
-    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 
     from framework.registry import serialization_format
 
@@ -38,11 +42,11 @@ def log_compressed_model(uri: str, run_id: str, ctx: RunContext) -> str:
     with torch.inference_mode():
         output = model(example)
     signature = infer_signature(example.numpy(), output.numpy())
-    fmt = serialization_format(ctx.steps)
+    declared = serialization_format(ctx.steps)
 
     def log_as(fmt: str):
         # log_model takes its store and experiment from the active run: resume ours for the call
-        with _use_tracking_uri(uri), mlflow.start_run(run_id=run_id):
+        with using_tracking_uri(uri), mlflow.start_run(run_id=run_id):
             return mlflow.pytorch.log_model(
                 model,
                 name=NAME,
@@ -53,22 +57,48 @@ def log_compressed_model(uri: str, run_id: str, ctx: RunContext) -> str:
                 metadata=LOAD_NOTE if fmt == "pt2" and uses_quantized_ops(model) else None,
             )
 
+    fmt = declared
     try:
-        info = log_as(fmt)
+        info = log_as(declared)
     except Exception as error:
-        if fmt == "pickle":
+        if not _failed_to_serialize(error):  # the store, the network, the caller's own run: not the format
             raise
-        with _use_tracking_uri(uri):  # MLflow recorded the model before torch.export failed: keep only one
+        with using_tracking_uri(uri):  # MLflow recorded the model before serializing failed: keep only one
             failed = mlflow.last_logged_model()
         if failed is not None and failed.source_run_id == run_id and str(failed.status) != "READY":
             mlflow.MlflowClient(uri).delete_logged_model(failed.model_id)
+        other = "pickle" if declared == "pt2" else "pt2"
         reason = f"{type(error).__name__}: {(str(error).splitlines() or [''])[0]}"[:300]
-        log.warning("torch.export cannot trace this model (%s); logging it as pickle", reason)
-        fmt = f"pickle (pt2 failed: {reason})"
-        info = log_as("pickle")
+        log.warning("the model cannot be saved as %s (%s); logging it as %s", declared, reason, other)
+        fmt = f"{other} ({declared} failed: {reason})"
+        info = log_as(other)
     ctx.tags["slimlab.model_format"] = fmt
     ctx.tags["slimlab.model_uri"] = info.model_uri
     return info.model_uri
+
+
+@contextlib.contextmanager
+def using_tracking_uri(uri: str) -> Iterator[None]:
+    """MLflow's global tracking URI set to ``uri`` for a fluent call, then restored, ``$MLFLOW_TRACKING_URI`` too.
+
+    (MLflow's own ``_use_tracking_uri`` restores its module global and unsets the variable it came from.)
+    """
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+    from_env = os.environ.get("MLFLOW_TRACKING_URI")
+    try:
+        with _use_tracking_uri(uri):
+            yield
+    finally:
+        if from_env is not None:
+            os.environ["MLFLOW_TRACKING_URI"] = from_env
+
+
+def _failed_to_serialize(error: BaseException) -> bool:
+    """Did ``error`` come from saving the module (torch.export tracing, pickling), not from MLflow's store?"""
+    frames = traceback.extract_tb(error.__traceback__)
+    innermost = frames[-1].filename if frames else ""
+    return any(part in innermost for part in (f"{os.sep}torch{os.sep}", "cloudpickle", f"{os.sep}pickle.py"))
 
 
 def requirements(model: nn.Module, fmt: str) -> list[str]:

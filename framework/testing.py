@@ -199,9 +199,8 @@ class TechniqueContract:
         import mlflow.pytorch
         import torch
         from mlflow import MlflowClient
-        from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 
-        from framework.logged_model import log_compressed_model, portable
+        from framework.logged_model import log_compressed_model, portable, using_tracking_uri
         from framework.tracking import experiment_id
 
         cfg = slimlab_compose(self.overrides())
@@ -217,5 +216,5 @@ class TechniqueContract:
             "declare 'pickle' for modules torch.export cannot trace"
         )
         batch = tiny_data.test_x[:8]
-        with torch.inference_mode(), _use_tracking_uri(slimlab_store):
+        with torch.inference_mode(), using_tracking_uri(slimlab_store):
             torch.testing.assert_close(mlflow.pytorch.load_model(uri)(batch), portable(model)(batch))

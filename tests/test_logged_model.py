@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import mlflow
 import mlflow.pytorch
 import pytest
@@ -10,7 +12,7 @@ from mlflow import MlflowClient
 
 from framework import hookimpl
 from framework.config import compose
-from framework.logged_model import LOAD_NOTE, portable
+from framework.logged_model import LOAD_NOTE, portable, using_tracking_uri
 from framework.plugins import load_plugins
 from framework.runner import run_metrics
 
@@ -56,8 +58,7 @@ def test_logged_model_loads_back_with_the_same_outputs(case, overrides, store):
     tags = run.data.tags
     assert tags["slimlab.model_format"] == expected_format
     assert tags["slimlab.model_uri"].startswith("models:/")
-    mlflow.set_tracking_uri(store)
-    try:
+    with using_tracking_uri(store):
         for uri in (tags["slimlab.model_uri"], f"runs:/{run.info.run_id}/model"):  # both name the same model
             loaded = mlflow.pytorch.load_model(uri)
             with torch.inference_mode():
@@ -66,8 +67,6 @@ def test_logged_model_loads_back_with_the_same_outputs(case, overrides, store):
         assert info.signature is not None and info.saved_input_example_info is not None
         # a pt2e graph calls quantized ops that only exist once torchao is imported: its MLmodel says so
         assert (info.metadata == LOAD_NOTE) == (case == "quantized (pt2e)")
-    finally:
-        mlflow.set_tracking_uri(None)
 
 
 def test_log_model_false_logs_the_measured_file_only(overrides, store):
@@ -92,7 +91,7 @@ class ValueDependent(torch.nn.Module):
         return out if out.sum() > 0 else -out
 
 
-def test_a_model_torch_export_cannot_trace_is_logged_as_pickle_with_the_reason(store, tmp_path, tiny_data):
+def test_a_model_torch_export_cannot_trace_is_logged_as_pickle_with_the_reason(store, tmp_path, tiny_data, monkeypatch):
     from framework.context import RunContext
     from framework.logged_model import log_compressed_model
     from framework.tracking import experiment_id
@@ -103,19 +102,20 @@ def test_a_model_torch_export_cannot_trace_is_logged_as_pickle_with_the_reason(s
     model = ValueDependent().eval()
     ctx = RunContext(cfg=None, data=tiny_data, device="cpu", run_name="x", config_hash="0", output_dir=tmp_path)
     ctx.model = model
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///elsewhere.db")  # what the user set stays set
     uri = log_compressed_model(store, run.info.run_id, ctx)
+    assert os.environ["MLFLOW_TRACKING_URI"] == "sqlite:///elsewhere.db"
 
     assert ctx.tags["slimlab.model_format"].startswith("pickle (pt2 failed: ")
     (logged,) = client.search_logged_models([run.info.experiment_id])  # the failed pt2 attempt is not kept
     assert f"models:/{logged.model_id}" == uri and str(logged.status) == "READY"
-    mlflow.set_tracking_uri(store)
-    try:
+    with using_tracking_uri(store):
         loaded = mlflow.pytorch.load_model(uri)
-    finally:
-        mlflow.set_tracking_uri(None)
+        by_run = mlflow.pytorch.load_model(f"runs:/{run.info.run_id}/model")  # the READY one, not the failed
     batch = tiny_data.example_batch(8)
     with torch.inference_mode():
         torch.testing.assert_close(loaded(batch), model(batch), rtol=0, atol=0)
+        torch.testing.assert_close(by_run(batch), model(batch), rtol=0, atol=0)
 
 
 def test_the_pipeline_is_pickled_when_any_step_needs_it(slimlab_plugins, slimlab_compose):
@@ -146,3 +146,18 @@ def test_key_params_and_serialization_format_are_checked_at_registration():
         register("a", Options, lambda m, c, x: m, key_params=["amout"])
     with pytest.raises(PluginError, match="serialization_format 'onnx'.*valid: pt2, pickle"):
         register("b", Options, lambda m, c, x: m, serialization_format="onnx")
+
+
+def test_a_failure_that_is_not_the_format_is_raised_not_hidden_by_a_fallback(store, tmp_path, tiny_data):
+    from framework.context import RunContext
+    from framework.logged_model import log_compressed_model
+    from framework.tracking import experiment_id
+
+    client = MlflowClient(store)
+    run = client.create_run(experiment_id(client, "tests", store))
+    ctx = RunContext(cfg=None, data=tiny_data, device="cpu", run_name="x", config_hash="0", output_dir=tmp_path)
+    ctx.model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(28 * 28, 10)).eval()
+    with using_tracking_uri(store), mlflow.start_run():  # the caller's own fluent run is active
+        with pytest.raises(Exception, match="already active"):
+            log_compressed_model(store, run.info.run_id, ctx)
+    assert "slimlab.model_format" not in ctx.tags

@@ -69,10 +69,10 @@ def mlflow_server(tmp_path):
 
 
 @pytest.fixture
-def browser(tmp_path):
+def browser(tmp_path, monkeypatch):
     require(CHROMIUM, "chromium")
     require(CHROMEDRIVER, "chromium-driver")
-    os.environ.setdefault("SE_OFFLINE", "true")  # Selenium Manager must not look for a browser to download
+    monkeypatch.setenv("SE_OFFLINE", "true")  # Selenium Manager must not look for a browser to download
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 

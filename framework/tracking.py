@@ -22,13 +22,14 @@ BATCH_LIMIT = 100  # MLflow accepts at most 100 params per log_batch call
 # `slimlab ui` prints its link.
 VIEW_KEY = "slimlab"
 VIEW_TAG = f"mlflow.sharedViewState.{VIEW_KEY}"
-VIEW_METRICS = ("{primary}", "{primary}_drop", "compression_ratio", "size_bytes", "speedup", "latency_ms", "sparsity")
 VIEW_PARAMS = ("model", "data", "techniques")
 
 
 def comparison_view(primary: str = "accuracy") -> str:
-    """The shared view's state, as the MLflow UI stores it (JSON)."""
-    metrics = [name.format(primary=primary) for name in VIEW_METRICS]
+    """The shared view's state, as the MLflow UI stores it (JSON): the columns of ``slimlab report``."""
+    from framework.report import COLUMNS
+
+    metrics = [primary, f"{primary}_drop", *COLUMNS]
     columns = [f"metrics.`{m}`" for m in metrics] + [f"params.`{p}`" for p in VIEW_PARAMS]
     # No sort key: the UI nests a sweep's children under their parent only when runs are sorted by time.
     return json.dumps({"selectedColumns": columns})
@@ -115,7 +116,11 @@ class MlflowTracking:
         state = ctx.state["mlflow"]
         client, run_id = MlflowClient(state["uri"]), state["run_id"]
         now = int(time.time() * 1000)
-        client.log_batch(run_id, metrics=[Metric(name, float(value), now, 0) for name, value in metrics.items()])
+        client.log_batch(
+            run_id,
+            metrics=[Metric(name, float(value), now, 0) for name, value in metrics.items()],
+            tags=[RunTag(k, v) for k, v in ctx.tags.items()],  # tags added while running (baseline, threads)
+        )
         client.log_text(run_id, OmegaConf.to_yaml(ctx.cfg, resolve=True), "config.yaml")
         client.log_text(run_id, "\n".join(_overrides()) + "\n", "overrides.txt")
         for path in ctx.artifacts.values():  # at the root: runs:/<id>/model is the logged MLflow model
@@ -124,8 +129,8 @@ class MlflowTracking:
             from framework.logged_model import log_compressed_model
 
             log_compressed_model(state["uri"], run_id, ctx)
-        # tags added while running (baseline, threads, the logged model's format and URI)
-        client.log_batch(run_id, tags=[RunTag(k, v) for k, v in ctx.tags.items()])
+            model_tags = ("slimlab.model_format", "slimlab.model_uri")
+            client.log_batch(run_id, tags=[RunTag(k, ctx.tags[k]) for k in model_tags])
         client.set_terminated(run_id, "FINISHED")
         from framework import sweep
 

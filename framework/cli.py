@@ -7,7 +7,6 @@ import json
 import os
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
@@ -146,11 +145,12 @@ def ui_command(args: list[str]) -> int:
 
 def comparison_links(uri: str, base_url: str, limit: int = 5) -> list[tuple[str, str]]:
     """The comparison view of the ``limit`` newest experiments slimlab wrote to, newest first."""
-    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).exists():
+    from framework.tracking import VIEW_TAG, comparison_url, sqlite_path
+
+    database = sqlite_path(uri)
+    if database is not None and not database.exists():
         return []  # nothing recorded yet; do not create the database just to look
     from mlflow import MlflowClient
-
-    from framework.tracking import VIEW_TAG, comparison_url
 
     experiments = MlflowClient(uri).search_experiments(
         filter_string=f"tags.`{VIEW_TAG}` != ''", order_by=["creation_time DESC"], max_results=limit

@@ -41,11 +41,15 @@ def tracking_uri(cfg: DictConfig | None = None) -> str:
     return uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}"
 
 
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of an embedded ``sqlite:///`` store; None for any other store."""
+    return Path(uri[len("sqlite:///") :]) if uri.startswith("sqlite:///") else None
+
+
 def artifact_location(uri: str) -> str | None:
     """For an embedded sqlite store, keep artifacts beside the database (never ./mlruns)."""
-    if uri.startswith("sqlite:///"):
-        return (Path(uri[len("sqlite:///") :]).parent / "mlartifacts").resolve().as_uri()
-    return None
+    database = sqlite_path(uri)
+    return (database.parent / "mlartifacts").resolve().as_uri() if database else None
 
 
 def experiment_id(client: Any, name: str, uri: str, primary: str | None = None) -> str:

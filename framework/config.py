@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable
+import logging
+import os
+import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -18,6 +21,11 @@ if TYPE_CHECKING:
 _INSTALLED_CONFIG = Path(__file__).resolve().parent / "conf"
 CONFIG_DIR = _INSTALLED_CONFIG if _INSTALLED_CONFIG.is_dir() else Path(__file__).resolve().parent.parent / "conf"
 EXPERIMENTS_DIR = (CONFIG_DIR / "experiment").resolve()  # experiments/ in a checkout
+# The user's own config directories (os.pathsep-separated), searched after conf/ like Hydra's --config-dir.
+CONFIG_PATH_ENV = "SLIMLAB_CONFIG_PATH"
+# Keys of a model node that slimlab reads itself; they are not arguments of the model's constructor.
+RESERVED_MODEL_KEYS = ("name", "checkpoint", "pretrained")
+log = logging.getLogger("slimlab")
 
 
 @dataclass
@@ -88,16 +96,214 @@ def register_configs(plugins: Plugins) -> None:
     plugins.registry.store_schemas()
 
 
-def compose(overrides: Iterable[str] = (), plugins: Plugins | None = None) -> DictConfig:
-    """Compose the config as ``slimlab run`` would, in-process (tests, notebooks)."""
+def compose(
+    overrides: Iterable[str] = (), plugins: Plugins | None = None, config_dirs: Iterable[str | Path] | None = None
+) -> DictConfig:
+    """Compose the config as ``slimlab run`` would, in-process (tests, notebooks).
+
+    ``config_dirs``: the user's config directories, searched after slimlab's conf/ and after any
+    ``hydra.searchpath=[...]`` in ``overrides``; by default the ones in $SLIMLAB_CONFIG_PATH.
+    """
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
     from framework.plugins import load_plugins
 
+    extra = env_config_dirs() if config_dirs is None else source_uris(config_dirs, "config_dirs")
+    overrides = with_searchpath(list(overrides), after=extra)
     register_configs(plugins or load_plugins())
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return hydra_compose("config", overrides=list(overrides))
+        return finish_composition(hydra_compose("config", overrides=overrides, return_hydra_config=True))
+
+
+def finish_composition(cfg: DictConfig, announce: bool = True) -> DictConfig:
+    """What every composition from overrides goes through (``compose``, a run, a sweep's check of its jobs).
+
+    ``cfg`` still has its ``hydra`` node: its search path becomes this process's (``search_path``), its task
+    overrides retarget the model (``retarget_model``), and the node is dropped.
+    """
+    from omegaconf import open_dict
+
+    use_search_path(cfg.hydra.runtime.config_sources)
+    overrides = list(cfg.hydra.overrides.task)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return retarget_model(cfg, overrides, announce=announce)
+
+
+# --- The config search path: slimlab's conf/, then the user's directories --------------------------------------
+
+_search_path: list[tuple[str, str]] | None = None  # (provider, uri) of the latest composition in this process
+
+
+def env_config_dirs() -> list[str]:
+    """$SLIMLAB_CONFIG_PATH as search-path entries (``file:///abs/dir``; ``pkg://...`` entries kept as they are)."""
+    return source_uris(os.environ.get(CONFIG_PATH_ENV, "").split(os.pathsep), CONFIG_PATH_ENV)
+
+
+def source_uris(entries: Iterable[str | Path], origin: str) -> list[str]:
+    """Config directories (or Hydra source URIs) as search-path entries: ``file://`` and an absolute path.
+
+    A directory that does not exist is bad input (Hydra would only warn and go on without it).
+    """
+    from framework.errors import ConfigError
+
+    uris = []
+    for entry in map(str, entries):
+        if not entry.strip():
+            continue
+        if "://" in entry:
+            uris.append(entry)
+            continue
+        path = Path(entry).expanduser().resolve()
+        if not path.is_dir():
+            raise ConfigError(f"{origin}: config directory {entry!r} not found")
+        uris.append(f"file://{path}")
+    return uris
+
+
+def _quoted(value: str) -> str:
+    """``value`` as a quoted string of Hydra's override grammar (a path may hold spaces, commas, brackets)."""
+    value = re.sub(r"(\\*)'", lambda m: m.group(1) * 2 + "\\'", value)
+    value = re.sub(r"(\\+)$", lambda m: m.group(1) * 2, value)
+    return f"'{value}'"
+
+
+def with_searchpath(overrides: Sequence[str], before: Sequence[str] = (), after: Sequence[str] = ()) -> list[str]:
+    """``overrides`` with one ``hydra.searchpath=[*before, <its own entries>, *after]`` override.
+
+    Hydra reads only the first ``hydra.searchpath=`` override, so entries are merged into the user's, never
+    added as a second one. The override travels in ``hydra.overrides.hydra``, from which every launcher
+    composes its jobs (``load_sweep_config``), on this machine or another.
+    """
+    if not before and not after:
+        return list(overrides)
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    result = list(overrides)
+    for index, line in enumerate(result):
+        if not line.lstrip().startswith("hydra.searchpath"):
+            continue
+        try:
+            override = parser.parse_override(line)
+        except Exception:  # Hydra will report it
+            return result
+        if override.get_key_element() != "hydra.searchpath" or override.is_sweep_override():
+            continue
+        own = override.value()
+        if not isinstance(own, list):  # Hydra refuses it with its own message
+            return result
+        entries = list(dict.fromkeys([*before, *(str(v) for v in own), *after]))
+        result[index] = f"hydra.searchpath=[{','.join(_quoted(e) for e in entries)}]"
+        return result
+    entries = list(dict.fromkeys([*before, *after]))
+    return [*result, f"hydra.searchpath=[{','.join(_quoted(e) for e in entries)}]"]
+
+
+def use_search_path(sources: Iterable[Any]) -> None:
+    """Make ``sources`` (Hydra's ``hydra.runtime.config_sources``) this process's config search path."""
+    global _search_path
+    _search_path = [(str(s.provider), f"{s.schema}://{s.path}") for s in sources]
+
+
+def search_path() -> list[tuple[str, str]]:
+    """(provider, uri) of every config source of this process, slimlab's conf/ first.
+
+    The latest composition's (a Hydra job's, ``compose``'s, a sweep's check of its jobs): it includes
+    ``--config-dir``, ``hydra.searchpath`` and $SLIMLAB_CONFIG_PATH. Before any: slimlab's conf/ and
+    $SLIMLAB_CONFIG_PATH.
+    """
+    if _search_path is not None:
+        return list(_search_path)
+    return [
+        ("hydra", "pkg://hydra.conf"),
+        ("main", f"file://{CONFIG_DIR}"),
+        *((CONFIG_PATH_ENV, uri) for uri in env_config_dirs()),
+        ("schema", "structured://"),
+    ]
+
+
+def config_dirs() -> list[Path]:
+    """The directories on the config search path, slimlab's conf/ first."""
+    return [Path(uri[len("file://") :]) for _, uri in search_path() if uri.startswith("file://")]
+
+
+def _repository():
+    from hydra._internal.config_repository import ConfigRepository
+    from hydra._internal.config_search_path_impl import ConfigSearchPathImpl
+    from hydra.core.plugins import Plugins
+
+    Plugins.instance()  # registers the config source types (file://, pkg://, structured://)
+    path = ConfigSearchPathImpl()
+    for provider, uri in search_path():
+        path.append(provider, uri)
+    return ConfigRepository(path)
+
+
+def config_groups() -> list[str]:
+    """The top-level config groups on the search path (Hydra's own ``hydra`` group left out)."""
+    from hydra.core.object_type import ObjectType
+
+    return [g for g in _repository().get_group_options("", results_filter=ObjectType.GROUP) if g != "hydra"]
+
+
+def group_options(group: str) -> list[str]:
+    """Every option of a config group on the search path: yaml files of every directory, ConfigStore entries."""
+    return sorted(_repository().get_group_options(group))
+
+
+def load_option(group: str, name: str) -> DictConfig | None:
+    """The config of option ``name`` of ``group`` as found on the search path; None if there is none."""
+    from omegaconf import DictConfig
+
+    result = _repository().load_config(f"{group}/{name}")
+    return result.config if result is not None and isinstance(result.config, DictConfig) else None
+
+
+# --- A model's target set from the command line -----------------------------------------------------------------
+
+
+def retarget_model(cfg: DictConfig, overrides: Iterable[str], announce: bool = True) -> DictConfig:
+    """When ``overrides`` set ``model._target_``, rebuild ``cfg.model`` from the overrides alone.
+
+    The selected model option's (or an experiment's) other keys are constructor arguments of *its* target,
+    not of the new one: they are dropped, and said so. What stays: the reserved keys (``RESERVED_MODEL_KEYS``;
+    ``name`` becomes the target's last dotted part unless ``model.name=`` is set) and every top-level
+    ``model.KEY`` the overrides set. ``cfg`` is changed in place and returned.
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import open_dict, read_write
+
+    model_lines = [line for line in overrides if re.match(r"^[+~]*model\.", line.strip())]
+    if not model_lines:
+        return cfg
+    set_keys = {
+        override.key_or_group.split(".")[1]
+        for override in OverridesParser.create().parse_overrides(model_lines)
+        if not override.is_delete()
+    }
+    if "_target_" not in set_keys or not OmegaConf.is_dict(cfg.get("model")):
+        return cfg
+    model = cfg.model
+    target = str(model._target_)
+    keep = [key for key in model if key in RESERVED_MODEL_KEYS or key in set_keys]
+    dropped = [key for key in model if key not in keep]
+    if "name" not in set_keys:  # the option's name would name another model in run names and tags
+        keep = [key for key in keep if key != "name"]
+    node = OmegaConf.masked_copy(model, keep)  # interpolations stay as they are
+    if "name" not in set_keys:
+        node = OmegaConf.merge({"name": target.rsplit(".", 1)[-1]}, node)
+    with read_write(cfg), open_dict(cfg):
+        cfg.model = node
+    if dropped and announce:
+        log.info(
+            "model._target_=%s: dropped %s of the selected model (arguments of its own target; set any with "
+            "model.KEY=value)",
+            target,
+            ", ".join(dropped),
+        )
+    return cfg
 
 
 def config_hash(cfg: DictConfig, keys: Iterable[str]) -> str:

@@ -7,7 +7,18 @@ import re
 import sys
 from typing import TYPE_CHECKING
 
-from framework.config import CONFIG_DIR, register_configs
+from framework.config import (
+    CONFIG_DIR,
+    config_dirs,
+    config_groups,
+    env_config_dirs,
+    group_options,
+    register_configs,
+    retarget_model,
+    source_uris,
+    use_search_path,
+    with_searchpath,
+)
 from framework.errors import ConfigError, RunFailed
 
 if TYPE_CHECKING:
@@ -49,9 +60,12 @@ def launch(args: list[str], disable: list[str]) -> int:
     plugins = loaded_plugins(disable)
     register_configs(plugins)
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra re-raises; the CLI decides the message and exit code
-    if "--help" in args or "-h" in args:
-        print(app_help([a for a in args if not a.startswith("-")], plugins))  # overrides, not Hydra's flags
+    flags = _hydra_flags(args)
+    if flags is not None and flags.help:
+        config_dir = source_uris([flags.config_dir], "--config-dir") if flags.config_dir else []
+        print(app_help(with_searchpath(flags.overrides, before=config_dir), plugins))
         return 0
+    args = _with_env_searchpath(args, flags)
 
     @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")
     def task(cfg) -> dict[str, float] | None:
@@ -59,8 +73,13 @@ def launch(args: list[str], disable: list[str]) -> int:
 
         In a sweep a failing job is recorded (FAILED, with its reason) and returns, so the others still run.
         """
+        from hydra.core.hydra_config import HydraConfig
+
         in_sweep = sweep.in_sweep()
         try:
+            job = HydraConfig.get()
+            use_search_path(job.runtime.config_sources)  # model options etc. are looked up where Hydra looked
+            retarget_model(cfg, job.overrides.task)
             if in_sweep and cfg.resume and cfg.tracking.backend == "mlflow":
                 done = sweep.finished_run(cfg, config_hash(cfg, RUN_KEYS))
                 if done:
@@ -96,6 +115,37 @@ def launch(args: list[str], disable: list[str]) -> int:
     return 0
 
 
+def _hydra_flags(args: list[str]):
+    """``args`` parsed as Hydra's command line (its flags and the overrides); None if Hydra will refuse them."""
+    import contextlib
+    import io
+
+    from hydra._internal.utils import get_args_parser
+
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            return get_args_parser().parse_args(args)
+    except SystemExit:  # Hydra parses them again and says what is wrong
+        return None
+
+
+def _with_env_searchpath(args: list[str], flags) -> list[str]:
+    """``args`` with $SLIMLAB_CONFIG_PATH's directories added to ``hydra.searchpath`` (merged into the user's).
+
+    As a Hydra override it reaches every job of a sweep, whatever the launcher: jobs are composed from the
+    sweep's Hydra overrides (``hydra.overrides.hydra``), in this process, a joblib worker or another host.
+    """
+    extra = env_config_dirs()
+    if not extra or flags is None:
+        return args
+    overrides = list(flags.overrides)
+    merged = with_searchpath(overrides, after=extra)
+    if not overrides:  # before any flag: an override after --info would be read as its value
+        return [merged[-1], *args]
+    start = args.index(overrides[0])  # the overrides are one run of positional arguments
+    return [*args[:start], *merged, *args[start + len(overrides) :]]
+
+
 def app_help(overrides: list[str], plugins: Plugins) -> str:
     """``slimlab run --help``: Hydra's app help (groups, the composed config) plus every technique's options.
 
@@ -106,16 +156,16 @@ def app_help(overrides: list[str], plugins: Plugins) -> str:
 
     from framework.config import compose
 
-    cfg = compose(overrides, plugins)
-    groups = sorted(path.name for path in CONFIG_DIR.iterdir() if path.is_dir())
+    cfg = compose(overrides, plugins)  # its search path is the user's: conf/, --config-dir, hydra.searchpath, env
     text = OmegaConf.load(CONFIG_DIR / "config.yaml").hydra.help
     lines = [
         str(text.header).rstrip(),
         "",
         "== Configuration groups ==",
         "Compose your configuration from those groups (group=option)",
+        f"Config directories: {', '.join(map(str, config_dirs()))}",
         "",
-        *(f"{group}: {', '.join(_group_options(group))}" for group in groups),
+        *(f"{group}: {', '.join(_group_options(group))}" for group in config_groups()),
         "",
         "== Config ==",
         "Override anything in the config (foo.bar=value)",
@@ -187,12 +237,5 @@ def describe_hydra_error(error: BaseException) -> str:
 
 
 def _group_options(group: str) -> list[str]:
-    """Every option of a config group: YAML files in conf/ and ConfigStore entries (plugin schemas)."""
-    from hydra.core.config_store import ConfigStore
-
-    options = {path.stem for path in (CONFIG_DIR / group).glob("*.yaml")}
-    try:
-        options |= {name.removesuffix(".yaml") for name in ConfigStore.instance().list(group)}
-    except OSError:  # the group has no ConfigStore entries
-        pass
-    return sorted(options)
+    """Every option of a config group: the yaml files of every config directory and ConfigStore entries."""
+    return group_options(group)

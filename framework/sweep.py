@@ -204,13 +204,17 @@ def _sweep_overrides(config: DictConfig) -> list:
     return OverridesParser.create().parse_overrides([*params, *config.hydra.overrides.task])
 
 
-def validate_jobs(jobs: list[list[str]], host: bool) -> None:
+def validate_jobs(jobs: list[list[str]], host: bool, hydra_overrides: list[str] | None = None) -> None:
     """Compose and check every job's config before the first one starts; raise ConfigError naming the job.
 
     ``host=False`` when the jobs run elsewhere (Ray, SLURM): this machine's devices and kernels do not count.
+    ``hydra_overrides``: the sweep's (``hydra.overrides.hydra``), composed into every job as its launcher will
+    (``load_sweep_config``): ``hydra.searchpath`` finds the user's config directories (``--config-dir`` is
+    already on the search path of the Hydra instance that runs the sweep).
     """
     from hydra import compose
 
+    from framework.config import finish_composition
     from framework.errors import ConfigError
     from framework.hydra_app import describe_hydra_error, is_bad_input, loaded_plugins
     from framework.runner import plan
@@ -219,7 +223,8 @@ def validate_jobs(jobs: list[list[str]], host: bool) -> None:
     for number, overrides in enumerate(jobs):
         swept = " ".join(o for o in overrides if o not in shared)  # what sets this job apart
         try:
-            cfg = compose("config", overrides=overrides)
+            composed = compose("config", overrides=[*(hydra_overrides or []), *overrides], return_hydra_config=True)
+            cfg = finish_composition(composed, announce=False)  # each job says what retargeting dropped
             plan(cfg, loaded_plugins(list(cfg.plugins.disable)), host=host)
         except ConfigError as error:
             raise ConfigError(f"job {number} ({swept}): {error}") from None
@@ -253,7 +258,8 @@ class SweepCallback(Callback):
         try:
             jobs = job_overrides(config)
             if jobs is not None:
-                validate_jobs(jobs, host=launcher.endswith(LOCAL_LAUNCHERS))
+                hydra_overrides = list(config.hydra.overrides.hydra)
+                validate_jobs(jobs, host=launcher.endswith(LOCAL_LAUNCHERS), hydra_overrides=hydra_overrides)
             else:  # another sweeper (e.g. slimlab_optuna) may check its own settings before anything starts
                 from hydra.utils import get_class
 

@@ -42,15 +42,18 @@ log = logging.getLogger("slimlab")
 
 
 def model_options() -> list[str]:
-    """The model options of the config tree: the yaml files in conf/model/."""
-    from framework.config import CONFIG_DIR
+    """The model options on the config search path: conf/model/ and the user's config directories' model/."""
+    from framework.config import group_options
 
-    return sorted(path.stem for path in (CONFIG_DIR / "model").glob("*.yaml"))
+    return group_options("model")
 
 
 def _check_option(role: str, name: str | None) -> None:
-    if name is not None and name not in model_options():
-        raise ValueError(f"{role}: unknown model {name!r}; valid model options: {', '.join(model_options())}")
+    if name is None:
+        return
+    options = model_options()
+    if name not in options:
+        raise ValueError(f"{role}: unknown model {name!r}; valid model options: {', '.join(options)}")
 
 
 @dataclass
@@ -83,11 +86,13 @@ class DistillConfig:
 
 
 def _model_node(name: str):
-    from omegaconf import OmegaConf
+    """Model option ``name`` as the run's search path has it (the same directories its config came from)."""
+    from framework.config import load_option
 
-    from framework.config import CONFIG_DIR
-
-    return OmegaConf.load(CONFIG_DIR / "model" / f"{name}.yaml")
+    node = load_option("model", name)
+    if node is None:
+        raise ValueError(f"unknown model {name!r}; valid model options: {', '.join(model_options())}")
+    return node
 
 
 def _build_student(name: str, seed: int) -> nn.Module:

@@ -1,4 +1,9 @@
-"""The uncompressed baseline: trained once per model + data + training config, then loaded from a cache."""
+"""The uncompressed baseline: built (and trained, unless it comes with weights) once per identity, then cached.
+
+The identity is the model, data and training config plus what they run and read (:mod:`framework.identity`):
+the code of the model and data callables, the checkpoint's content, the files the config names, the versions
+of torch and slimlab. Change any of them and the baseline is built again; nothing stale is served.
+"""
 
 from __future__ import annotations
 
@@ -10,29 +15,32 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from framework.artifact import load_model, save_model
-from framework.config import config_hash
-from framework.data import TaskData
+from framework.artifact import load_state, save_model
+from framework.data import Data
+from framework.identity import digest, fingerprint
 from framework.measure import count_parameters
-from framework.training import evaluate, predict, train
+from framework.training import score_baseline, train
 
 BASELINE_KEYS = ("model", "data", "train", "seed")
+MODEL_KEYS = ("name", "checkpoint", "pretrained")  # slimlab's keys in a model config: not constructor arguments
 log = logging.getLogger("slimlab")
 
 
 @dataclass
 class Baseline:
     model: nn.Module
-    metrics: dict[str, float]  # primary metric, size_bytes, params, nonzero_params
+    metrics: dict[str, float]  # every task metric, size_bytes, params, nonzero_params
     path: Path
     key: str
     cached: bool
-    trained: bool = True  # False: a pretrained model taken as is (a task without labels)
+    trained: bool = True  # False: a model that came with weights, taken as it is
+    references: list[Any] | None = None  # the task's reference per test batch, when scored in this process
 
     @property
     def origin(self) -> str:
@@ -40,61 +48,156 @@ class Baseline:
         return "cached" if self.cached else "trained" if self.trained else "pretrained"
 
 
-def build_model(cfg: DictConfig) -> nn.Module:
-    """Instantiate ``cfg.model`` (its ``name`` is a label, not an argument)."""
+def _plain(node: Any) -> Any:
+    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+
+
+def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> None:
+    """Load weights into ``model``: a ``.safetensors`` file or a state dict that ``torch.load`` reads with
+    ``weights_only=True`` (a Lightning-style ``{"state_dict": ...}`` too). Every key and shape must match."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"model.checkpoint={path}: no such file")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    else:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:
+            first = (str(error).strip().splitlines() or [""])[0]
+            raise ValueError(
+                f"model.checkpoint={path} is not a state dict torch.load can read with weights_only=True "
+                f"(save model.state_dict(), not the module): {type(error).__name__}: {first}"
+            ) from None
+        if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+            state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise ValueError(f"model.checkpoint={path} holds a {type(state).__name__}, not a state dict")
+    own = model.state_dict()
+    mismatched = [
+        f"{name} {tuple(value.shape)} (model {tuple(own[name].shape)})"
+        for name, value in state.items()
+        if name in own and hasattr(value, "shape") and tuple(value.shape) != tuple(own[name].shape)
+    ]
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    if mismatched or missing or unexpected:
+        parts = [f"shapes differ: {', '.join(mismatched[:5])}"] if mismatched else []
+        parts += [f"missing: {', '.join(missing[:5])}"] if missing else []
+        parts += [f"unexpected: {', '.join(unexpected[:5])}"] if unexpected else []
+        raise ValueError(f"model.checkpoint={path} does not fit the model: {'; '.join(parts)}")
+    model.load_state_dict(state)
+
+
+def build_model(node: Any) -> nn.Module:
+    """Build a model config: call its ``_target_`` with its arguments, then load ``checkpoint`` if set."""
     from hydra.utils import instantiate
 
-    arguments = {k: v for k, v in cfg.model.items() if k != "name"}
-    return instantiate(arguments)
+    node = _plain(node)
+    arguments = {k: v for k, v in node.items() if k not in MODEL_KEYS}
+    model = instantiate(arguments, _convert_="all")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model._target_={node.get('_target_')} returned {type(model).__name__}, not a torch nn.Module")
+    if node.get("checkpoint"):
+        load_checkpoint(model, node["checkpoint"])
+    return model
 
 
-def get_baseline(cfg: DictConfig, data: TaskData, device: str) -> Baseline:
-    """Load the cached baseline for this config, or train, evaluate and cache it.
+def is_pretrained(node: Any) -> bool:
+    """Whether a model config comes with weights: ``pretrained``, else a checkpoint or a ``from_pretrained``."""
+    node = _plain(node)
+    if node.get("pretrained") is not None:
+        return bool(node["pretrained"])
+    return bool(node.get("checkpoint")) or str(node.get("_target_", "")).endswith("from_pretrained")
 
-    The cache entry is written to a temporary directory and renamed into
-    place, so parallel jobs never read a half-written baseline.
 
-    A task without labels (``embedding``) has nothing to train on: its baseline is the pretrained model as
-    built, and it is its own reference, so its primary metric is computed against its own outputs (a
-    cosine of 1.0). The runner then makes those outputs the task's targets.
+def identity(cfg: DictConfig) -> dict[str, Any]:
+    """Everything that determines the baseline: config, code, files, versions."""
+    nodes = {key: _plain(cfg[key]) for key in BASELINE_KEYS}
+    return {
+        "config": nodes,
+        **fingerprint({"model": nodes["model"], "data": nodes["data"]}, cfg.model.get("checkpoint")),
+    }
+
+
+def _cached(entry: Path, model: nn.Module) -> dict[str, float] | None:
+    """The cached metrics after loading the entry's weights into ``model``; None if the entry cannot serve."""
+    if not (entry / "metrics.json").exists():
+        return None
+    state = load_state(entry / "model.pt")
+    own = model.state_dict()
+    differ = [
+        name
+        for name in set(state) | set(own)
+        if name not in state or name not in own or tuple(getattr(state[name], "shape", ())) != tuple(own[name].shape)
+    ]
+    if differ:  # never reshape a model to fit a file: the file is what is wrong
+        stale = entry.with_name(f"{entry.name}.stale-{int(time.time())}")
+        log.warning(
+            "baseline cache %s does not fit the model (%s); moved to %s, building the baseline again",
+            entry, ", ".join(sorted(differ)[:3]), stale.name,
+        )  # fmt: skip
+        os.replace(entry, stale)
+        return None
+    model.load_state_dict(state)
+    return json.loads((entry / "metrics.json").read_text())
+
+
+def get_baseline(cfg: DictConfig, data: Data, task: Any, device: str, batch_size: int = 512) -> Baseline:
+    """Load the cached baseline for this identity, or build, train (unless pretrained), score and cache it.
+
+    The cache entry is written to a temporary directory and renamed into place, so parallel jobs never read a
+    half-written baseline. A model that comes with weights (``is_pretrained``) is the baseline as it is, unless
+    ``train.fine_tune_pretrained``; a task without labels cannot train it either way. The baseline is its own
+    reference: its agreement metrics are 1.
     """
-    key = config_hash(cfg, BASELINE_KEYS)
+    found = identity(cfg)
+    key = digest(found)
     entry = Path(cfg.cache_dir).expanduser().resolve() / "baselines" / key
     torch.manual_seed(cfg.seed)
     start = time.perf_counter()
-    model = build_model(cfg)
+    model = build_model(cfg.model)
     log.info("baseline: %s built in %.1f s", cfg.model.get("name", "model"), time.perf_counter() - start)
-    if (entry / "metrics.json").exists():
-        load_model(model, entry / "model.pt")
-        metrics = json.loads((entry / "metrics.json").read_text())
+    metrics = _cached(entry, model)
+    if metrics is not None:
         log.info("baseline %s loaded from cache (%s)", key, entry)
         return Baseline(model.to(device).eval(), metrics, entry / "model.pt", key, cached=True)
 
-    if data.labelled:
-        train(model, data, cfg.train, device=device, description="baseline: train")
+    pretrained = is_pretrained(cfg.model)
+    trains = task.labelled and (not pretrained or cfg.train.fine_tune_pretrained)
+    if trains:
+        train(model, data, task, cfg.train, device=device, description="baseline: train")
+    elif not task.labelled:
+        log.info("baseline: task %s has no labels: the model is the baseline as it is, not trained", task.name)
     else:
-        log.info("baseline: task %s has no labels: the pretrained model is the baseline, not trained", data.task)
+        log.info(
+            "baseline: the model comes with weights: the baseline as it is (train.fine_tune_pretrained=true trains it)"
+        )
     model.cpu().eval()
-    if data.labelled:
-        score = evaluate(model, data)
-    else:  # its own reference
-        own = predict(model, data.test_x)
-        score = data.score(own, own)
+    scores, references = score_baseline(model, data, task, batch_size=batch_size)
     entry.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f"{key}.", dir=entry.parent))
     params, nonzero = count_parameters(model)
     metrics = {
-        data.primary_metric: score,
+        **scores,
         "size_bytes": save_model(model, staging / "model.pt"),
         "params": params,
         "nonzero_params": nonzero,
     }
     (staging / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    trained_with = {k: OmegaConf.to_container(cfg[k], resolve=True) if k != "seed" else cfg.seed for k in BASELINE_KEYS}
-    (staging / "config.json").write_text(json.dumps(trained_with, indent=2))
+    (staging / "identity.json").write_text(json.dumps(found, indent=2, default=str))
     try:
         os.rename(staging, entry)
     except OSError:  # another job cached the same baseline first: theirs is as good as ours
         shutil.rmtree(staging, ignore_errors=True)
-    log.info("baseline %s %s: %s=%.4f", key, "trained" if data.labelled else "pretrained", data.primary_metric, score)
-    return Baseline(model.to(device), metrics, entry / "model.pt", key, cached=False, trained=data.labelled)
+    log.info(
+        "baseline %s %s: %s=%.4f",
+        key,
+        "trained" if trains else "as built",
+        task.primary_metric,
+        scores[task.primary_metric],
+    )
+    return Baseline(
+        model.to(device), metrics, entry / "model.pt", key, cached=False, trained=trains, references=references
+    )

@@ -36,6 +36,7 @@ class TrainConfig:
     lr: float = 1e-3
     batch_size: int = 64
     seed: int = SI("${seed}")
+    fine_tune_pretrained: bool = False  # also train a model that comes with weights (else it is the baseline as is)
 
 
 @dataclass
@@ -46,6 +47,7 @@ class MeasureConfig:
     warmup: int = 3
     repeats: int = 20
     threads: int = 1
+    eval_batch_size: int = 512  # rows per batch when scoring the test split (a Dataset; a DataLoader keeps its own)
 
 
 @dataclass

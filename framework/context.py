@@ -9,29 +9,33 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
-    import torch
     from omegaconf import DictConfig
     from torch import nn
 
-    from framework.data import TaskData
+    from framework.data import Data
     from framework.registry import Step
+    from framework.training import Loss
 
 
 @dataclass
 class RunContext:
     """The state of one run, handed to every technique and hook.
 
-    ``baseline`` is the trained, uncompressed model (the default teacher);
-    techniques must not modify it. ``steps`` is the pipeline (each technique
-    with its validated config); ``model`` is the compressed model as
-    deployed, set once the last technique ran. ``state`` is scratch space for
-    plugins (e.g. a tracking run id), keyed by plugin name by convention. Techniques
-    put measurements about themselves (compile time, dense size) in
-    ``metrics`` and readable facts (placement) in ``tags``; both are logged.
+    ``data`` is the run's :class:`~framework.data.Data` and ``task`` its task object (loss, metrics,
+    primary metric). ``baseline`` is the uncompressed model (the default teacher); techniques must not
+    modify it. ``steps`` is the pipeline (each technique with its validated config); ``model`` is the
+    compressed model as deployed, set once the last technique ran. ``state`` is scratch space for plugins
+    (e.g. a tracking run id), keyed by plugin name by convention. Techniques put measurements about
+    themselves (compile time, dense size) in ``metrics`` and readable facts (placement) in ``tags``; both
+    are logged.
+
+    Models take inputs in the data's form (a tensor, a tuple of positional inputs, or a dict of keyword
+    inputs): call them with :func:`framework.batches.call`, which also reads Hugging Face outputs.
     """
 
     cfg: DictConfig
-    data: TaskData
+    data: Data
+    task: Any
     device: str
     run_name: str
     config_hash: str
@@ -40,24 +44,68 @@ class RunContext:
     baseline: nn.Module | None = None
     model: nn.Module | None = None
     baseline_metrics: dict[str, float] = field(default_factory=dict)
+    references: list[Any] = field(default_factory=list)  # the task's reference of the baseline, per test batch
     stages: list[dict[str, Any]] = field(default_factory=list)
     artifacts: dict[str, Path] = field(default_factory=dict)
     tags: dict[str, str] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)  # what techniques report about themselves
     state: dict[str, Any] = field(default_factory=dict)
 
-    def fine_tune(self, model: nn.Module, epochs: int, lr: float | None = None, description: str = "fine-tune") -> None:
-        """Train ``model`` further on the run's training split with the run's training settings."""
+    def fine_tune(
+        self,
+        model: nn.Module,
+        epochs: int,
+        lr: float | None = None,
+        description: str = "fine-tune",
+        loss: Loss | None = None,
+    ) -> None:
+        """Train ``model`` further on the training split with the run's training settings.
+
+        ``loss(model, inputs, target)`` replaces the task's loss. Plain training: weights at zero do not
+        stay zero unless a mask holds them (``torch.nn.utils.prune`` keeps its masks applied while training).
+        """
         from framework.training import train
 
-        train(model, self.data, self.cfg.train, epochs=epochs, lr=lr, device=self.device, description=description)
+        train(
+            model,
+            self.data,
+            self.task,
+            self.cfg.train,
+            epochs=epochs,
+            lr=lr,
+            device=self.device,
+            description=description,
+            loss=loss,
+            targets_from=None if self.task.labelled else self.baseline,
+        )
 
-    def calibration_batches(self, batches: int) -> Iterator[torch.Tensor]:
-        """Training-split minibatches (``train.batch_size`` rows each) for calibrating observers."""
-        return self.data.calibration_batches(batches, self.cfg.train.batch_size)
+    def example_inputs(self, rows: int | None = None) -> Any:
+        """The first ``rows`` test inputs (default ``measure.batch_size``) on the run's device: the same batch
+        for every model measured in a run, and the example for tracing and compiling."""
+        from framework import batches
+        from framework.training import test_split
+
+        rows = rows or self.cfg.measure.batch_size
+        inputs = batches.first_rows(test_split(self.data, self.cfg.measure.eval_batch_size), rows)
+        return batches.to_device(batches.clone(inputs), self.device)
+
+    def calibration_batches(self, count: int) -> Iterator[Any]:
+        """The inputs of the first ``count`` calibration batches (default: the training split, in order,
+        ``train.batch_size`` rows each) on the run's device, for calibrating observers."""
+        from framework.data import iterate, loader
+
+        split = self.data.calibration if self.data.calibration is not None else self.data.train
+        for index, (inputs, _) in enumerate(iterate(loader(split, self.cfg.train.batch_size), self.device)):
+            if index >= count:
+                return
+            yield inputs
 
     def evaluate(self, model: nn.Module) -> float:
         """The task's primary metric of ``model`` on the test split."""
+        return self.evaluate_all(model)[self.task.primary_metric]
+
+    def evaluate_all(self, model: nn.Module) -> dict[str, float]:
+        """Every metric of the task for ``model`` on the test split, against the baseline's references."""
         from framework.training import evaluate
 
-        return evaluate(model, self.data, device=self.device)
+        return evaluate(model, self.data, self.task, self.references, self.device, self.cfg.measure.eval_batch_size)

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
 
     from framework.context import RunContext
     from framework.registry import Register
+    from framework.tasks import RegisterTask
 
 
 @hookspec
@@ -59,6 +60,20 @@ def register_techniques(register: Register) -> None:
       step is saved as ``pickle``.
 
     Returns nothing. Registering a name twice is a ``PluginError``.
+    """
+
+
+@hookspec
+def register_tasks(register: RegisterTask) -> None:
+    """Declare the tasks this plugin provides (API 2.0).
+
+    When: once per process, while the plugin manager is built, with ``register_techniques``.
+
+    ``register`` is called as ``register(name, factory)``: ``factory()`` returns a task object, with the
+    attributes and methods of ``framework.tasks.Task`` (``name``, ``primary_metric``, ``higher_is_better``,
+    ``labelled``, ``loss``, ``reference``, ``evaluate``, ``drop``). A data callable names it in
+    ``Data(task=name)``. slimlab's built-in tasks (classification, regression, embedding, language_modeling)
+    come through this hook too. Registering a name twice is a ``PluginError``. Returns nothing.
     """
 
 

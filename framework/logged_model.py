@@ -35,13 +35,21 @@ def log_compressed_model(uri: str, run_id: str, ctx: RunContext) -> str:
     import mlflow.pytorch
     from mlflow.models import infer_signature
 
+    from framework import batches
     from framework.registry import serialization_format
 
-    model = portable(ctx.model)
-    example = ctx.data.example_batch(EXAMPLE_ROWS).cpu()
+    inputs = batches.to_device(ctx.example_inputs(EXAMPLE_ROWS), "cpu")
+    model = tensor_interface(portable(ctx.model), inputs)
+    args = batches.as_args(inputs)[0] if not isinstance(inputs, dict) else tuple(inputs.values())
     with torch.inference_mode():
-        output = model(example)
-    signature = infer_signature(example.numpy(), output.numpy())
+        output = model(*args)
+    named = dict(inputs) if isinstance(inputs, dict) else None
+    signature = infer_signature(
+        {k: v.numpy() for k, v in named.items()} if named else args[0].numpy() if len(args) == 1 else
+        {f"input_{i}": a.numpy() for i, a in enumerate(args)},
+        output.numpy(),
+    )  # fmt: skip
+    example = args[0].numpy() if len(args) == 1 else tuple(a.numpy() for a in args)
     declared = serialization_format(ctx.steps)
 
     def log_as(fmt: str):
@@ -52,7 +60,7 @@ def log_compressed_model(uri: str, run_id: str, ctx: RunContext) -> str:
                 name=NAME,
                 serialization_format=fmt,
                 signature=signature,
-                input_example=example.numpy(),
+                input_example=example,
                 pip_requirements=requirements(model, fmt),  # inferring them loads the model in a subprocess
                 metadata=LOAD_NOTE if fmt == "pt2" and uses_quantized_ops(model) else None,
             )
@@ -147,16 +155,36 @@ def portable(model: nn.Module) -> nn.Module:
             remove_hook_from_module(inner, recurse=True)
         inner = inner.to_empty(device="cpu")
         inner.load_state_dict(state)
-    dtype = next((t.dtype for t in inner.parameters() if t.is_floating_point()), torch.float32)
-    return inner if dtype == torch.float32 else Float32Interface(inner, dtype)
+    return inner
 
 
-class Float32Interface(nn.Module):
-    """``inner`` in its own dtype (bfloat16, float16), called with float32 tensors and returning float32 ones."""
+def tensor_interface(model: nn.Module, inputs: object) -> nn.Module:
+    """``model`` as MLflow serves models: positional float32 tensors in, one float32 tensor out.
 
-    def __init__(self, inner: nn.Module, dtype: torch.dtype) -> None:
+    A model that takes a dict (Hugging Face) or returns an output object is called through an adapter whose
+    positional inputs are the dict's values in order; a model whose weights are not float32 (bfloat16,
+    float16) gets a cast at each end. A model that already takes and returns float32 tensors is itself.
+    """
+    dtype = next((t.dtype for t in model.parameters() if t.is_floating_point()), torch.float32)
+    names = list(inputs) if isinstance(inputs, dict) else None
+    if dtype == torch.float32 and isinstance(inputs, torch.Tensor):
+        with torch.inference_mode():
+            if isinstance(model(inputs), torch.Tensor):
+                return model
+    return TensorInterface(model, names, dtype)
+
+
+class TensorInterface(nn.Module):
+    """``inner`` called with positional tensors (a dict's values, in ``names`` order) cast to its dtype; its
+    output read as one tensor (``logits`` of a Hugging Face output) in float32."""
+
+    def __init__(self, inner: nn.Module, names: list[str] | None, dtype: torch.dtype) -> None:
         super().__init__()
-        self.inner, self.dtype = inner, dtype
+        self.inner, self.names, self.dtype = inner, names, dtype
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.inner(x.to(self.dtype) if x.is_floating_point() else x).float()
+    def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
+        from framework.batches import call
+
+        cast = [t.to(self.dtype) if t.is_floating_point() else t for t in tensors]
+        inputs = dict(zip(self.names, cast, strict=True)) if self.names else cast[0] if len(cast) == 1 else tuple(cast)
+        return call(self.inner, inputs).float()

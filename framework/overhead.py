@@ -47,12 +47,13 @@ def plain_job(out_dir: Path) -> dict[str, float]:
     import torch.nn.functional as F
     import torch.nn.utils.prune as prune
 
-    from framework.data import digits
+    from framework.datasets import digits
     from framework.models import LeNet
 
     p = PLAIN
     torch.manual_seed(p["seed"])
-    data = digits(seed=p["seed"])
+    data = digits(seed=p["seed"])  # in-memory tensors: the plain script indexes them itself
+    train_x, train_y, test_x, test_y = data.train.inputs, data.train.targets, data.test.inputs, data.test.targets
     model = LeNet()
 
     def train(epochs: int) -> None:
@@ -60,17 +61,17 @@ def plain_job(out_dir: Path) -> dict[str, float]:
         optimizer = torch.optim.Adam(model.parameters(), lr=p["lr"])
         model.train()
         for _ in range(epochs):
-            order = torch.randperm(len(data.train_x), generator=generator)
+            order = torch.randperm(len(train_x), generator=generator)
             for start in range(0, len(order), p["batch_size"]):
                 batch = order[start : start + p["batch_size"]]
                 optimizer.zero_grad()
-                F.nll_loss(model(data.train_x[batch]), data.train_y[batch]).backward()
+                F.nll_loss(model(train_x[batch]), train_y[batch]).backward()
                 optimizer.step()
         model.eval()
 
     @torch.inference_mode()
     def accuracy(net) -> float:
-        return (net(data.test_x).argmax(1) == data.test_y).float().mean().item()
+        return (net(test_x).argmax(1) == test_y).float().mean().item()
 
     train(p["epochs"])
     baseline_accuracy = accuracy(model)
@@ -88,7 +89,7 @@ def plain_job(out_dir: Path) -> dict[str, float]:
     torch.save(model.state_dict(), out_dir / "model.pt")
 
     torch.set_num_threads(p["threads"])
-    batch = data.test_x[: p["measure_batch"]]
+    batch = test_x[: p["measure_batch"]]
     times: dict[str, list[float]] = {"baseline": [], "pruned": []}
     with torch.inference_mode():
         for net in (baseline, model):

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
+from typing import Any
 
 import pluggy
 
@@ -35,11 +36,26 @@ class PluginInfo:
 
 @dataclass
 class Plugins:
-    """The loaded plugin manager, its technique registry, and what was found."""
+    """The loaded plugin manager, its technique and task registries, and what was found."""
 
     manager: pluggy.PluginManager
     registry: TechniqueRegistry
     infos: list[PluginInfo]
+    tasks: dict[str, tuple[str, Callable[[], Any]]] = field(default_factory=dict)  # name -> (plugin, factory)
+
+    def task(self, spec: Any) -> Any:
+        """The task a Data names: a registered name, or a task object used as it is."""
+        from framework.tasks import check_task
+
+        if isinstance(spec, str):
+            if spec not in self.tasks:
+                valid = ", ".join(sorted(self.tasks)) or "none"
+                raise ValueError(f"unknown task {spec!r}; registered tasks: {valid}")
+            task = self.tasks[spec][1]()
+        else:
+            task = spec
+        check_task(task)
+        return task
 
     @property
     def hook(self):
@@ -75,6 +91,12 @@ def _api_mismatch(plugin: object) -> str | None:
         return f"SLIMLAB_API = {wanted!r} is not a version specifier (e.g. '>=1,<2')"
     if API_VERSION in accepted:
         return None
+    if not any(version in accepted for version in ("2.0", "2.9")):  # written for API 1
+        return (
+            f"needs slimlab plugin API {wanted}; this slimlab provides API {API_VERSION}: in API 2 the run's data "
+            "is a framework.data.Data of loaders and ctx.task holds the loss and metrics (docs/plugins.md, "
+            "'Changes in API 2')"
+        )
     return f"needs slimlab plugin API {wanted}; this slimlab provides API {API_VERSION}"
 
 
@@ -153,9 +175,30 @@ def load_plugins(disable: Iterable[str] = ()) -> Plugins:
         except PluginError as error:  # e.g. a technique name another plugin already registered
             registry.remove_plugin(impl.plugin_name)
             _refuse(manager, by_name[impl.plugin_name], str(error))
+    tasks: dict[str, tuple[str, Callable[[], Any]]] = {}
+    for impl in manager.hook.register_tasks.get_hookimpls():
+        if manager.get_plugin(impl.plugin_name) is None:  # refused above
+            continue
+        offered: dict[str, Callable[[], Any]] = {}
+
+        def register_task(
+            name: str, factory: Callable[[], Any], _offered=offered, _plugin=impl.plugin_name, _tasks=tasks
+        ) -> None:
+            if name in _tasks or name in _offered:
+                owner = _tasks[name][0] if name in _tasks else _plugin
+                raise PluginError(f"plugin {_plugin!r} registers task {name!r}, already registered by {owner!r}")
+            _offered[name] = factory
+
+        try:
+            impl.function(register=register_task)
+        except PluginError as error:
+            registry.remove_plugin(impl.plugin_name)
+            _refuse(manager, by_name[impl.plugin_name], str(error))
+            continue
+        tasks |= {name: (impl.plugin_name, factory) for name, factory in offered.items()}
     for info in infos:
         plugin = manager.get_plugin(info.name)
         if plugin is not None:
             info.hooks = sorted(caller.name for caller in manager.get_hookcallers(plugin) or [])
             info.techniques = registry.by_plugin(info.name)
-    return Plugins(manager, registry, infos)
+    return Plugins(manager, registry, infos, tasks)

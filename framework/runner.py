@@ -80,7 +80,9 @@ def _tags(plugins: Plugins, steps: list[Step], hash_: str) -> dict[str, str]:
 def _build_data(cfg: DictConfig):
     from hydra.utils import instantiate
 
-    return instantiate({k: v for k, v in cfg.data.items() if k != "name"})
+    from framework.data import check_data
+
+    return check_data(instantiate({k: v for k, v in cfg.data.items() if k != "name"}), cfg.data.get("_target_"))
 
 
 @dataclass(frozen=True)
@@ -98,8 +100,6 @@ def plan(cfg: DictConfig, plugins: Plugins, host: bool = True) -> Plan:
     Cheap and free of side effects: nothing is recorded for a config it refuses. ``host=False`` leaves out
     what depends on the machine (devices, capability probes), for configs that will run on another one.
     """
-    from hydra.utils import get_class, get_method
-
     from framework.artifact import CODECS
 
     steps = plugins.registry.pipeline(cfg, disabled=cfg.plugins.disable, probe=host)
@@ -108,14 +108,29 @@ def plan(cfg: DictConfig, plugins: Plugins, host: bool = True) -> Plan:
     backend = cfg.tracking.backend
     if backend != "none" and backend not in TRACKING_PLUGINS:
         raise ConfigError(f"unknown tracking backend {backend!r}; valid: none, {', '.join(TRACKING_PLUGINS)}")
-    for group, locate in (("model", get_class), ("data", get_method)):
-        target = cfg[group].get("_target_")
-        try:
-            locate(target)
-        except Exception:
-            raise ConfigError(f"{group}._target_={target!r} cannot be imported") from None
+    for group in ("model", "data"):
+        _check_target(group, cfg[group].get("_target_"))
+    checkpoint = cfg.model.get("checkpoint")
+    if checkpoint and not Path(checkpoint).expanduser().is_file():
+        raise ConfigError(f"model.checkpoint={checkpoint}: no such file")
     left_out = frozenset(cfg.plugins.disable) | {p for b, p in TRACKING_PLUGINS.items() if b != backend}
     return Plan(steps, resolve_device(cfg.device.name) if host else cfg.device.name, left_out)
+
+
+def _check_target(group: str, target: object) -> None:
+    """``<group>._target_`` must name an importable callable: a class, a function, a classmethod."""
+    from hydra.utils import get_object
+
+    if not isinstance(target, str) or not target:
+        raise ConfigError(f"{group}._target_ is not set; give the import path of a callable, e.g. mypackage.MyNet")
+    try:
+        found = get_object(target)
+    except Exception as error:
+        cause = error.__cause__ or error
+        reason = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+        raise ConfigError(f"{group}._target_={target!r} cannot be imported: {reason}") from None
+    if not callable(found):
+        raise ConfigError(f"{group}._target_={target!r} is a {type(found).__name__}, not a callable")
 
 
 def run(cfg: DictConfig, plugins: Plugins | None = None) -> float:
@@ -135,15 +150,17 @@ def run_metrics(cfg: DictConfig, plugins: Plugins | None = None) -> tuple[str, d
     checked = plan(cfg, plugins)
     steps, hooks = checked.steps, plugins.hooks_without(checked.left_out)
     data = _build_data(cfg)
+    task = plugins.task(data.task)
     hash_ = config_hash(cfg, RUN_KEYS)
     ctx = RunContext(
         cfg=cfg,
         data=data,
+        task=task,
         device=checked.device,
         run_name=run_name(cfg, steps),
         config_hash=hash_,
         output_dir=_output_dir(),
-        tags=_tags(plugins, steps, hash_),
+        tags={**_tags(plugins, steps, hash_), "slimlab.run_key": run_key(cfg, plugins), "slimlab.task": task.name},
         steps=steps,
     )
     hooks.before_run(ctx=ctx)
@@ -153,21 +170,40 @@ def run_metrics(cfg: DictConfig, plugins: Plugins | None = None) -> tuple[str, d
     except BaseException as error:
         hooks.on_run_error(ctx=ctx, error=error, traceback_text=traceback.format_exc())
         raise
-    return data.primary_metric, metrics
+    return task.primary_metric, metrics
+
+
+def run_key(cfg: DictConfig, plugins: Plugins) -> str:
+    """The identity of a run's result: its config, the baseline's identity (code, files, versions) and the
+    version (and local source) of every loaded plugin. Sweeps resume on it (the tag ``slimlab.run_key``)."""
+    from framework.baseline import identity
+    from framework.identity import digest, module_digest
+
+    loaded = sorted((i for i in plugins.infos if i.status == "loaded"), key=lambda i: i.name)
+    return digest(
+        {
+            "config": config_hash(cfg, RUN_KEYS),
+            "baseline": digest(identity(cfg)),
+            "plugins": [
+                f"{i.name} {i.distribution}=={i.version} {module_digest(i.value.split(':')[0])}" for i in loaded
+            ],
+        }
+    )
 
 
 def _run_pipeline(ctx: RunContext, steps: list[Step], hooks) -> dict[str, float]:
     from framework.artifact import save_model
     from framework.baseline import get_baseline
     from framework.measure import count_parameters, layer_sparsity, machine_tags, measure_latency, peak_memory_mb
-    from framework.training import evaluate_all
+    from framework.training import score_baseline
 
-    baseline = get_baseline(ctx.cfg, ctx.data, ctx.device)
+    task, eval_batch = ctx.task, ctx.cfg.measure.eval_batch_size
+    baseline = get_baseline(ctx.cfg, ctx.data, task, ctx.device, eval_batch)
     ctx.baseline, ctx.baseline_metrics = baseline.model, baseline.metrics
     ctx.tags["slimlab.baseline"] = f"{baseline.key} ({baseline.origin})"
-    if not ctx.data.labelled:
-        _targets_from_baseline(ctx)
-    primary = ctx.data.primary_metric
+    # What later evaluations compare with (the targets of a task without labels): the baseline's outputs.
+    ctx.references = baseline.references or score_baseline(baseline.model, ctx.data, task, ctx.device, eval_batch)[1]
+    primary = task.primary_metric
     model = copy.deepcopy(baseline.model)
     model_path = ctx.output_dir / "model.pt"
     metadata = {"techniques": [s.name for s in steps]}
@@ -210,17 +246,17 @@ def _run_pipeline(ctx: RunContext, steps: list[Step], hooks) -> dict[str, float]
     measure = ctx.cfg.measure
     latency = measure_latency(
         {"baseline": baseline.model, "compressed": model},
-        ctx.data.example_batch(measure.batch_size).to(ctx.device),
+        ctx.example_inputs(),
         warmup=measure.warmup,
         repeats=measure.repeats,
         threads=measure.threads,
     )
-    scores = evaluate_all(model, ctx.data, device=ctx.device)
+    scores = ctx.evaluate_all(model)
     score, base_score = scores.pop(primary), baseline.metrics[primary]
     metrics: dict[str, float] = {
         primary: score,
         f"baseline_{primary}": base_score,
-        f"{primary}_drop": ctx.data.drop(base_score, score),
+        f"{primary}_drop": task.drop(base_score, score),
         "size_bytes": size,
         "baseline_size_bytes": baseline.metrics["size_bytes"],
         "compression_ratio": baseline.metrics["size_bytes"] / size,
@@ -233,7 +269,7 @@ def _run_pipeline(ctx: RunContext, steps: list[Step], hooks) -> dict[str, float]
         "baseline_latency_ms": latency["baseline"].median_ms,
         "speedup": latency["baseline"].median_ms / latency["compressed"].median_ms,
     }
-    metrics.update(scores)  # the task's further metrics (embedding: fidelity to the baseline)
+    metrics.update(scores)  # the task's further metrics (agreement with the baseline, fidelity)
     _check_speedup(metrics["speedup"], steps)
     ctx.tags.update(machine_tags(measure.threads))
     metrics.update(peak_memory_mb())
@@ -248,20 +284,6 @@ def _run_pipeline(ctx: RunContext, steps: list[Step], hooks) -> dict[str, float]
     stages_path.write_text(json.dumps({"baseline": baseline.metrics, "stages": ctx.stages, "final": metrics}, indent=2))
     ctx.artifacts["stages"] = stages_path
     return metrics
-
-
-def _targets_from_baseline(ctx: RunContext) -> None:
-    """A task without labels (embedding): every model's target is the baseline's output, on both splits.
-
-    Set once, before any technique runs, so that ``ctx.evaluate``, fine-tuning and distillation use them
-    like labels.
-    """
-    from framework.training import predict
-
-    data, baseline = ctx.data, ctx.baseline
-    data.set_targets(predict(baseline, data.train_x, ctx.device), predict(baseline, data.test_x, ctx.device))
-    rows = (len(data.train_y), len(data.test_y))
-    log.info("task %s: targets are the baseline's outputs (%d train, %d test rows)", data.task, *rows)
 
 
 def _log_layer_sparsity(ctx: RunContext, model) -> None:

@@ -16,7 +16,7 @@ def _row(label: str, base: str, compressed: str, ratio: str = "") -> tuple[str, 
 
 
 def summary_rows(ctx: RunContext, metrics: dict[str, float]) -> list[tuple[str, str, str, str]]:
-    primary = ctx.data.primary_metric
+    primary = ctx.task.primary_metric
     return [
         _row(
             primary,

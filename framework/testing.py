@@ -69,7 +69,7 @@ def slimlab_store(tmp_path) -> str:
 @pytest.fixture
 def tiny_data():
     """scikit-learn's bundled digits at 28x28, the data of the founding document's LeNet."""
-    from framework.data import digits
+    from framework.datasets import digits
 
     return digits(seed=0)
 
@@ -85,18 +85,30 @@ def tiny_model():
     return LeNet().eval()
 
 
-def context(cfg: Any, data: Any, tmp_path: Path, baseline: Any = None):
+def first_test_inputs(data: Any, rows: int = 8) -> Any:
+    """The inputs of the first ``rows`` test rows of a :class:`~framework.data.Data` (a tensor, tuple or dict)."""
+    from framework.batches import first_rows
+    from framework.data import loader
+
+    return first_rows(loader(data.test, rows), rows)
+
+
+def context(cfg: Any, data: Any, tmp_path: Path, baseline: Any = None, plugins: Any = None):
     """A RunContext for calling ``apply`` directly, outside the runner, with ``baseline`` as the run's baseline."""
     from framework.context import RunContext
     from framework.measure import count_parameters
-    from framework.training import evaluate
+    from framework.plugins import load_plugins
+    from framework.training import score_baseline
 
-    ctx = RunContext(cfg=cfg, data=data, device="cpu", run_name="contract", config_hash="0", output_dir=tmp_path)
+    task = (plugins or load_plugins()).task(data.task)
+    ctx = RunContext(
+        cfg=cfg, data=data, task=task, device="cpu", run_name="contract", config_hash="0", output_dir=tmp_path
+    )
     if baseline is not None:
         params, nonzero = count_parameters(baseline)
         ctx.baseline = baseline
-        score = evaluate(baseline, data)
-        ctx.baseline_metrics = {data.primary_metric: score, "params": params, "nonzero_params": nonzero}
+        scores, ctx.references = score_baseline(baseline, data, task)
+        ctx.baseline_metrics = {**scores, "params": params, "nonzero_params": nonzero}
     return ctx
 
 
@@ -143,7 +155,8 @@ class TechniqueContract:
 
         torch.manual_seed(int(cfg.seed))
         step = self.step(cfg, plugins)
-        return step.technique.apply(model, step.config, context(cfg, data, tmp_path, copy.deepcopy(model)))
+        ctx = context(cfg, data, tmp_path, copy.deepcopy(model), plugins)
+        return step.technique.apply(model, step.config, ctx)
 
     def test_apply_returns_a_working_module(self, slimlab_compose, slimlab_plugins, tiny_data, tiny_model, tmp_path):
         import torch
@@ -152,7 +165,7 @@ class TechniqueContract:
         model = self._applied(cfg, slimlab_plugins, tiny_data, tiny_model, tmp_path)
         assert isinstance(model, torch.nn.Module)
         with torch.inference_mode():
-            output = model(tiny_data.test_x[:8])
+            output = model(first_test_inputs(tiny_data))
         assert output.shape == (8, 10) and torch.isfinite(output).all()
 
     def test_deterministic_under_a_seed(self, slimlab_compose, slimlab_plugins, tiny_data, tmp_path):
@@ -166,7 +179,7 @@ class TechniqueContract:
             torch.manual_seed(0)
             model = self._applied(cfg, slimlab_plugins, tiny_data, LeNet().eval(), tmp_path / str(attempt))
             with torch.inference_mode():
-                outputs.append(model(tiny_data.test_x[:8]))
+                outputs.append(model(first_test_inputs(tiny_data)))
         torch.testing.assert_close(outputs[0], outputs[1])
 
     def test_run_metrics_are_numbers(self, slimlab_compose, slimlab_plugins):
@@ -205,7 +218,7 @@ class TechniqueContract:
 
         cfg = slimlab_compose(self.overrides())
         model = self._applied(cfg, slimlab_plugins, tiny_data, tiny_model, tmp_path)
-        ctx = context(cfg, tiny_data, tmp_path)
+        ctx = context(cfg, tiny_data, tmp_path, plugins=slimlab_plugins)
         ctx.model, ctx.steps = model, [self.step(cfg, slimlab_plugins)]
         client = MlflowClient(slimlab_store)
         run = client.create_run(experiment_id(client, "contract", slimlab_store))
@@ -215,6 +228,6 @@ class TechniqueContract:
             f"declared serialization_format={declared!r}, but: {ctx.tags['slimlab.model_format']}; "
             "declare 'pickle' for modules torch.export cannot trace"
         )
-        batch = tiny_data.test_x[:8]
+        batch = first_test_inputs(tiny_data)
         with torch.inference_mode(), using_tracking_uri(slimlab_store):
             torch.testing.assert_close(mlflow.pytorch.load_model(uri)(batch), portable(model)(batch))

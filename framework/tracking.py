@@ -102,7 +102,7 @@ class MlflowTracking:
         else:
             uri = tracking_uri(ctx.cfg)
         client = MlflowClient(uri)
-        experiment = experiment_id(client, ctx.cfg.experiment_name, uri, ctx.data.primary_metric)
+        experiment = experiment_id(client, ctx.cfg.experiment_name, uri, ctx.task.primary_metric)
         run = client.create_run(experiment, run_name=ctx.run_name, tags=tags)
         ctx.state["mlflow"] = {"uri": uri, "run_id": run.info.run_id, "experiment_id": run.info.experiment_id}
         flat = flatten(ctx.cfg)

@@ -96,18 +96,20 @@ def _model_node(name: str):
 
 
 def _build_student(name: str, seed: int) -> nn.Module:
-    """A fresh, untrained instance of model option ``name`` (its ``name`` key is a label, not an argument)."""
+    """A fresh instance of model option ``name``, built like any model (its checkpoint loaded, if it has one)."""
     import torch
-    from hydra.utils import instantiate
+
+    from framework.baseline import build_model
 
     torch.manual_seed(seed)
-    return instantiate({k: v for k, v in _model_node(name).items() if k != "name"})
+    return build_model(_model_node(name))
 
 
 def _teacher(config: DistillConfig, ctx: RunContext) -> tuple[nn.Module, float]:
     """The teacher and its score: the run's baseline, or model option ``config.teacher`` trained as a baseline."""
+    primary = ctx.task.primary_metric
     if config.teacher is None:
-        return ctx.baseline, ctx.baseline_metrics[ctx.data.primary_metric]
+        return ctx.baseline, ctx.baseline_metrics[primary]
     from omegaconf import open_dict
 
     from framework.baseline import get_baseline
@@ -115,9 +117,10 @@ def _teacher(config: DistillConfig, ctx: RunContext) -> tuple[nn.Module, float]:
     cfg = copy.deepcopy(ctx.cfg)
     with open_dict(cfg):
         cfg.model = _model_node(config.teacher)
-    teacher = get_baseline(cfg, ctx.data, ctx.device)  # cached like any baseline (model + data + train + seed)
-    ctx.tags["slimlab.distill.teacher_baseline"] = f"{teacher.key} ({'cached' if teacher.cached else 'trained'})"
-    return teacher.model, teacher.metrics[ctx.data.primary_metric]
+    # cached like any baseline: its identity is its config, code, checkpoint and the data's
+    teacher = get_baseline(cfg, ctx.data, ctx.task, ctx.device, ctx.cfg.measure.eval_batch_size)
+    ctx.tags["slimlab.distill.teacher_baseline"] = f"{teacher.key} ({teacher.origin})"
+    return teacher.model, teacher.metrics[primary]
 
 
 def _hold_zeros(model: nn.Module) -> list[tuple[nn.Module, str]]:
@@ -144,7 +147,7 @@ def _flat(output: torch.Tensor) -> torch.Tensor:
     return output.reshape(len(output), -1)
 
 
-def _train(model: nn.Module, ctx: RunContext, config: DistillConfig, description: str, data=None, **kwargs) -> None:
+def _train(model: nn.Module, ctx: RunContext, config: DistillConfig, description: str, **kwargs) -> None:
     """Train with the run's settings and a fixed seed, so a KD run and its scratch twin differ only in the loss.
 
     The incoming model's zeros (pruning) are held; a fresh student's are not (e.g. zero-initialised biases).
@@ -155,9 +158,11 @@ def _train(model: nn.Module, ctx: RunContext, config: DistillConfig, description
 
     held = _hold_zeros(model) if config.student is None else []
     torch.manual_seed(ctx.cfg.seed)
+    kwargs.setdefault("targets_from", None if ctx.task.labelled else ctx.baseline)
     train(
         model,
-        data or ctx.data,
+        ctx.data,
+        ctx.task,
         ctx.cfg.train,
         epochs=config.epochs,
         lr=config.lr,
@@ -169,35 +174,24 @@ def _train(model: nn.Module, ctx: RunContext, config: DistillConfig, description
     model.eval()
 
 
-def _teacher_outputs(teacher: nn.Module, inputs: torch.Tensor, device: str, batch_size: int = 512) -> torch.Tensor:
-    """The teacher's outputs on the whole training split, computed once, without gradients or updates."""
-    import torch
-
-    with torch.no_grad():
-        return torch.cat([teacher(inputs[s : s + batch_size].to(device)) for s in range(0, len(inputs), batch_size)])
-
-
 def _distill(student: nn.Module, teacher: nn.Module, loss: str, config: DistillConfig, ctx: RunContext) -> None:
-    """Train ``student`` on ``teacher``'s outputs (and on the labels, by 1 - alpha)."""
-    import dataclasses
-
+    """Train ``student`` on ``teacher``'s outputs (and on the targets, by 1 - alpha)."""
     import torch
     import torch.nn.functional as F
     from torch import nn
 
-    data, alpha, temperature = ctx.data, config.alpha, config.temperature
-    probe = data.train_x[:2].to(ctx.device)
+    from framework.batches import call, take
+
+    task, alpha, temperature = ctx.task, config.alpha, config.temperature
+    probe = take(ctx.example_inputs(), 2)
     with torch.no_grad():
         student.eval()
+        teacher.eval()
         try:
-            student_width = _flat(student(probe)).shape[1]
+            student_width = _flat(call(student, probe)).shape[1]
         except Exception as error:
-            raise ValueError(f"the student cannot take {data.name} inputs: {error}") from error
-    # The training split is fixed and in memory, and the teacher is deterministic in eval mode: its outputs are
-    # computed once rather than in every epoch (for LeNet that is most of the cost of distilling).
-    targets = _teacher_outputs(teacher, data.train_x, ctx.device)
-    labels = data.train_y.to(ctx.device)
-    teacher_width = _flat(targets).shape[1]
+            raise ValueError(f"the student cannot take {ctx.data.name} inputs: {error}") from error
+        teacher_width = _flat(call(teacher, probe)).shape[1]
 
     projection = None
     if student_width != teacher_width:
@@ -211,9 +205,8 @@ def _distill(student: nn.Module, teacher: nn.Module, loss: str, config: DistillC
 
     def teacher_term(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if loss == "kl":
-            # Models return log-probabilities, log p = z - logsumexp(z): the logits z shifted by a constant per
-            # row. Softmax ignores such shifts, so softmax(log p / T) == softmax(z / T): log_softmax(out / T)
-            # is the tempered distribution whether a model returns log-probabilities or raw logits.
+            # log_softmax(out / T) is the tempered distribution whether a model returns logits or
+            # log-probabilities: those are logits shifted by a constant per row, which softmax ignores.
             student_log_p = F.log_softmax(out / temperature, dim=1)
             teacher_log_p = F.log_softmax(target / temperature, dim=1)
             kl = F.kl_div(student_log_p, teacher_log_p, reduction="batchmean", log_target=True)
@@ -221,33 +214,34 @@ def _distill(student: nn.Module, teacher: nn.Module, loss: str, config: DistillC
         student_out = _flat(out) if projection is None else projection(_flat(out))
         return F.mse_loss(student_out, _flat(target))
 
-    def distill_loss(model: nn.Module, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        out = model(x)
+    def distill_loss(model: nn.Module, inputs, target: torch.Tensor) -> torch.Tensor:
+        out = call(model, inputs)
         total = out.new_zeros(())
         if alpha > 0:
-            total = total + alpha * teacher_term(out, targets[rows])
+            with torch.no_grad():  # the teacher only answers: no gradients, no updates (eval mode)
+                taught = call(teacher, inputs)
+            total = total + alpha * teacher_term(out, taught)
         if alpha < 1:
-            total = total + (1 - alpha) * data.loss(out, labels[rows])
+            total = total + (1 - alpha) * task.loss(out, target)
         return total
 
-    # train() hands the loss (model, x[batch], y[batch]); with row numbers as y, the loss looks up both the
-    # labels and the teacher's precomputed outputs of its batch. Same rows, same order as a label-only run.
-    rows = dataclasses.replace(data, train_y=torch.arange(len(data.train_x)))
+    teacher.to(ctx.device).eval()
     extra = list(projection.parameters()) if projection is not None else []
-    _train(student, ctx, config, f"distill: {loss}", data=rows, loss=distill_loss, extra_parameters=extra)
+    _train(student, ctx, config, f"distill: {loss}", loss=distill_loss, extra_parameters=extra)
 
 
 def apply(model: nn.Module, config: DistillConfig, ctx: RunContext) -> nn.Module:
-    data, primary = ctx.data, ctx.data.primary_metric
+    task, primary = ctx.task, ctx.task.primary_metric
     if config.student is not None and ctx.stages:
         done = ", ".join(stage["technique"] for stage in ctx.stages)
         raise ValueError(
             f"student={config.student} replaces the incoming model, so what {done} did would be thrown away; "
             "put distill first, or leave student unset to distil into the incoming model"
         )
-    loss = config.loss if config.loss != "auto" else ("kl" if data.task == "classification" else "mse")
-    if loss == "kl" and data.task != "classification":
-        raise ValueError(f"loss=kl needs a classification task; data {data.name!r} is {data.task}: use loss=mse")
+    classifying = task.name == "classification"
+    loss = config.loss if config.loss != "auto" else ("kl" if classifying else "mse")
+    if loss == "kl" and not classifying:
+        raise ValueError(f"loss=kl needs a classification task; data {ctx.data.name!r} is {task.name}: use loss=mse")
 
     student = _build_student(config.student, ctx.cfg.seed) if config.student else model
     ctx.tags["slimlab.distill.student"] = config.student or "the incoming model"
@@ -277,7 +271,7 @@ def apply(model: nn.Module, config: DistillConfig, ctx: RunContext) -> nn.Module
         _train(twin, ctx, config, "distill: control (labels only)")
         scratch = ctx.evaluate(twin)
         ctx.metrics[f"scratch_{primary}"] = scratch
-        ctx.metrics["distill_gain"] = score - scratch if data.higher_is_better else scratch - score
+        ctx.metrics["distill_gain"] = task.drop(score, scratch)  # positive: the student beats its scratch twin
         log.info("distill: control %s=%.4f, gain %+.4f", primary, scratch, ctx.metrics["distill_gain"])
     return student
 

@@ -403,10 +403,12 @@ def apply(model: nn.Module, config: PlaceConfig, ctx: RunContext) -> nn.Module:
     placed = placed_class()(model, main, dtype, config.threads).eval()
     if config.compile:
         model.compile()  # in place: the state dict keeps its names
-        batch = ctx.data.example_batch(ctx.cfg.measure.batch_size)
+        from framework.batches import call
+
+        inputs = ctx.example_inputs()
         with torch.inference_mode():
             start = time.perf_counter()
-            placed(batch)
+            call(placed, inputs)
             ctx.metrics["compile_time_s"] = time.perf_counter() - start
         ctx.tags["slimlab.place.compile"] = "true"
     return placed

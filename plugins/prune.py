@@ -109,6 +109,8 @@ def _prune_unstructured(model: nn.Module, config: PruneConfig, ctx: RunContext) 
 def _prune_channels(model: nn.Module, config: PruneConfig, ctx: RunContext) -> nn.Module:
     import torch_pruning as tp
 
+    from framework.batches import output_tensor
+
     targets = _targets(model, config)
     # The last layer's outputs are the model's outputs (classes, values): never remove them.
     output_layer = targets[-1][1] if not config.layers else None
@@ -121,13 +123,14 @@ def _prune_channels(model: nn.Module, config: PruneConfig, ctx: RunContext) -> n
     steps = config.steps if config.schedule == "gradual" else 1
     pruner = tp.pruner.MetaPruner(
         model,
-        ctx.data.example_batch(1).to(ctx.device),
+        ctx.example_inputs(1),
         importance=importance,
         pruning_ratio=config.amount,
         global_pruning=config.scope == "global",
         iterative_steps=steps,
         iterative_pruning_ratio_scheduler=lambda ratio, n: [0.0, *cubic_schedule(ratio, n)],
         ignored_layers=ignored,
+        output_transform=output_tensor,  # Hugging Face outputs hold the tensor in `logits`
     )
     for step, epochs in enumerate(_split(config.fine_tune_epochs, steps), 1):
         pruner.step()

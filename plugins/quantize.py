@@ -32,7 +32,6 @@ from framework import hookimpl
 if TYPE_CHECKING:
     from collections.abc import Iterable
 
-    import torch
     from torch import nn
 
     from framework.context import RunContext
@@ -255,14 +254,15 @@ def _compile(model: nn.Module, config: QuantizeConfig, ctx: RunContext, *, dynam
     """torch.compile ``model``; time the first (compiling) call; check it; expose ``model`` as the artifact."""
     import torch
 
+    from framework.batches import call, clone
     from framework.measure import MeasurementError, check_stable
 
     lowered = _lowered_class()(torch.compile(model, dynamic=dynamic), model, config.freezing)
-    example = ctx.data.example_batch(ctx.cfg.measure.batch_size).to(ctx.device)
-    x = example.clone()
+    example = ctx.example_inputs()
+    x = clone(example)
     with torch.inference_mode():  # as the runner evaluates and times: no recompilation for grad mode
         start = time.perf_counter()
-        first = lowered(x)
+        first = call(lowered, x)
         ctx.metrics["compile_time_s"] = time.perf_counter() - start
     try:  # fail here, at lowering, rather than later while timing
         check_stable(lowered, example, first=first, touched=x, name="the lowered model")
@@ -356,9 +356,28 @@ def _restore_activation_qparams(graph_module, _incompatible_keys=None) -> None:
     graph_module.recompile()
 
 
-def _pt2e_convert(
-    model: nn.Module, config: QuantizeConfig, example: torch.Tensor, calibration: Iterable[torch.Tensor]
-) -> nn.Module:
+def _dynamic_batch(inputs: Any) -> Any:
+    """torch.export's ``dynamic_shapes`` for ``inputs``: the first dimension of every tensor is the batch."""
+    import torch
+
+    from framework.batches import as_args
+
+    batch = torch.export.Dim("batch", min=1)
+
+    def spec(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return {0: batch} if value.dim() > 0 else None
+        if isinstance(value, dict):
+            return {key: spec(item) for key, item in value.items()}
+        if isinstance(value, tuple | list):
+            return type(value)(spec(item) for item in value)
+        return None
+
+    args, kwargs = as_args(inputs)
+    return spec(kwargs) if kwargs else spec(args)
+
+
+def _pt2e_convert(model: nn.Module, config: QuantizeConfig, example: Any, calibration: Iterable[Any]) -> nn.Module:
     """export (dynamic batch) -> prepare_pt2e(X86InductorQuantizer) -> calibrate -> convert_pt2e, uncompiled."""
     import dataclasses
 
@@ -371,10 +390,12 @@ def _pt2e_convert(
     from torchao.quantization.pt2e.observer import MinMaxObserver
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
+    from framework.batches import as_args, call
+
     model.eval()
-    # Evaluation runs batches of 512 (or the whole test split), latency batches of measure.batch_size.
-    batch = torch.export.Dim("batch", min=1)
-    exported = torch.export.export(model, (example,), dynamic_shapes=({0: batch},)).module()
+    # Evaluation runs batches of measure.eval_batch_size, latency batches of measure.batch_size.
+    args, kwargs = as_args(example)
+    exported = torch.export.export(model, args, kwargs, dynamic_shapes=_dynamic_batch(example)).module()
 
     qconfig = x86.get_default_x86_inductor_quantization_config()  # uint8 histogram activations, int8 weights
     if config.granularity == "per_tensor":
@@ -397,7 +418,7 @@ def _pt2e_convert(
     calibration = list(calibration)
     with torch.no_grad():
         for inputs in progress(calibration, "quantize: calibrate", total=len(calibration)):
-            prepared(inputs)
+            call(prepared, inputs)
     converted = convert_pt2e(prepared)
     allow_exported_model_train_eval(converted)  # the runner calls .eval()
 
@@ -423,7 +444,7 @@ def _pt2e_convert(
 def _apply_pt2e(model: nn.Module, config: QuantizeConfig, ctx: RunContext) -> nn.Module:
     _require_cpu(ctx, "pt2e")
     _targets_present(model, config)
-    example = ctx.data.example_batch(ctx.cfg.measure.batch_size).to(ctx.device)
+    example = ctx.example_inputs()
     converted = _pt2e_convert(model, config, example, ctx.calibration_batches(config.calibration_batches))
     if not config.compile:
         ctx.tags["slimlab.quantize.lowering"] = "none: the decomposed reference graph (slower than fp32)"
@@ -507,7 +528,7 @@ def _eager_units(model: nn.Module, config: QuantizeConfig) -> list[str]:
 
 
 def _eager_static(
-    model: nn.Module, config: QuantizeConfig, calibration: list[torch.Tensor], example: torch.Tensor
+    model: nn.Module, config: QuantizeConfig, calibration: list[Any], example: Any
 ) -> tuple[nn.Module, str]:
     """QuantStub/DeQuantStub placement, fusion, x86 qconfig, prepare, calibrate, convert.
 
@@ -521,6 +542,8 @@ def _eager_static(
     """
     import torch
     import torch.ao.quantization as tq
+
+    from framework.batches import call
 
     qconfig = _x86_static_qconfig(config.granularity)
     _fuse(model, config)
@@ -539,7 +562,7 @@ def _eager_static(
         tq.prepare(root, inplace=True)
         with torch.no_grad():
             for inputs in progress(calibration, "quantize: calibrate", total=len(calibration)):
-                root(inputs)
+                call(root, inputs)
         return tq.convert(root, inplace=True)
 
     whole = tq.QuantWrapper(copy.deepcopy(model))
@@ -551,9 +574,9 @@ def _eager_static(
     try:
         calibrate_and_convert(whole)
         with torch.inference_mode():
-            whole(example)
+            call(whole, example)
         return whole, "model"
-    except (NotImplementedError, RuntimeError) as error:
+    except (NotImplementedError, RuntimeError, TypeError) as error:  # TypeError: QuantWrapper takes one input
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         log.info("quantize(eager-static): stubs around each layer; whole-model stubs fail: %s", reason[:200])
 
@@ -581,7 +604,7 @@ def _eager_dynamic(model: nn.Module, config: QuantizeConfig) -> nn.Module:
     return tq.quantize_dynamic(model, spec, dtype=torch.qint8, inplace=True)
 
 
-def _eager(model: nn.Module, config: QuantizeConfig, calibration: list[torch.Tensor], example: torch.Tensor):
+def _eager(model: nn.Module, config: QuantizeConfig, calibration: list[Any], example: Any):
     """The eager recipe without run context (shared by apply and rebuild): (model, stubs placement or None)."""
     with warnings.catch_warnings():
         # the x86 qconfig's reduce_range observers warn once per observer; torch's deprecation warning stays
@@ -596,7 +619,7 @@ def _apply_eager(model: nn.Module, config: QuantizeConfig, ctx: RunContext) -> n
     _require_cpu(ctx, "eager")
     _targets_present(model, config)
     model.eval()
-    example = ctx.data.example_batch(ctx.cfg.measure.batch_size)
+    example = ctx.example_inputs()
     calibration = list(ctx.calibration_batches(config.calibration_batches)) if config.scheme == "static" else []
     model, stubs = _eager(model, config, calibration, example)
     if stubs:
@@ -616,10 +639,11 @@ def apply(model: nn.Module, config: QuantizeConfig, ctx: RunContext) -> nn.Modul
     return _apply_torchao(model, config, ctx)
 
 
-def rebuild(model: nn.Module, config: QuantizeConfig, example: torch.Tensor) -> nn.Module:
+def rebuild(model: nn.Module, config: QuantizeConfig, example: Any) -> nn.Module:
     """The quantized structure of ``model`` under ``config``, ready for ``framework.artifact.load_model``.
 
-    ``model`` is a fresh instance of the quantized model's class, ``example`` an input batch. The recipe
+    ``model`` is a fresh instance of the quantized model's class, ``example`` a batch's inputs (a tensor, a
+    tuple or a dict). The recipe
     runs with ``example`` as its only calibration batch; the loaded state then replaces every weight,
     scale and zero point (for pt2e also the activation scales in the graph). Not compiled: compile the
     result to get the int8 kernels back. torchao artifacts load into the plain model directly.

@@ -15,7 +15,7 @@ BAD_INPUT = [
     (["technique.prune.amount=abc"], "technique.prune.amount=abc"),
     (
         ["model=resnet9000"],
-        "unknown model 'resnet9000'; valid model options: big_model, lenet, lenet_small, ",
+        "unknown model 'resnet9000'; valid model options: big_model, huggingface, lenet, lenet_small, ",
     ),
     (
         ["technique=[prun]"],
@@ -53,7 +53,7 @@ def test_help_lists_groups_and_every_technique_option(plugin_site, tmp_path):
     assert result.returncode == 0, result.stderr
     out = result.stdout
     for line in (
-        "model: big_model, lenet, lenet_small, ",
+        "model: big_model, huggingface, lenet, lenet_small, ",
         "quickstart, seed_distillation",
         "tracking: mlflow, none",
     ):

@@ -131,8 +131,9 @@ def test_prune_distill_quantize_keeps_the_pruned_zeros(overrides, store, tmp_pat
 def test_projection_when_student_and_teacher_widths_differ(tmp_path):
     """Feature distillation: a 1-wide student matches a 4-wide teacher through a projection it does not keep."""
     from framework.context import RunContext
-    from framework.data import regression
+    from framework.datasets import regression
     from framework.models import SimpleNet
+    from framework.tasks import Regression
     from plugins.distill import apply
 
     torch.manual_seed(0)
@@ -143,6 +144,7 @@ def test_projection_when_student_and_teacher_widths_differ(tmp_path):
     ctx = RunContext(
         cfg=compose([*FAST, "model=simple_net", "data=regression", "technique=[distill]"]),
         data=regression(samples=200),
+        task=Regression(),
         device="cpu",
         run_name="test",
         config_hash="0",

@@ -12,7 +12,7 @@ from mlflow import MlflowClient
 
 from framework import hookimpl
 from framework.config import compose
-from framework.logged_model import LOAD_NOTE, portable, using_tracking_uri
+from framework.logged_model import LOAD_NOTE, portable, tensor_interface, using_tracking_uri
 from framework.plugins import load_plugins
 from framework.runner import run_metrics
 
@@ -22,10 +22,11 @@ class RecordOutputs:
 
     @hookimpl(tryfirst=True)
     def after_run(self, ctx) -> None:
-        self.batch = ctx.data.example_batch(16).cpu()
+        self.batch = ctx.example_inputs(16).cpu()
         with torch.inference_mode():
             self.deployed = ctx.model(self.batch).clone()  # as the run measured it
-            self.logged = portable(ctx.model)(self.batch).clone()  # the form logged: one CPU module
+            logged = tensor_interface(portable(ctx.model), self.batch)  # the form logged: one CPU module
+            self.logged = logged(self.batch).clone()
 
 
 # technique options and the serialization format expected
@@ -92,15 +93,16 @@ class ValueDependent(torch.nn.Module):
 
 
 def test_a_model_torch_export_cannot_trace_is_logged_as_pickle_with_the_reason(store, tmp_path, tiny_data, monkeypatch):
-    from framework.context import RunContext
+    from framework.config import compose
     from framework.logged_model import log_compressed_model
+    from framework.testing import context
     from framework.tracking import experiment_id
 
     client = MlflowClient(store)
     run = client.create_run(experiment_id(client, "tests", store))
     torch.manual_seed(0)
     model = ValueDependent().eval()
-    ctx = RunContext(cfg=None, data=tiny_data, device="cpu", run_name="x", config_hash="0", output_dir=tmp_path)
+    ctx = context(compose(["tracking=none"]), tiny_data, tmp_path)
     ctx.model = model
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///elsewhere.db")  # what the user set stays set
     uri = log_compressed_model(store, run.info.run_id, ctx)
@@ -112,7 +114,7 @@ def test_a_model_torch_export_cannot_trace_is_logged_as_pickle_with_the_reason(s
     with using_tracking_uri(store):
         loaded = mlflow.pytorch.load_model(uri)
         by_run = mlflow.pytorch.load_model(f"runs:/{run.info.run_id}/model")  # the READY one, not the failed
-    batch = tiny_data.example_batch(8)
+    batch = ctx.example_inputs(8)
     with torch.inference_mode():
         torch.testing.assert_close(loaded(batch), model(batch), rtol=0, atol=0)
         torch.testing.assert_close(by_run(batch), model(batch), rtol=0, atol=0)
@@ -149,13 +151,14 @@ def test_key_params_and_serialization_format_are_checked_at_registration():
 
 
 def test_a_failure_that_is_not_the_format_is_raised_not_hidden_by_a_fallback(store, tmp_path, tiny_data):
-    from framework.context import RunContext
+    from framework.config import compose
     from framework.logged_model import log_compressed_model
+    from framework.testing import context
     from framework.tracking import experiment_id
 
     client = MlflowClient(store)
     run = client.create_run(experiment_id(client, "tests", store))
-    ctx = RunContext(cfg=None, data=tiny_data, device="cpu", run_name="x", config_hash="0", output_dir=tmp_path)
+    ctx = context(compose(["tracking=none"]), tiny_data, tmp_path)
     ctx.model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(28 * 28, 10)).eval()
     with using_tracking_uri(store), mlflow.start_run():  # the caller's own fluent run is active
         with pytest.raises(Exception, match="already active"):

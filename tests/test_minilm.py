@@ -16,8 +16,10 @@ from mlflow import MlflowClient
 
 from framework.artifact import load_model
 from framework.config import compose
-from framework.data import TaskData, embedding_fidelity, read_sentences, sentences
-from framework.models import MiniLM, select_layers
+from framework.datasets import load_tokenizer, minilm_path, read_sentences, sentences, split_groups
+from framework.models import SentenceEmbedding as MiniLM
+from framework.models import select_layers
+from framework.tasks import Classification, Embedding, Scored, embedding_fidelity
 from framework.runner import run
 from tests.conftest import REPO
 
@@ -50,11 +52,9 @@ Python is a popular programming language.
 """
 
 
-def texts_to_batch(texts: list[str]) -> torch.Tensor:
-    from framework.data import load_tokenizer
-
+def texts_to_batch(texts: list[str]) -> dict[str, torch.Tensor]:
     encoded = load_tokenizer()(texts, padding=True, return_tensors="pt")
-    return torch.stack([encoded["input_ids"], encoded["attention_mask"]], dim=1)
+    return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
 
 
 @pytest.fixture(scope="module")
@@ -102,14 +102,12 @@ def test_minilm_gives_sentence_transformers_embeddings(teacher):
     """Mean pooling over the mask + L2 normalisation: the embeddings all-MiniLM-L6-v2 is published with."""
     texts = ["The cat sits on the mat.", "A stock market crash.", "Short."]  # different lengths: padding matters
     with torch.inference_mode():
-        ours = teacher(texts_to_batch(texts))
-        alone = torch.cat([teacher(texts_to_batch([text])) for text in texts])  # unpadded, one at a time
+        ours = teacher(**texts_to_batch(texts))
+        alone = torch.cat([teacher(**texts_to_batch([text])) for text in texts])  # unpadded, one at a time
     assert ours.shape == (3, 384) and ours.dtype == torch.float32
     assert torch.allclose(ours.norm(dim=1), torch.ones(3), atol=1e-5)
     assert torch.allclose(ours, alone, atol=1e-5)  # padding does not leak into the mean
     assert sum(p.numel() for p in teacher.parameters()) == 22_565_376  # 22.7M less the unused pooler
-
-    from framework.data import minilm_path
 
     SentenceTransformer = pytest.importorskip("sentence_transformers").SentenceTransformer  # an optional cross-check
     reference = SentenceTransformer(minilm_path(), device="cpu").encode(texts, convert_to_tensor=True)
@@ -126,9 +124,11 @@ def test_student_layers_come_from_the_teacher(teacher):
         assert all(torch.equal(value, theirs[name]) for name, value in mine.state_dict().items())
     x = texts_to_batch(["A student model.", "Fewer layers, same embedding width."])
     with torch.inference_mode():
-        assert student(x).shape == (2, 384)
-    with pytest.raises(ValueError, match=r"\[batch, 2, seq_len\]"):
-        student(x[:, 0])
+        assert student(**x).shape == (2, 384)
+        # positional inputs as the tokenizer orders them, and no mask meaning every token counts
+        assert torch.equal(student(x["input_ids"], x["attention_mask"]), student(**x))
+        ones = {"input_ids": x["input_ids"][:1], "attention_mask": torch.ones_like(x["input_ids"][:1])}
+        assert torch.allclose(student(x["input_ids"][:1]), student(**ones))
 
 
 # --- the data and the task ------------------------------------------------------------------------------------------
@@ -142,18 +142,17 @@ def test_sentence_set_is_large_varied_and_split_by_group():
     assert min(map(len, flat)) < 20 and max(map(len, flat)) > 150  # short and long sentences
 
     data = sentences(seed=0)
-    assert data.task == "embedding" and data.primary_metric == "cosine_to_baseline" and data.higher_is_better
-    assert not data.labelled and data.train_y.shape == (len(data.train_x), 0)
-    assert len(data.train_x) + len(data.test_x) == len(flat)
-    assert data.train_x.dtype == torch.long and data.train_x.shape[1] == 2 and data.train_x.shape[2] <= 64
-    assert abs(len(data.test_x) / len(flat) - 0.25) < 0.02
-    assert torch.equal(sentences(seed=0).test_x, data.test_x)  # deterministic from the seed
-    assert not torch.equal(sentences(seed=1).test_x[:10], data.test_x[:10])
+    assert data.task == "embedding" and data.train.targets is None and data.test.targets is None
+    assert len(data.train) + len(data.test) == len(flat)
+    ids = data.train.inputs["input_ids"]
+    assert set(data.train.inputs) == {"input_ids", "attention_mask"} and ids.dtype == torch.long
+    assert ids.shape[1] <= 64 and data.train.inputs["attention_mask"].shape == ids.shape
+    assert abs(len(data.test) / len(flat) - 0.25) < 0.02
+    assert torch.equal(sentences(seed=0).test.inputs["input_ids"], data.test.inputs["input_ids"])  # from the seed
+    assert not torch.equal(sentences(seed=1).test.inputs["input_ids"][:10], data.test.inputs["input_ids"][:10])
 
 
 def test_split_keeps_paraphrase_groups_together(few):
-    from framework.data import load_tokenizer, split_groups
-
     groups = read_sentences(few)
     assert len(groups) == 7 and sum(map(len, groups)) == 11
     for seed in range(5):
@@ -164,27 +163,31 @@ def test_split_keeps_paraphrase_groups_together(few):
     # sentences() tokenises exactly that split, test rows last
     train, test = split_groups(groups, 0.5, 3)
     data = sentences(path=str(few), test_fraction=0.5, seed=3)
-    ids = load_tokenizer()(test, padding="max_length", max_length=data.test_x.shape[2], return_tensors="pt")
-    assert torch.equal(data.test_x[:, 0], ids["input_ids"]) and torch.equal(data.test_x[:, 1], ids["attention_mask"])
-    assert len(data.train_x) == len(train)
+    width = data.test.inputs["input_ids"].shape[1]
+    ids = load_tokenizer()(test, padding="max_length", max_length=width, return_tensors="pt")
+    assert torch.equal(data.test.inputs["input_ids"], ids["input_ids"])
+    assert torch.equal(data.test.inputs["attention_mask"], ids["attention_mask"])
+    assert len(data.train) == len(train)
 
 
 def test_embedding_task_scores_fidelity():
     torch.manual_seed(0)
     base = torch.nn.functional.normalize(torch.randn(20, 8), dim=1)
-    data = TaskData("t", "embedding", base[:0], torch.empty(0, 0), base, torch.empty(20, 0))
-    with pytest.raises(RuntimeError, match="no targets yet"):
-        data.score(base, data.test_y)
-    data.set_targets(torch.empty(0, 8), base)
-    assert data.scores(base, data.test_y) == pytest.approx(
+    task = Embedding()
+    assert not task.labelled and task.primary_metric == "cosine_to_baseline" and task.higher_is_better
+
+    def scores(outputs):  # two batches, the targets being the baseline's outputs (what the runner hands it)
+        return task.evaluate(Scored(o, b, b) for o, b in zip(outputs.split(12), base.split(12), strict=True))
+
+    assert scores(base) == pytest.approx(
         {"cosine_to_baseline": 1.0, "cosine_to_baseline_min": 1.0, "similarity_spearman": 1.0, "nn_agreement": 1.0}
     )
     noisy = base + 0.3 * torch.randn(20, 8)
-    scores = data.scores(noisy, data.test_y)
-    assert 0 < scores["cosine_to_baseline_min"] < scores["cosine_to_baseline"] < 1
-    assert 0 < scores["similarity_spearman"] < 1 and 0 <= scores["nn_agreement"] <= 1
-    assert data.drop(1.0, scores["cosine_to_baseline"]) == pytest.approx(1 - scores["cosine_to_baseline"])
-    assert data.loss(noisy, base).item() == pytest.approx(torch.nn.functional.mse_loss(noisy, base).item())
+    found = scores(noisy)
+    assert 0 < found["cosine_to_baseline_min"] < found["cosine_to_baseline"] < 1
+    assert 0 < found["similarity_spearman"] < 1 and 0 <= found["nn_agreement"] <= 1
+    assert task.drop(1.0, found["cosine_to_baseline"]) == pytest.approx(1 - found["cosine_to_baseline"])
+    assert task.loss(noisy, base).item() == pytest.approx(torch.nn.functional.mse_loss(noisy, base).item())
 
     # nearest neighbours: 0<->1 and 2<->3 are pairs; swapping which of 2/3 is closest to 4 flips one row
     points = torch.tensor([[1.0, 0.0], [0.99, 0.1], [0.0, 1.0], [0.1, 0.99], [0.06, 1.0]])
@@ -194,11 +197,12 @@ def test_embedding_task_scores_fidelity():
     assert embedding_fidelity(moved, points)["nn_agreement"] == pytest.approx(3 / 5)
 
 
-def test_classification_scores_only_accuracy():
+def test_classification_scores_accuracy_and_agreement():
     labels = torch.tensor([0, 1, 1, 0])
-    data = TaskData("t", "classification", torch.zeros(0), torch.zeros(0), torch.zeros(4, 2), labels)
     logits = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [1.0, 0.0]])
-    assert data.labelled and data.scores(logits, data.test_y) == {"accuracy": 0.75}
+    task = Classification()
+    baseline = task.reference(torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0], [0.0, 1.0]]))
+    assert task.labelled and task.evaluate([Scored(logits, labels, baseline)]) == {"accuracy": 0.75, "agreement": 0.5}
 
 
 # --- through the runner ---------------------------------------------------------------------------------------------
@@ -232,8 +236,9 @@ def test_tiny_minilm_run_logs_fidelity_not_accuracy(overrides, store, few, tmp_p
     reloaded = load_model(MiniLM(num_layers=2), model_file).eval()
     baseline = MiniLM(num_layers=2).eval()
     data = sentences(path=str(few), test_fraction=0.5, seed=0)
+    inputs = data.test.inputs
     with torch.inference_mode():
-        again = torch.nn.functional.cosine_similarity(reloaded(data.test_x), baseline(data.test_x)).mean().item()
+        again = torch.nn.functional.cosine_similarity(reloaded(**inputs), baseline(**inputs)).mean().item()
     assert again == pytest.approx(cosine, abs=1e-5)
 
 

@@ -35,9 +35,10 @@ class ComparePredictions:
 
     @hookimpl
     def evaluate(self, model, ctx):
-        from framework.training import predict
+        from framework.training import outputs
 
-        placed, baseline = predict(model, ctx.data.test_x), predict(ctx.baseline, ctx.data.test_x, ctx.device)
+        placed = torch.cat([output for output, _ in outputs(model, ctx.data)])
+        baseline = torch.cat([output for output, _ in outputs(ctx.baseline, ctx.data, ctx.device)])
         return {
             "test_mismatches": float((placed.argmax(1) != baseline.argmax(1)).sum()),
             "test_max_abs_diff": float((placed - baseline).abs().max()),

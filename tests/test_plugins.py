@@ -116,10 +116,19 @@ def test_a_technique_name_already_taken_is_refused_never_shadowed(tmp_path, monk
 
 
 def test_a_plugin_for_another_hook_api_is_refused_with_the_versions_it_needs(tmp_path, monkeypatch):
-    source = 'SLIMLAB_API = ">=2,<3"\n'
+    source = 'SLIMLAB_API = ">=3,<4"\n'
     site = write_plugin(tmp_path, "slimlab-future", "slimlab_future", source, {"future": "slimlab_future"})
     monkeypatch.syspath_prepend(str(site))
-    assert refused(site, "future") == "needs slimlab plugin API >=2,<3; this slimlab provides API 1.1"
+    assert refused(site, "future") == "needs slimlab plugin API >=3,<4; this slimlab provides API 2.0"
+
+
+def test_a_plugin_written_for_api_1_is_refused_with_a_pointer_to_the_change(tmp_path, monkeypatch):
+    source = 'SLIMLAB_API = ">=1.1,<2"\n'
+    site = write_plugin(tmp_path, "slimlab-old", "slimlab_old", source, {"old": "slimlab_old"})
+    monkeypatch.syspath_prepend(str(site))
+    reason = refused(site, "old")
+    assert reason.startswith("needs slimlab plugin API >=1.1,<2; this slimlab provides API 2.0: in API 2 ")
+    assert "docs/plugins.md" in reason and "\n" not in reason
 
 
 def test_the_public_api_is_small_and_stable():
@@ -127,7 +136,7 @@ def test_the_public_api_is_small_and_stable():
 
     assert framework.__all__ == ["API_VERSION", "PROJECT", "ConfigError", "RunContext", "hookimpl", "hookspec"]
     assert all(hasattr(framework, name) for name in framework.__all__)
-    assert framework.API_VERSION == "1.1"
+    assert framework.API_VERSION == "2.0"
 
 
 def test_plugins_json_lists_builtins_and_third_party(plugin_site, tmp_path):

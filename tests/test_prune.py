@@ -9,7 +9,7 @@ from mlflow import MlflowClient
 
 from framework.artifact import load_model
 from framework.config import compose
-from framework.data import digits
+from framework.datasets import digits
 from framework.errors import ConfigError
 from framework.models import LeNet
 from framework.runner import run
@@ -81,7 +81,7 @@ def test_structured_removes_channels_and_the_artifact_reloads_at_its_new_shapes(
     reloaded = load_model(LeNet(), model_file)
     assert reloaded.conv2.out_channels == 25 and reloaded.fc1.in_features == 400
     data = digits()
-    accuracy = (reloaded(data.test_x).argmax(1) == data.test_y).float().mean().item()
+    accuracy = (reloaded(data.test.inputs).argmax(1) == data.test.targets).float().mean().item()
     assert accuracy == pytest.approx(metrics["accuracy"])
 
 

@@ -13,7 +13,7 @@ from torch import nn
 
 from framework.artifact import load_model, load_state
 from framework.config import compose
-from framework.data import digits
+from framework.datasets import digits
 from framework.errors import ConfigError
 from framework.models import LeNet
 from framework.runner import run
@@ -55,9 +55,9 @@ def reloaded_accuracy(client, logged, tmp_path: Path, model: nn.Module, config: 
     model_file = Path(client.download_artifacts(logged.info.run_id, "model.pt", str(tmp_path)))
     assert model_file.stat().st_size == logged.data.metrics["size_bytes"]
     data = digits(seed=seed)
-    reloaded = load_model(rebuild(model, config, data.example_batch(64)), model_file)
+    reloaded = load_model(rebuild(model, config, data.test.inputs[:64]), model_file)
     with torch.inference_mode():
-        return (reloaded(data.test_x).argmax(1) == data.test_y).float().mean().item()
+        return (reloaded(data.test.inputs).argmax(1) == data.test.targets).float().mean().item()
 
 
 CASES = {  # id: (options, label)

@@ -10,7 +10,7 @@ from mlflow import MlflowClient
 
 from framework.artifact import load_model, load_state, save_model
 from framework.config import compose
-from framework.data import digits
+from framework.datasets import digits
 from framework.models import LeNet
 from framework.plugins import load_plugins
 from framework.runner import run
@@ -69,8 +69,8 @@ def test_quickstart_logs_every_metric_and_artifact(overrides, store, tmp_path):
     assert not [key for key in load_state(model_file) if key.endswith(("_orig", "_mask"))]  # pruning is permanent
     reloaded = load_model(LeNet(), model_file)
     data = digits(seed=cfg.seed)
-    predictions = reloaded(data.test_x).argmax(1)
-    assert (predictions == data.test_y).float().mean().item() == pytest.approx(accuracy)
+    predictions = reloaded(data.test.inputs).argmax(1)
+    assert (predictions == data.test.targets).float().mean().item() == pytest.approx(accuracy)
 
 
 def test_baseline_trained_once_then_cached(overrides, store):

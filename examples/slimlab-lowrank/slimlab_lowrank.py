@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from framework import hookimpl
 
-SLIMLAB_API = ">=1,<2"  # the slimlab hook API this plugin is written for
+SLIMLAB_API = ">=2,<3"  # the slimlab hook API this plugin is written for
 
 
 @dataclass

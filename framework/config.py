@@ -266,46 +266,53 @@ def load_option(group: str, name: str) -> DictConfig | None:
 # --- A model's target set from the command line -----------------------------------------------------------------
 
 
-def retarget_model(cfg: DictConfig, overrides: Iterable[str], announce: bool = True) -> DictConfig:
-    """When ``overrides`` set ``model._target_``, rebuild ``cfg.model`` from the overrides alone.
+RESERVED_KEYS = {"model": RESERVED_MODEL_KEYS, "data": ("name",)}  # slimlab's keys, not the callable's arguments
 
-    The selected model option's (or an experiment's) other keys are constructor arguments of *its* target,
-    not of the new one: they are dropped, and said so. What stays: the reserved keys (``RESERVED_MODEL_KEYS``;
-    ``name`` becomes the target's last dotted part unless ``model.name=`` is set) and every top-level
-    ``model.KEY`` the overrides set. ``cfg`` is changed in place and returned.
+
+def retarget_model(cfg: DictConfig, overrides: Iterable[str], announce: bool = True) -> DictConfig:
+    """When ``overrides`` set ``model._target_`` or ``data._target_``, rebuild that node from the overrides alone.
+
+    The selected option's (or an experiment's) other keys are arguments of *its* target, not of the new one:
+    they are dropped, and said so. What stays: the reserved keys (``RESERVED_KEYS``; ``name`` becomes the
+    target's last dotted part unless ``<group>.name=`` is set) and every top-level ``<group>.KEY`` the
+    overrides set. ``cfg`` is changed in place and returned.
     """
+    for group in RESERVED_KEYS:
+        _retarget(cfg, overrides, group, announce)
+    return cfg
+
+
+def _retarget(cfg: DictConfig, overrides: Iterable[str], group: str, announce: bool) -> None:
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from omegaconf import open_dict, read_write
 
-    model_lines = [line for line in overrides if re.match(r"^[+~]*model\.", line.strip())]
-    if not model_lines:
-        return cfg
+    lines = [line for line in overrides if re.match(rf"^[+~]*{group}\.", line.strip())]
+    if not lines:
+        return
     set_keys = {
         override.key_or_group.split(".")[1]
-        for override in OverridesParser.create().parse_overrides(model_lines)
+        for override in OverridesParser.create().parse_overrides(lines)
         if not override.is_delete()
     }
-    if "_target_" not in set_keys or not OmegaConf.is_dict(cfg.get("model")):
-        return cfg
-    model = cfg.model
-    target = str(model._target_)
-    keep = [key for key in model if key in RESERVED_MODEL_KEYS or key in set_keys]
-    dropped = [key for key in model if key not in keep]
-    if "name" not in set_keys:  # the option's name would name another model in run names and tags
+    if "_target_" not in set_keys or not OmegaConf.is_dict(cfg.get(group)):
+        return
+    node = cfg[group]
+    target = str(node._target_)
+    keep = [key for key in node if key in RESERVED_KEYS[group] or key in set_keys]
+    dropped = [key for key in node if key not in keep]
+    if "name" not in set_keys:  # the option's name would name another model or dataset in run names and tags
         keep = [key for key in keep if key != "name"]
-    node = OmegaConf.masked_copy(model, keep)  # interpolations stay as they are
+    rebuilt = OmegaConf.masked_copy(node, keep)  # interpolations stay as they are
     if "name" not in set_keys:
-        node = OmegaConf.merge({"name": target.rsplit(".", 1)[-1]}, node)
+        rebuilt = OmegaConf.merge({"name": target.rsplit(".", 1)[-1]}, rebuilt)
     with read_write(cfg), open_dict(cfg):
-        cfg.model = node
+        cfg[group] = rebuilt
     if dropped and announce:
         log.info(
-            "model._target_=%s: dropped %s of the selected model (arguments of its own target; set any with "
-            "model.KEY=value)",
-            target,
-            ", ".join(dropped),
-        )
-    return cfg
+            "%s._target_=%s: dropped %s of the selected %s (arguments of its own target; set any with "
+            "%s.KEY=value)",
+            group, target, ", ".join(dropped), group, group,
+        )  # fmt: skip
 
 
 def config_hash(cfg: DictConfig, keys: Iterable[str]) -> str:

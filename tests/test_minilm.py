@@ -19,8 +19,8 @@ from framework.config import compose
 from framework.datasets import load_tokenizer, minilm_path, read_sentences, sentences, split_groups
 from framework.models import SentenceEmbedding as MiniLM
 from framework.models import select_layers
-from framework.tasks import Classification, Embedding, Scored, embedding_fidelity
 from framework.runner import run
+from framework.tasks import Classification, Embedding, Scored, embedding_fidelity
 from tests.conftest import REPO
 
 FIDELITY = {"cosine_to_baseline", "cosine_to_baseline_min", "similarity_spearman", "nn_agreement"}

@@ -218,8 +218,21 @@ def _pre_disabled(args: list[str]) -> list[str]:
     return []
 
 
+def _launch_directory_importable() -> None:
+    """The launch directory on the import path, as ``python -m`` does, so ``_target_: mymodel.Net`` finds the user's
+    ``mymodel.py``; through ``PYTHONPATH`` too, for the processes that launchers start."""
+    cwd = os.getcwd()
+    if cwd not in sys.path:
+        sys.path.insert(0, cwd)
+    paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if cwd not in paths:
+        os.environ["PYTHONPATH"] = os.pathsep.join([cwd, *paths])
+
+
 def run_command(args: list[str]) -> int:
     import signal
+
+    _launch_directory_importable()
 
     # SIGTERM (a scheduler, `kill`) ends a run or sweep like Ctrl-C: runs are closed KILLED, not left RUNNING.
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler)

@@ -23,14 +23,14 @@ TUTORIAL = REPO / "docs" / "plugins.md"
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.S | re.M)
 
 
-def tutorial_script() -> str:
+def tutorial_script(document: Path = TUTORIAL) -> str:
     """A bash script: each ``$ command`` of a console block, each file block written where it appears."""
     lines = ["set -euo pipefail"]
-    for language, body in FENCE.findall(TUTORIAL.read_text()):
+    for language, body in FENCE.findall(document.read_text()):
         first = body.splitlines()[0] if body.strip() else ""
         if language == "console":
             lines += [line[2:] for line in body.splitlines() if line.startswith("$ ")]
-        elif language in ("python", "toml") and first.startswith("# ") and "." in first:
+        elif language in ("python", "toml", "yaml") and first.startswith("# ") and "." in first:
             path = first[2:].strip()
             lines += [f"mkdir -p $(dirname {path})", f"cat > {path} <<'SLIMLAB_EOF'", body.rstrip("\n"), "SLIMLAB_EOF"]
     return "\n".join(lines) + "\n"

@@ -52,8 +52,7 @@ def launch(args: list[str], disable: list[str]) -> int:
     import hydra
 
     from framework import sweep
-    from framework.config import config_hash
-    from framework.runner import RUN_KEYS, run_metrics
+    from framework.runner import run_key, run_metrics
 
     log = logging.getLogger("slimlab")
 
@@ -81,7 +80,7 @@ def launch(args: list[str], disable: list[str]) -> int:
             use_search_path(job.runtime.config_sources)  # model options etc. are looked up where Hydra looked
             retarget_model(cfg, job.overrides.task)
             if in_sweep and cfg.resume and cfg.tracking.backend == "mlflow":
-                done = sweep.finished_run(cfg, config_hash(cfg, RUN_KEYS))
+                done = sweep.finished_run(cfg, run_key(cfg, plugins))
                 if done:
                     log.info("skipped: this config already has a FINISHED run, %s (resume=false runs it)", done.run_id)
                     sweep.record_outcome("SKIPPED", done.run_id)

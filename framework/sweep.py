@@ -9,7 +9,8 @@ hosts. A job that raises is recorded and the sweep goes on; ``on_multirun_end`` 
 that recorded none counts as failed), prints the summary, logs the report to the parent and closes it
 FINISHED or FAILED. Interrupted, the running children and the parent are closed KILLED.
 
-Resume: a job whose resolved config (``slimlab.config_hash``) already has a FINISHED run in the experiment
+Resume: a job whose run key (``slimlab.run_key``: the resolved config, the code and files behind the baseline,
+the versions of torch, slimlab and every plugin; ``runner.run_key``) already has a FINISHED run in the experiment
 is skipped (``resume=false`` runs everything).
 """
 
@@ -136,8 +137,8 @@ class FinishedRun:
     metrics: dict[str, float]
 
 
-def finished_run(cfg: DictConfig, config_hash: str) -> FinishedRun | None:
-    """A FINISHED run of the same experiment with the same resolved config, if there is one."""
+def finished_run(cfg: DictConfig, run_key: str) -> FinishedRun | None:
+    """A FINISHED run of the same experiment with the same run key, if there is one."""
     from mlflow import MlflowClient
 
     from framework.tracking import tracking_uri
@@ -148,7 +149,7 @@ def finished_run(cfg: DictConfig, config_hash: str) -> FinishedRun | None:
         return None
     runs = client.search_runs(
         [experiment.experiment_id],
-        filter_string=f"tags.`slimlab.config_hash` = '{config_hash}' and attributes.status = 'FINISHED'",
+        filter_string=f"tags.`slimlab.run_key` = '{run_key}' and attributes.status = 'FINISHED'",
         max_results=1,
     )
     return FinishedRun(runs[0].info.run_id, dict(runs[0].data.metrics)) if runs else None

@@ -274,3 +274,28 @@ def test_dict_batches_and_a_two_input_model_compress(user_dir, overrides, store,
 def test_a_data_callable_that_returns_something_else_is_named(user_dir, overrides):
     with pytest.raises(TypeError, match=r"data._target_=framework.models.select_layers returned list"):
         run(compose([*overrides, "data._target_=framework.models.select_layers", "+data.total=3"]))
+
+
+@pytest.mark.slow
+def test_a_sweep_resumes_only_while_the_code_is_unchanged(tmp_path, cache_dir):
+    """Resume skips a job whose result exists; after an edit of the model's code nothing is skipped."""
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "user_models.py").write_text(textwrap.dedent(USER_MODELS))
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = [
+        "-m", "model._target_=user_models.LogitsMLP", "model.hidden=16", "technique=[prune]",
+        "technique.prune.amount=0.3,0.6", "train.epochs=1", "measure.repeats=5", "measure.warmup=1",
+        f"cache_dir={cache_dir}", f"tracking.uri={store}", "tracking.log_model=false",
+    ]  # fmt: skip
+
+    def sweep() -> str:
+        result = slimlab("run", *args, cwd=project)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return next(line for line in result.stdout.splitlines() if line.startswith("sweep: "))
+
+    assert sweep() == "sweep: 2 finished, 0 failed, 0 skipped of 2 jobs"
+    assert sweep() == "sweep: 0 finished, 0 failed, 2 skipped of 2 jobs"
+    models = project / "user_models.py"
+    models.write_text(models.read_text().replace("nn.ReLU()", "nn.Tanh()"))
+    assert sweep() == "sweep: 2 finished, 0 failed, 0 skipped of 2 jobs"

@@ -171,20 +171,33 @@ def tensor_interface(model: nn.Module, inputs: object) -> nn.Module:
         with torch.inference_mode():
             if isinstance(model(inputs), torch.Tensor):
                 return model
-    return TensorInterface(model, names, dtype)
+    if isinstance(inputs, torch.Tensor):
+        return TensorInterface(model, names, dtype)
+    return MultiInputInterface(model, names, dtype)
 
 
 class TensorInterface(nn.Module):
-    """``inner`` called with positional tensors (a dict's values, in ``names`` order) cast to its dtype; its
-    output read as one tensor (``logits`` of a Hugging Face output) in float32."""
+    """``inner`` called with one tensor cast to its dtype; its output read as one tensor (``logits`` of a Hugging
+    Face output) in float32. One named input: torch.export (MLflow's pt2) traces it."""
 
     def __init__(self, inner: nn.Module, names: list[str] | None, dtype: torch.dtype) -> None:
         super().__init__()
         self.inner, self.names, self.dtype = inner, names, dtype
 
-    def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
+    def _call(self, tensors: tuple[torch.Tensor, ...]) -> torch.Tensor:
         from framework.batches import call
 
         cast = [t.to(self.dtype) if t.is_floating_point() else t for t in tensors]
         inputs = dict(zip(self.names, cast, strict=True)) if self.names else cast[0] if len(cast) == 1 else tuple(cast)
         return call(self.inner, inputs).float()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._call((x,))
+
+
+class MultiInputInterface(TensorInterface):
+    """Several positional tensors (a dict's values in ``names`` order). MLflow's pt2 cannot export a variable
+    number of inputs, so such a model is logged as pickle, with the reason in ``slimlab.model_format``."""
+
+    def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
+        return self._call(tensors)

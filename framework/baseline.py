@@ -144,14 +144,19 @@ def _cached(entry: Path, model: nn.Module) -> dict[str, float] | None:
     return json.loads((entry / "metrics.json").read_text())
 
 
-def get_baseline(cfg: DictConfig, data: Data, task: Any, device: str, batch_size: int = 512) -> Baseline:
+def get_baseline(
+    cfg: DictConfig, data: Data, task: Any, device: str, batch_size: int = 512, model: nn.Module | None = None
+) -> Baseline:
     """Load the cached baseline for this identity, or build, train (unless pretrained), score and cache it.
 
     The cache entry is written to a temporary directory and renamed into place, so parallel jobs never read a
     half-written baseline. A model that comes with weights (``is_pretrained``) is the baseline as it is, unless
     ``train.fine_tune_pretrained``; a task without labels cannot train it either way. The baseline is its own
-    reference: its agreement metrics are 1.
+    reference: its agreement metrics are 1. A ``model`` handed in (the Python API) is a copy of it, taken as it
+    is and scored afresh, never cached: nothing identifies it for a later run.
     """
+    if model is not None:
+        return _given_baseline(model, cfg, data, task, device, batch_size)
     found = identity(cfg)
     key = digest(found)
     entry = Path(cfg.cache_dir).expanduser().resolve() / "baselines" / key
@@ -201,3 +206,22 @@ def get_baseline(cfg: DictConfig, data: Data, task: Any, device: str, batch_size
     return Baseline(
         model.to(device), metrics, entry / "model.pt", key, cached=False, trained=trains, references=references
     )
+
+
+def _given_baseline(model: nn.Module, cfg: DictConfig, data: Data, task: Any, device: str, batch_size: int) -> Baseline:
+    import copy
+
+    model = copy.deepcopy(model)
+    trains = task.labelled and cfg.train.fine_tune_pretrained
+    if trains:
+        torch.manual_seed(cfg.seed)
+        train(model, data, task, cfg.train, device=device, description="baseline: fine-tune")
+    model.cpu().eval()
+    scores, references = score_baseline(model, data, task, batch_size=batch_size)
+    folder = Path(tempfile.mkdtemp(prefix="slimlab-baseline-"))
+    params, nonzero = count_parameters(model)
+    size = save_model(model, folder / "model.pt")
+    metrics = {**scores, "size_bytes": size, "params": params, "nonzero_params": nonzero}
+    origin = "the given model, fine-tuned" if trains else "the given model"
+    log.info("baseline: %s: %s=%.4f", origin, task.primary_metric, scores[task.primary_metric])
+    return Baseline(model.to(device), metrics, folder / "model.pt", "given", False, trains, references)

@@ -91,7 +91,7 @@ def _api_mismatch(plugin: object) -> str | None:
         return f"SLIMLAB_API = {wanted!r} is not a version specifier (e.g. '>=1,<2')"
     if API_VERSION in accepted:
         return None
-    if not any(version in accepted for version in ("2.0", "2.9")):  # written for API 1
+    if any(version in accepted for version in ("1.0", "1.1", "1.9")):  # written for API 1
         return (
             f"needs slimlab plugin API {wanted}; this slimlab provides API {API_VERSION}: in API 2 the run's data "
             "is a framework.data.Data of loaders and ctx.task holds the loss and metrics (docs/plugins.md, "

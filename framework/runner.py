@@ -8,8 +8,11 @@ import logging
 import subprocess
 import tempfile
 import traceback
+import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig
 
@@ -18,6 +21,9 @@ from framework.context import RunContext
 from framework.errors import ConfigError
 from framework.plugins import Plugins, load_plugins
 from framework.registry import Step, speedup_bound
+
+if TYPE_CHECKING:
+    from framework.data import Data
 
 TRACKING_PLUGINS = {"mlflow": "mlflow"}  # tracking.backend -> the plugin that implements it
 RUN_KEYS = ("model", "data", "train", "seed", "technique", "device", "measure", "artifact")
@@ -94,11 +100,12 @@ class Plan:
     left_out: frozenset[str]
 
 
-def plan(cfg: DictConfig, plugins: Plugins, host: bool = True) -> Plan:
+def plan(cfg: DictConfig, plugins: Plugins, host: bool = True, given: Iterable[str] = ()) -> Plan:
     """Check everything that can be checked before a run starts; raise ConfigError with the reason.
 
     Cheap and free of side effects: nothing is recorded for a config it refuses. ``host=False`` leaves out
     what depends on the machine (devices, capability probes), for configs that will run on another one.
+    ``given``: the groups (``model``, ``data``) handed in as objects (the Python API), not built from config.
     """
     from framework.artifact import CODECS
 
@@ -109,7 +116,8 @@ def plan(cfg: DictConfig, plugins: Plugins, host: bool = True) -> Plan:
     if backend != "none" and backend not in TRACKING_PLUGINS:
         raise ConfigError(f"unknown tracking backend {backend!r}; valid: none, {', '.join(TRACKING_PLUGINS)}")
     for group in ("model", "data"):
-        _check_target(group, cfg[group].get("_target_"))
+        if group not in given:
+            _check_target(group, cfg[group].get("_target_"))
     checkpoint = cfg.model.get("checkpoint")
     if checkpoint and not Path(checkpoint).expanduser().is_file():
         raise ConfigError(f"model.checkpoint={checkpoint}: no such file")
@@ -139,17 +147,26 @@ def run(cfg: DictConfig, plugins: Plugins | None = None) -> float:
     return metrics[primary]
 
 
-def run_metrics(cfg: DictConfig, plugins: Plugins | None = None) -> tuple[str, dict[str, float]]:
+def run_metrics(
+    cfg: DictConfig, plugins: Plugins | None = None, *, model: Any = None, data: Data | None = None
+) -> tuple[str, dict[str, float]]:
     """Run the pipeline that ``cfg`` describes; return the name of its primary metric and every metric.
 
-    Bad input raises ``ConfigError`` before any hook runs, so nothing is
-    recorded for it. Any later error is reported to ``on_run_error`` and
-    re-raised.
+    ``model`` and ``data``, when given (the Python API), are used instead of building ``cfg.model`` and
+    ``cfg.data``: the model is the baseline as it is (``train.fine_tune_pretrained`` trains it), scored afresh
+    in every run, never cached. Bad input raises ``ConfigError`` before any hook runs, so nothing is recorded
+    for it. Any later error is reported to ``on_run_error`` and re-raised.
     """
     plugins = plugins or load_plugins(cfg.plugins.disable)
-    checked = plan(cfg, plugins)
+    given = {name for name, value in (("model", model), ("data", data)) if value is not None}
+    checked = plan(cfg, plugins, given=given)
     steps, hooks = checked.steps, plugins.hooks_without(checked.left_out)
-    data = _build_data(cfg)
+    if data is None:
+        data = _build_data(cfg)
+    else:
+        from framework.data import check_data
+
+        check_data(data, "(a Data object)")
     task = plugins.task(data.task)
     hash_ = config_hash(cfg, RUN_KEYS)
     ctx = RunContext(
@@ -160,12 +177,17 @@ def run_metrics(cfg: DictConfig, plugins: Plugins | None = None) -> tuple[str, d
         run_name=run_name(cfg, steps),
         config_hash=hash_,
         output_dir=_output_dir(),
-        tags={**_tags(plugins, steps, hash_), "slimlab.run_key": run_key(cfg, plugins), "slimlab.task": task.name},
+        # Objects handed in have no identity a later run could match: such a run is never resumed.
+        tags={
+            **_tags(plugins, steps, hash_),
+            "slimlab.run_key": run_key(cfg, plugins) if not given else f"objects-{uuid.uuid4().hex[:16]}",
+            "slimlab.task": task.name,
+        },
         steps=steps,
     )
     hooks.before_run(ctx=ctx)
     try:
-        metrics = _run_pipeline(ctx, steps, hooks)
+        metrics = _run_pipeline(ctx, steps, hooks, model)
         hooks.after_run(ctx=ctx, metrics=metrics)
     except BaseException as error:
         hooks.on_run_error(ctx=ctx, error=error, traceback_text=traceback.format_exc())
@@ -191,14 +213,14 @@ def run_key(cfg: DictConfig, plugins: Plugins) -> str:
     )
 
 
-def _run_pipeline(ctx: RunContext, steps: list[Step], hooks) -> dict[str, float]:
+def _run_pipeline(ctx: RunContext, steps: list[Step], hooks, given_model: Any = None) -> dict[str, float]:
     from framework.artifact import save_model
     from framework.baseline import get_baseline
     from framework.measure import count_parameters, layer_sparsity, machine_tags, measure_latency, peak_memory_mb
     from framework.training import score_baseline
 
     task, eval_batch = ctx.task, ctx.cfg.measure.eval_batch_size
-    baseline = get_baseline(ctx.cfg, ctx.data, task, ctx.device, eval_batch)
+    baseline = get_baseline(ctx.cfg, ctx.data, task, ctx.device, eval_batch, model=given_model)
     ctx.baseline, ctx.baseline_metrics = baseline.model, baseline.metrics
     ctx.tags["slimlab.baseline"] = f"{baseline.key} ({baseline.origin})"
     # What later evaluations compare with (the targets of a task without labels): the baseline's outputs.

@@ -134,7 +134,10 @@ def test_a_plugin_written_for_api_1_is_refused_with_a_pointer_to_the_change(tmp_
 def test_the_public_api_is_small_and_stable():
     import framework
 
-    assert framework.__all__ == ["API_VERSION", "PROJECT", "ConfigError", "RunContext", "hookimpl", "hookspec"]
+    assert framework.__all__ == [
+        "API_VERSION", "PROJECT", "Compressed", "ConfigError", "Data", "RunContext", "Task", "compress", "hookimpl",
+        "hookspec",
+    ]  # fmt: skip
     assert all(hasattr(framework, name) for name in framework.__all__)
     assert framework.API_VERSION == "2.0"
 

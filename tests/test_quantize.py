@@ -283,7 +283,7 @@ def test_pt2e_freezing_writes_into_a_residual_input_and_the_run_refuses_it(freez
         return
     run(cfg)
     _, logged = only_run(store)
-    assert logged.info.run_name == "simple_net quantize(pt2e-static,no-freezing)"
+    assert logged.info.run_name == "ResidualNet quantize(pt2e-static,no-freezing)"  # named by its own target
     assert logged.data.tags["slimlab.quantize.lowering"] == "torch.compile(dynamic=None), inductor freezing=False"
     assert logged.data.metrics["compile_time_s"] > 0 and "mse" in logged.data.metrics
 

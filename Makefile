@@ -16,8 +16,13 @@ $(BIN)/python:
 
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
-	# compat: the repository on sys.path, so Hydra finds hydra_plugins/ (the default finder hides it from pkgutil)
-	$(BIN)/pip install --quiet -e ".[test]" --config-settings editable_mode=compat
+	# the default editable finder maps the import name slimlab onto framework/, plugins/ and conf/ (pyproject)
+	$(BIN)/pip install --quiet -e ".[test]"
+	# Hydra finds plugins by scanning the hydra_plugins namespace, which cannot see through that finder: a link to
+	# the Optuna sweeper in a directory of its own on the path (a wheel install has it in site-packages)
+	mkdir -p $(VENV)/hydra-plugins/hydra_plugins
+	ln -sfn $(CURDIR)/hydra_plugins/slimlab_optuna_sweeper $(VENV)/hydra-plugins/hydra_plugins/slimlab_optuna_sweeper
+	echo $(CURDIR)/$(VENV)/hydra-plugins > "$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/slimlab-hydra-plugins.pth"
 	touch $@
 
 install: $(VENV)/.installed
@@ -38,11 +43,11 @@ BENCH_WORKLOADS := bench_minilm_int8 bench_structured_prune bench_structured_pru
 bench: install
 	for workload in $(BENCH_WORKLOADS); do $(BIN)/slimlab run -m experiment=$$workload || exit 1; done
 	# slimlab's own cost: bench_overhead timed against a plain script doing the same work
-	$(BIN)/python -m framework.overhead
+	$(BIN)/python -m slimlab.overhead
 	# the compiled fp32 references that bench_pt2e_static's speedups are divided by, one per batch size
 	for batch in 64 256; do $(BIN)/slimlab run experiment=bench_pt2e_static 'technique=[place]' technique.place.device=cpu \
 		technique.place.compile=true technique.place.threads=1 measure.batch_size=$$batch || exit 1; done
-	$(BIN)/python -m framework.benchmarks --out BENCHMARKS.md
+	$(BIN)/python -m slimlab.benchmarks --out BENCHMARKS.md
 
 lint: install
 	$(BIN)/ruff check .

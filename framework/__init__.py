@@ -17,18 +17,18 @@ API_VERSION = "2.0"  # the hook API: major when a hook changes incompatibly, min
 hookimpl = pluggy.HookimplMarker(PROJECT)
 hookspec = pluggy.HookspecMarker(PROJECT)
 
-from framework.context import RunContext  # noqa: E402
-from framework.errors import ConfigError  # noqa: E402
+from slimlab.context import RunContext  # noqa: E402
+from slimlab.errors import ConfigError  # noqa: E402
 
 __all__ = [
     "API_VERSION", "PROJECT", "Compressed", "ConfigError", "Data", "RunContext", "Task", "compress", "hookimpl",
     "hookspec",
 ]  # fmt: skip
 _LAZY = {
-    "compress": "framework.api",
-    "Compressed": "framework.api",
-    "Data": "framework.data",
-    "Task": "framework.tasks",
+    "compress": "slimlab.api",
+    "Compressed": "slimlab.api",
+    "Data": "slimlab.data",
+    "Task": "slimlab.tasks",
 }
 
 

@@ -1,5 +1,5 @@
-"""``python -m framework`` is ``slimlab``."""
+"""``python -m slimlab`` is ``slimlab``."""
 
-from framework.cli import entry
+from slimlab.cli import entry
 
 entry()

@@ -7,12 +7,12 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from framework import hookimpl
+from slimlab import hookimpl
 
 if TYPE_CHECKING:
     from torch import nn
 
-    from framework.data import Data
+    from slimlab.data import Data
 
 
 @dataclass
@@ -57,7 +57,7 @@ def compress(
     """Compress ``model`` with ``techniques``, in order, and measure it against itself on ``data``.
 
     ``model`` is the baseline as it is (pass ``train={"fine_tune_pretrained": True}`` to train it first on the
-    training split); it is copied, never changed. ``data`` is a :class:`framework.data.Data`. ``options`` set
+    training split); it is copied, never changed. ``data`` is a :class:`slimlab.data.Data`. ``options`` set
     config values by their top-level key: a technique's options under its name (``prune={"amount": 0.7}``),
     ``train={...}``, ``measure={...}``, ``device={"name": "cuda"}``, ``seed=1``, ``artifact={"codec": "lzma"}``;
     a wrong key, type or value raises ``ConfigError`` before any work. ``tracking``: ``True`` logs to MLflow
@@ -68,10 +68,10 @@ def compress(
     """
     from omegaconf import open_dict
 
-    from framework.config import compose
-    from framework.errors import ConfigError
-    from framework.plugins import load_plugins
-    from framework.runner import run_metrics
+    from slimlab.config import compose
+    from slimlab.errors import ConfigError
+    from slimlab.plugin_manager import load_plugins
+    from slimlab.runner import run_metrics
 
     techniques = list(techniques)
     plugins = load_plugins()
@@ -104,7 +104,7 @@ def _apply(cfg: Any, options: Mapping[str, Any], techniques: set[str]) -> None:
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    from framework.errors import ConfigError
+    from slimlab.errors import ConfigError
 
     def walk(prefix: str, value: Any) -> None:
         if isinstance(value, Mapping):

@@ -1,6 +1,6 @@
 """The uncompressed baseline: built (and trained, unless it comes with weights) once per identity, then cached.
 
-The identity is the model, data and training config plus what they run and read (:mod:`framework.identity`):
+The identity is the model, data and training config plus what they run and read (:mod:`slimlab.identity`):
 the code of the model and data callables, the checkpoint's content, the files the config names, the versions
 of torch and slimlab. Change any of them and the baseline is built again; nothing stale is served.
 """
@@ -21,11 +21,11 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from framework.artifact import load_state, save_model
-from framework.data import Data
-from framework.identity import digest, fingerprint
-from framework.measure import count_parameters
-from framework.training import score_baseline, train
+from slimlab.artifact import load_state, save_model
+from slimlab.data import Data
+from slimlab.identity import digest, fingerprint
+from slimlab.measure import count_parameters
+from slimlab.training import score_baseline, train
 
 BASELINE_KEYS = ("model", "data", "train", "seed")
 MODEL_KEYS = ("name", "checkpoint", "pretrained")  # slimlab's keys in a model config: not constructor arguments

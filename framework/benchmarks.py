@@ -2,7 +2,7 @@
 
 ``make bench`` runs each bench workload through slimlab itself
 (``slimlab run -m experiment=bench_NAME``, all into the experiment ``bench``);
-then ``python -m framework.benchmarks [--uri URI] [--out BENCHMARKS.md]`` reads
+then ``python -m slimlab.benchmarks [--uri URI] [--out BENCHMARKS.md]`` reads
 those runs, groups them by workload (the ``experiment=`` choice recorded in each
 run's ``overrides.txt`` artifact) and writes one section per workload: the
 command, one row per variant with our figures, whether each target is met (or by
@@ -119,7 +119,7 @@ WORKLOADS: dict[str, Workload] = {
         source="slimlab issue 4 (target set by the project)",
         targets={"overhead": ("<=", 0.05), "help_s": ("<=", 1.0)},
         columns=("slimlab_wall_s", "plain_wall_s", "overhead", "cpu_overhead", "help_s", "pairs"),
-        command="python -m framework.overhead",
+        command="python -m slimlab.overhead",
         note=(
             "Wall time of whole processes (interpreter start, imports, MLflow logging included), plain script and "
             "`slimlab run experiment=bench_overhead` interleaved in pairs, the slimlab run with a fresh baseline "
@@ -207,8 +207,8 @@ def load_runs(uri: str, experiment: str = EXPERIMENT) -> list[BenchRun]:
 
 
 def primary_metric(metrics: dict[str, float]) -> str:
-    """The run's primary metric (see ``framework.report.primary_metric``), ``accuracy`` when it names none."""
-    from framework.report import primary_metric as named
+    """The run's primary metric (see ``slimlab.report.primary_metric``), ``accuracy`` when it names none."""
+    from slimlab.report import primary_metric as named
 
     return named(metrics) or "accuracy"
 
@@ -352,7 +352,7 @@ def render(runs: Sequence[BenchRun], workloads: dict[str, Workload] | None = Non
         "# Benchmarks",
         "",
         "Measured by slimlab itself (`make bench`), from the finished runs of the MLflow experiment "
-        f"`{EXPERIMENT}`; written by `python -m framework.benchmarks`. Latencies are medians on this machine; "
+        f"`{EXPERIMENT}`; written by `python -m slimlab.benchmarks`. Latencies are medians on this machine; "
         "ratios are against the fp32 baseline trained in the same run.",
         "",
     ]
@@ -365,9 +365,9 @@ def render(runs: Sequence[BenchRun], workloads: dict[str, Workload] | None = Non
 
 
 def main(argv: list[str] | None = None) -> int:
-    from framework.tracking import tracking_uri
+    from slimlab.tracking import tracking_uri
 
-    parser = argparse.ArgumentParser(prog="python -m framework.benchmarks", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m slimlab.benchmarks", description=__doc__.splitlines()[0])
     parser.add_argument("--uri", default=None, help="MLflow tracking URI (default: slimlab's, ./mlflow.db)")
     parser.add_argument("--out", default="BENCHMARKS.md", help="where to write the report")
     parser.add_argument("--experiment", default=EXPERIMENT, help="MLflow experiment holding the bench runs")

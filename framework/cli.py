@@ -58,8 +58,8 @@ def plugins_command(args: list[str]) -> int:
     options = parser.parse_args(args)
     from dataclasses import asdict
 
-    from framework.errors import PluginError
-    from framework.plugins import load_plugins
+    from slimlab.errors import PluginError
+    from slimlab.plugin_manager import load_plugins
 
     try:
         plugins = load_plugins()
@@ -96,8 +96,8 @@ def report_command(args: list[str]) -> int:
 
     from mlflow import MlflowClient
 
-    from framework import report
-    from framework.tracking import tracking_uri
+    from slimlab import report
+    from slimlab.tracking import tracking_uri
 
     client = MlflowClient(options.uri or tracking_uri())
     try:
@@ -128,7 +128,7 @@ def ui_command(args: list[str]) -> int:
     parser.add_argument("--port", type=int, default=5000)
     parser.add_argument("--workers", type=int, default=1, help="web server processes (default: 1)")
     options = parser.parse_args(args)
-    from framework.tracking import tracking_uri
+    from slimlab.tracking import tracking_uri
 
     uri = options.uri or tracking_uri()
     base_url = f"http://{options.host}:{options.port}"
@@ -145,7 +145,7 @@ def ui_command(args: list[str]) -> int:
 
 def comparison_links(uri: str, base_url: str, limit: int = 5) -> list[tuple[str, str]]:
     """The comparison view of the ``limit`` newest experiments slimlab wrote to, newest first."""
-    from framework.tracking import VIEW_TAG, comparison_url, sqlite_path
+    from slimlab.tracking import VIEW_TAG, comparison_url, sqlite_path
 
     database = sqlite_path(uri)
     if database is not None and not database.exists():
@@ -243,9 +243,9 @@ def run_command(args: list[str]) -> int:
 
 
 def _run(args: list[str]) -> int:
-    from framework import sweep
-    from framework.errors import ConfigError, PluginError, RunFailed, SweepSetupFailed
-    from framework.hydra_app import BadInput, describe_hydra_error, is_bad_input, launch
+    from slimlab import sweep
+    from slimlab.errors import ConfigError, PluginError, RunFailed, SweepSetupFailed
+    from slimlab.hydra_app import BadInput, describe_hydra_error, is_bad_input, launch
 
     try:
         return launch(args, disable=_pre_disabled(args))

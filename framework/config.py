@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from omegaconf import MISSING, SI, DictConfig, OmegaConf
 
 if TYPE_CHECKING:
-    from framework.plugins import Plugins
+    from slimlab.plugin_manager import Plugins
 
 # A checkout has conf/ beside the package; an installed slimlab carries it inside (pyproject's package-dir).
 _INSTALLED_CONFIG = Path(__file__).resolve().parent / "conf"
@@ -109,7 +109,7 @@ def compose(
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    from framework.plugins import load_plugins
+    from slimlab.plugin_manager import load_plugins
 
     extra = env_config_dirs() if config_dirs is None else source_uris(config_dirs, "config_dirs")
     overrides = with_searchpath(list(overrides), after=extra)
@@ -148,7 +148,7 @@ def source_uris(entries: Iterable[str | Path], origin: str) -> list[str]:
 
     A directory that does not exist is bad input (Hydra would only warn and go on without it).
     """
-    from framework.errors import ConfigError
+    from slimlab.errors import ConfigError
 
     uris = []
     for entry in map(str, entries):

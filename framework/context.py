@@ -12,16 +12,16 @@ if TYPE_CHECKING:
     from omegaconf import DictConfig
     from torch import nn
 
-    from framework.data import Data
-    from framework.registry import Step
-    from framework.training import Loss
+    from slimlab.data import Data
+    from slimlab.registry import Step
+    from slimlab.training import Loss
 
 
 @dataclass
 class RunContext:
     """The state of one run, handed to every technique and hook.
 
-    ``data`` is the run's :class:`~framework.data.Data` and ``task`` its task object (loss, metrics,
+    ``data`` is the run's :class:`~slimlab.data.Data` and ``task`` its task object (loss, metrics,
     primary metric). ``baseline`` is the uncompressed model (the default teacher); techniques must not
     modify it. ``steps`` is the pipeline (each technique with its validated config); ``model`` is the
     compressed model as deployed, set once the last technique ran. ``state`` is scratch space for plugins
@@ -30,7 +30,7 @@ class RunContext:
     are logged.
 
     Models take inputs in the data's form (a tensor, a tuple of positional inputs, or a dict of keyword
-    inputs): call them with :func:`framework.batches.call`, which also reads Hugging Face outputs.
+    inputs): call them with :func:`slimlab.batches.call`, which also reads Hugging Face outputs.
     """
 
     cfg: DictConfig
@@ -64,7 +64,7 @@ class RunContext:
         ``loss(model, inputs, target)`` replaces the task's loss. Plain training: weights at zero do not
         stay zero unless a mask holds them (``torch.nn.utils.prune`` keeps its masks applied while training).
         """
-        from framework.training import train
+        from slimlab.training import train
 
         train(
             model,
@@ -82,8 +82,8 @@ class RunContext:
     def example_inputs(self, rows: int | None = None) -> Any:
         """The first ``rows`` test inputs (default ``measure.batch_size``) on the run's device: the same batch
         for every model measured in a run, and the example for tracing and compiling."""
-        from framework import batches
-        from framework.training import test_split
+        from slimlab import batches
+        from slimlab.training import test_split
 
         rows = rows or self.cfg.measure.batch_size
         inputs = batches.first_rows(test_split(self.data, self.cfg.measure.eval_batch_size), rows)
@@ -92,7 +92,7 @@ class RunContext:
     def calibration_batches(self, count: int) -> Iterator[Any]:
         """The inputs of the first ``count`` calibration batches (default: the training split, in order,
         ``train.batch_size`` rows each) on the run's device, for calibrating observers."""
-        from framework.data import iterate, loader
+        from slimlab.data import iterate, loader
 
         split = self.data.calibration if self.data.calibration is not None else self.data.train
         for index, (inputs, _) in enumerate(iterate(loader(split, self.cfg.train.batch_size), self.device)):
@@ -106,6 +106,6 @@ class RunContext:
 
     def evaluate_all(self, model: nn.Module) -> dict[str, float]:
         """Every metric of the task for ``model`` on the test split, against the baseline's references."""
-        from framework.training import evaluate
+        from slimlab.training import evaluate
 
         return evaluate(model, self.data, self.task, self.references, self.device, self.cfg.measure.eval_batch_size)

@@ -4,7 +4,7 @@ A data callable returns a :class:`Data`: a training and a test split, each a tor
 iterable) or anything re-iterable that yields batches (a ``DataLoader``), and the task they pose (a name
 registered with the ``register_tasks`` hook, or a task object). slimlab batches a ``Dataset`` itself
 (``train.batch_size`` rows, shuffled with the run's seed; ``measure.eval_batch_size`` for the test split,
-in order); a ``DataLoader`` is used as it is. Batches follow :mod:`framework.batches`: ``(inputs, target)``,
+in order); a ``DataLoader`` is used as it is. Batches follow :mod:`slimlab.batches`: ``(inputs, target)``,
 a dict with ``labels``, or bare inputs. Nothing forces a split into memory; :meth:`Data.from_tensors` is the
 short way for data that fits.
 """
@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, IterableDataset, RandomSampler, SequentialSampler
 
-from framework import batches
+from slimlab import batches
 
 
 class TensorRows(Dataset):
@@ -102,7 +102,7 @@ def check_data(data: Any, target: str) -> Data:
     if not isinstance(data, Data):
         raise TypeError(
             f"data._target_={target} returned {type(data).__name__}; a data callable must return "
-            "framework.data.Data(train=..., test=..., task=...) (see docs/own-model.md)"
+            "slimlab.data.Data(train=..., test=..., task=...) (see docs/own-model.md)"
         )
     for split in ("train", "test"):
         value = getattr(data, split)

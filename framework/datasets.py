@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from framework.data import Data
+from slimlab.data import Data
 
 SENTENCES = Path(__file__).with_name("sentences.txt")
 log = logging.getLogger("slimlab")

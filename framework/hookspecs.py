@@ -1,4 +1,4 @@
-"""Every hook slimlab calls. Plugins implement them with ``@framework.hookimpl``.
+"""Every hook slimlab calls. Plugins implement them with ``@slimlab.hookimpl``.
 
 A hook's arguments are passed by keyword; an implementation may accept any
 subset of them (pluggy matches by name). Hooks are called in LIFO order of
@@ -10,14 +10,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from framework import hookspec
+from slimlab import hookspec
 
 if TYPE_CHECKING:
     from torch import nn
 
-    from framework.context import RunContext
-    from framework.registry import Register
-    from framework.tasks import RegisterTask
+    from slimlab.context import RunContext
+    from slimlab.registry import Register
+    from slimlab.tasks import RegisterTask
 
 
 @hookspec
@@ -70,7 +70,7 @@ def register_tasks(register: RegisterTask) -> None:
     When: once per process, while the plugin manager is built, with ``register_techniques``.
 
     ``register`` is called as ``register(name, factory)``: ``factory()`` returns a task object, with the
-    attributes and methods of ``framework.tasks.Task`` (``name``, ``primary_metric``, ``higher_is_better``,
+    attributes and methods of ``slimlab.tasks.Task`` (``name``, ``primary_metric``, ``higher_is_better``,
     ``labelled``, ``loss``, ``reference``, ``evaluate``, ``drop``). A data callable names it in
     ``Data(task=name)``. slimlab's built-in tasks (classification, regression, embedding, language_modeling)
     come through this hook too. Registering a name twice is a ``PluginError``. Returns nothing.

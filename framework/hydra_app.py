@@ -7,7 +7,7 @@ import re
 import sys
 from typing import TYPE_CHECKING
 
-from framework.config import (
+from slimlab.config import (
     CONFIG_DIR,
     config_dirs,
     config_groups,
@@ -19,10 +19,10 @@ from framework.config import (
     use_search_path,
     with_searchpath,
 )
-from framework.errors import ConfigError, RunFailed
+from slimlab.errors import ConfigError, RunFailed
 
 if TYPE_CHECKING:
-    from framework.plugins import Plugins
+    from slimlab.plugin_manager import Plugins
 
 _plugins: Plugins | None = None  # loaded once per process
 
@@ -30,7 +30,7 @@ _plugins: Plugins | None = None  # loaded once per process
 def loaded_plugins(disable: list[str]) -> Plugins:
     global _plugins
     if _plugins is None:
-        from framework.plugins import load_plugins
+        from slimlab.plugin_manager import load_plugins
 
         _plugins = load_plugins(disable)
     return _plugins
@@ -51,8 +51,8 @@ def launch(args: list[str], disable: list[str]) -> int:
 
     import hydra
 
-    from framework import sweep
-    from framework.runner import run_key, run_metrics
+    from slimlab import sweep
+    from slimlab.runner import run_key, run_metrics
 
     log = logging.getLogger("slimlab")
 
@@ -153,7 +153,7 @@ def app_help(overrides: list[str], plugins: Plugins) -> str:
     """
     from omegaconf import OmegaConf
 
-    from framework.config import compose
+    from slimlab.config import compose
 
     cfg = compose(overrides, plugins)  # its search path is the user's: conf/, --config-dir, hydra.searchpath, env
     text = OmegaConf.load(CONFIG_DIR / "config.yaml").hydra.help

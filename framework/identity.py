@@ -85,8 +85,12 @@ def module_digest(module_name: str) -> str:
     locations = list(spec.submodule_search_locations or [])
     origin = Path(spec.origin) if spec.origin and spec.origin not in ("built-in", "frozen") else None
     files: list[Path]
-    if locations:  # a package: all of its source
-        files = sorted(p for location in locations for p in Path(location).rglob("*.py"))
+    if locations:  # a package: all of its source, and its subpackages mapped from elsewhere (slimlab.plugins)
+        roots = [Path(location) for location in locations]
+        own = importlib.util.find_spec(module_name) if module_name != top_level else None
+        if own is not None and own.origin and not any(Path(own.origin).is_relative_to(r) for r in roots):
+            roots.append(Path(own.origin).parent)
+        files = sorted(p for root in roots for p in root.rglob("*.py"))
     elif origin is not None:  # a top-level module: it and the modules beside it, which it may import
         files = sorted(origin.parent.glob("*.py"))
     else:
@@ -143,9 +147,9 @@ def fingerprint(nodes: dict[str, Any], checkpoint: str | None = None) -> dict[st
     """The code, files and versions behind config ``nodes`` (plain containers), as a JSON-able dict."""
     import torch
 
-    from framework import PROJECT
+    from slimlab import PROJECT
 
-    targets = sorted({_module_of(t) for t in _targets(nodes)} | {"framework"})
+    targets = sorted({_module_of(t) for t in _targets(nodes)} | {PROJECT})
     files = sorted(set(_paths(nodes)) - {checkpoint})
     found: dict[str, Any] = {
         "code": [module_digest(name) for name in targets],

@@ -22,7 +22,7 @@ import torch  # imported by the tracking plugin only when it logs a model
 from torch import nn
 
 if TYPE_CHECKING:
-    from framework.context import RunContext
+    from slimlab.context import RunContext
 
 NAME = "model"  # the logged model's name: runs:/<run id>/model
 EXAMPLE_ROWS = 2  # rows of the input example stored with the model
@@ -35,8 +35,8 @@ def log_compressed_model(uri: str, run_id: str, ctx: RunContext) -> str:
     import mlflow.pytorch
     from mlflow.models import infer_signature
 
-    from framework import batches
-    from framework.registry import serialization_format
+    from slimlab import batches
+    from slimlab.registry import serialization_format
 
     inputs = batches.to_device(ctx.example_inputs(EXAMPLE_ROWS), "cpu")
     model = tensor_interface(portable(ctx.model), inputs)
@@ -141,7 +141,7 @@ def portable(model: nn.Module) -> nn.Module:
     without accelerate's hooks, its offloaded weights read back, and, when its weights are not float32, a cast
     at each end, so that the logged model has the run's float32 signature.
     """
-    from framework.artifact import deployable
+    from slimlab.artifact import deployable
 
     inner = deployable(model)
     tensors = [*inner.parameters(), *inner.buffers()]
@@ -185,7 +185,7 @@ class TensorInterface(nn.Module):
         self.inner, self.names, self.dtype = inner, names, dtype
 
     def _call(self, tensors: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        from framework.batches import call
+        from slimlab.batches import call
 
         cast = [t.to(self.dtype) if t.is_floating_point() else t for t in tensors]
         inputs = dict(zip(self.names, cast, strict=True)) if self.names else cast[0] if len(cast) == 1 else tuple(cast)

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from framework import batches
+from slimlab import batches
 
 
 def _dense(tensor: torch.Tensor) -> torch.Tensor:
@@ -87,7 +87,7 @@ def measure_latency(
 ) -> dict[str, Latency]:
     """Time each model on the same inputs, interleaved round by round so drift hits all alike.
 
-    ``inputs`` is a batch's inputs in any form of :mod:`framework.batches` (a tensor, a tuple, a dict).
+    ``inputs`` is a batch's inputs in any form of :mod:`slimlab.batches` (a tensor, a tuple, a dict).
     Every call gets a fresh clone of them. A model whose output changes between calls, or that writes into
     its input, is a measurement error (NOTES.md: a compiled int8 graph was seen mutating its input), not a
     result. On CUDA the clock stops after the device finished (``torch.cuda.synchronize``).

@@ -103,7 +103,7 @@ class SentenceEmbedding(nn.Module):
 
     def __init__(self, path: str | None = None, layers: list[int] | None = None, num_layers: int | None = None):
         super().__init__()
-        from framework.datasets import minilm_path
+        from slimlab.datasets import minilm_path
 
         self.bert = load_pretrained(path or minilm_path(), "AutoModel", add_pooling_layer=False)
         encoder = self.bert.encoder
@@ -138,7 +138,7 @@ class SentenceEmbedding(nn.Module):
 def load_pretrained(path: str, auto_class: str = "AutoModelForSequenceClassification", **kwargs) -> nn.Module:
     """A Hugging Face model from a local directory with ``transformers.<auto_class>.from_pretrained``, never
     from the hub, in float32 unless ``dtype`` says otherwise, without transformers' load report."""
-    from framework.datasets import offline
+    from slimlab.datasets import offline
 
     offline()
     import transformers

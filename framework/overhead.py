@@ -1,7 +1,7 @@
 """slimlab's own cost: ``slimlab run experiment=bench_overhead`` against a plain script doing the same work.
 
-``python -m framework.overhead`` (part of ``make bench``) runs, interleaved in pairs, the plain script
-(``python -m framework.overhead plain``: torch and the same data and model code, no Hydra, pluggy or MLflow)
+``python -m slimlab.overhead`` (part of ``make bench``) runs, interleaved in pairs, the plain script
+(``python -m slimlab.overhead plain``: torch and the same data and model code, no Hydra, pluggy or MLflow)
 and ``slimlab run experiment=bench_overhead`` with a fresh baseline cache, so that both train the baseline.
 Each is timed as a user would time it: the wall time of the whole process, interpreter start included,
 and its CPU time. It also times ``slimlab run --help``. The figures go onto the slimlab runs in MLflow as
@@ -47,8 +47,8 @@ def plain_job(out_dir: Path) -> dict[str, float]:
     import torch.nn.functional as F
     import torch.nn.utils.prune as prune
 
-    from framework.datasets import digits
-    from framework.models import LeNet
+    from slimlab.datasets import digits
+    from slimlab.models import LeNet
 
     p = PLAIN
     torch.manual_seed(p["seed"])
@@ -153,8 +153,8 @@ def measure(uri: str, pairs: int, help_calls: int = 5) -> dict[str, float]:
     from mlflow import MlflowClient
     from mlflow.entities import Metric
 
-    from framework.benchmarks import EXPERIMENT
-    from framework.tracking import experiment_id
+    from slimlab.benchmarks import EXPERIMENT
+    from slimlab.tracking import experiment_id
 
     client = MlflowClient(uri)
     experiment = experiment_id(client, EXPERIMENT, uri)
@@ -163,7 +163,7 @@ def measure(uri: str, pairs: int, help_calls: int = 5) -> dict[str, float]:
     with tempfile.TemporaryDirectory(prefix="slimlab-overhead-") as tmp:
         work = Path(tmp)
         for pair in range(pairs):
-            plain, plain_cpu = _timed([sys.executable, "-m", "framework.overhead", "plain", "--out", str(work)], work)
+            plain, plain_cpu = _timed([sys.executable, "-m", "slimlab.overhead", "plain", "--out", str(work)], work)
             since = int(time.time() * 1000)
             cache = work / f"cache{pair}"  # fresh: slimlab trains the baseline, as the plain script does
             command = [*_slimlab(), "run", f"experiment={WORKLOAD}", f"cache_dir={cache}", f"tracking.uri={uri}"]
@@ -188,7 +188,7 @@ def measure(uri: str, pairs: int, help_calls: int = 5) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m framework.overhead", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m slimlab.overhead", description=__doc__.splitlines()[0])
     parser.add_argument("mode", nargs="?", choices=("measure", "plain"), default="measure")
     parser.add_argument("--uri", default=None, help="MLflow tracking URI (default: slimlab's, ./mlflow.db)")
     parser.add_argument("--pairs", type=int, default=3, help="plain/slimlab pairs to time (default 3)")
@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.mode == "plain":
         print(plain_job(Path(args.out)))
         return 0
-    from framework.tracking import tracking_uri
+    from slimlab.tracking import tracking_uri
 
     summary = measure(args.uri or tracking_uri(), args.pairs)
     print(", ".join(f"{k} {v:.3f}" for k, v in summary.items()))

@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
-from framework.errors import ConfigError, PluginError
+from slimlab.errors import ConfigError, PluginError
 
 log = logging.getLogger("slimlab")
 
@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from omegaconf import DictConfig
     from torch import nn
 
-    from framework.context import RunContext
+    from slimlab.context import RunContext
 
 Apply = Callable[["nn.Module", Any, "RunContext"], "nn.Module"]
 

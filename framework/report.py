@@ -93,7 +93,7 @@ def pareto_front(rows: Sequence[Row], cost: str) -> list[Row]:
 
 def sweep_runs(client: MlflowClient, parent: str) -> list:
     """The children of a sweep's parent run, plus the earlier runs its resumed jobs were skipped for."""
-    from framework.sweep import children, outcomes_of
+    from slimlab.sweep import children, outcomes_of
 
     runs = children(client, parent)
     seen = {run.info.run_id for run in runs}
@@ -116,7 +116,7 @@ def latest_sweep(client: MlflowClient) -> str:
 
 
 def experiment_runs(client: MlflowClient, experiment: str) -> list:
-    from framework.sweep import search_all
+    from slimlab.sweep import search_all
 
     found = client.get_experiment_by_name(experiment)
     if found is None:
@@ -188,7 +188,7 @@ def show_table(rows: Sequence[Row], title: str) -> None:
         table.add_column(column, justify="left" if column in ("run", "front") else "right")
     for cells in body:
         table.add_row(*cells)
-    from framework.summary import wide_console
+    from slimlab.summary import wide_console
 
     wide_console().print(table)
 

@@ -16,14 +16,14 @@ from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig
 
-from framework.config import CONFIG_DIR, config_hash
-from framework.context import RunContext
-from framework.errors import ConfigError
-from framework.plugins import Plugins, load_plugins
-from framework.registry import Step, speedup_bound
+from slimlab.config import CONFIG_DIR, config_hash
+from slimlab.context import RunContext
+from slimlab.errors import ConfigError
+from slimlab.plugin_manager import Plugins, load_plugins
+from slimlab.registry import Step, speedup_bound
 
 if TYPE_CHECKING:
-    from framework.data import Data
+    from slimlab.data import Data
 
 TRACKING_PLUGINS = {"mlflow": "mlflow"}  # tracking.backend -> the plugin that implements it
 RUN_KEYS = ("model", "data", "train", "seed", "technique", "device", "measure", "artifact")
@@ -86,7 +86,7 @@ def _tags(plugins: Plugins, steps: list[Step], hash_: str) -> dict[str, str]:
 def _build_data(cfg: DictConfig):
     from hydra.utils import instantiate
 
-    from framework.data import check_data
+    from slimlab.data import check_data
 
     return check_data(instantiate({k: v for k, v in cfg.data.items() if k != "name"}), cfg.data.get("_target_"))
 
@@ -107,7 +107,7 @@ def plan(cfg: DictConfig, plugins: Plugins, host: bool = True, given: Iterable[s
     what depends on the machine (devices, capability probes), for configs that will run on another one.
     ``given``: the groups (``model``, ``data``) handed in as objects (the Python API), not built from config.
     """
-    from framework.artifact import CODECS
+    from slimlab.artifact import CODECS
 
     steps = plugins.registry.pipeline(cfg, disabled=cfg.plugins.disable, probe=host)
     if cfg.artifact.codec not in CODECS:
@@ -164,7 +164,7 @@ def run_metrics(
     if data is None:
         data = _build_data(cfg)
     else:
-        from framework.data import check_data
+        from slimlab.data import check_data
 
         check_data(data, "(a Data object)")
     task = plugins.task(data.task)
@@ -198,8 +198,8 @@ def run_metrics(
 def run_key(cfg: DictConfig, plugins: Plugins) -> str:
     """The identity of a run's result: its config, the baseline's identity (code, files, versions) and the
     version (and local source) of every loaded plugin. Sweeps resume on it (the tag ``slimlab.run_key``)."""
-    from framework.baseline import identity
-    from framework.identity import digest, module_digest
+    from slimlab.baseline import identity
+    from slimlab.identity import digest, module_digest
 
     loaded = sorted((i for i in plugins.infos if i.status == "loaded"), key=lambda i: i.name)
     return digest(
@@ -214,10 +214,10 @@ def run_key(cfg: DictConfig, plugins: Plugins) -> str:
 
 
 def _run_pipeline(ctx: RunContext, steps: list[Step], hooks, given_model: Any = None) -> dict[str, float]:
-    from framework.artifact import save_model
-    from framework.baseline import get_baseline
-    from framework.measure import count_parameters, layer_sparsity, machine_tags, measure_latency, peak_memory_mb
-    from framework.training import score_baseline
+    from slimlab.artifact import save_model
+    from slimlab.baseline import get_baseline
+    from slimlab.measure import count_parameters, layer_sparsity, machine_tags, measure_latency, peak_memory_mb
+    from slimlab.training import score_baseline
 
     task, eval_batch = ctx.task, ctx.cfg.measure.eval_batch_size
     baseline = get_baseline(ctx.cfg, ctx.data, task, ctx.device, eval_batch, model=given_model)
@@ -310,8 +310,8 @@ def _run_pipeline(ctx: RunContext, steps: list[Step], hooks, given_model: Any = 
 
 def _log_layer_sparsity(ctx: RunContext, model) -> None:
     """A table and a bar chart of per-layer sparsity, when any layer has zeros to show."""
-    from framework.measure import layer_sizes, layer_sparsity
-    from framework.plots import layer_sparsity_chart, layer_sparsity_table
+    from slimlab.measure import layer_sizes, layer_sparsity
+    from slimlab.plots import layer_sparsity_chart, layer_sparsity_table
 
     sparsity = layer_sparsity(model)
     if max(sparsity.values(), default=0.0) < 0.01:
@@ -325,7 +325,7 @@ def _log_layer_sparsity(ctx: RunContext, model) -> None:
 
 def _class_path(model) -> str:
     """The deployed model's class (a distilled student is not the configured model)."""
-    from framework.artifact import deployable
+    from slimlab.artifact import deployable
 
     cls = type(deployable(model))
     return f"{cls.__module__}.{cls.__qualname__}"
@@ -336,7 +336,7 @@ SPEEDUP_NOISE = 1.05  # timing noise allowed above a physical bound before the f
 
 def _check_speedup(speedup: float, steps: list[Step]) -> None:
     """A speedup above what the pipeline can physically give is a measurement error, not a result."""
-    from framework.measure import MeasurementError
+    from slimlab.measure import MeasurementError
 
     bound = speedup_bound(steps)
     if bound is not None and speedup > bound * SPEEDUP_NOISE:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import sys
 from typing import TYPE_CHECKING
 
-from framework import hookimpl
+from slimlab import hookimpl
 
 if TYPE_CHECKING:
-    from framework.context import RunContext
+    from slimlab.context import RunContext
 
 
 def _row(label: str, base: str, compressed: str, ratio: str = "") -> tuple[str, str, str, str]:
@@ -66,7 +66,7 @@ def after_run(ctx: RunContext, metrics: dict[str, float]) -> None:
     tracked = ctx.state.get("mlflow")
     if tracked:
         console.print(f"MLflow run {tracked['run_id']} in {tracked['uri']}")
-        from framework.tracking import tracking_uri
+        from slimlab.tracking import tracking_uri
 
         command = "slimlab ui" if tracked["uri"] == tracking_uri() else f"slimlab ui --uri {tracked['uri']}"
         console.print(f"See it in the MLflow UI: [bold]{command}[/bold]")

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from framework.errors import SweepSetupFailed
+from slimlab.errors import SweepSetupFailed
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -141,7 +141,7 @@ def finished_run(cfg: DictConfig, run_key: str) -> FinishedRun | None:
     """A FINISHED run of the same experiment with the same run key, if there is one."""
     from mlflow import MlflowClient
 
-    from framework.tracking import tracking_uri
+    from slimlab.tracking import tracking_uri
 
     client = MlflowClient(sweep_uri() or tracking_uri(cfg))
     experiment = client.get_experiment_by_name(cfg.experiment_name)
@@ -215,10 +215,10 @@ def validate_jobs(jobs: list[list[str]], host: bool, hydra_overrides: list[str] 
     """
     from hydra import compose
 
-    from framework.config import finish_composition
-    from framework.errors import ConfigError
-    from framework.hydra_app import describe_hydra_error, is_bad_input, loaded_plugins
-    from framework.runner import plan
+    from slimlab.config import finish_composition
+    from slimlab.errors import ConfigError
+    from slimlab.hydra_app import describe_hydra_error, is_bad_input, loaded_plugins
+    from slimlab.runner import plan
 
     shared = set.intersection(*(set(job) for job in jobs)) if jobs else set()
     for number, overrides in enumerate(jobs):
@@ -252,7 +252,7 @@ class SweepCallback(Callback):
     """Hydra callback (conf/config.yaml): the parent run around a multirun, and the summary after it."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        from framework.hydra_app import BadInput
+        from slimlab.hydra_app import BadInput
 
         global last_result
         launcher = str(config.hydra.launcher.get("_target_", ""))
@@ -268,7 +268,7 @@ class SweepCallback(Callback):
                 if check is not None:
                     check(config)
         except Exception as error:  # Hydra swallows a callback's Exceptions: bad input must stop the sweep
-            from framework.hydra_app import describe_hydra_error, is_bad_input
+            from slimlab.hydra_app import describe_hydra_error, is_bad_input
 
             raise BadInput(describe_hydra_error(error) if is_bad_input(error) else str(error)) from error
         _active.clear()
@@ -287,7 +287,7 @@ class SweepCallback(Callback):
     def _open_parent(self, config: DictConfig, jobs: list[list[str]] | None) -> None:
         from mlflow import MlflowClient
 
-        from framework.tracking import experiment_id, tracking_uri
+        from slimlab.tracking import experiment_id, tracking_uri
 
         uri = tracking_uri(config)
         client = MlflowClient(uri)
@@ -385,7 +385,7 @@ def finish() -> SweepResult | None:
     if parent is not None:
         from mlflow.entities import Metric
 
-        from framework.report import sweep_report
+        from slimlab.report import sweep_report
 
         now = int(time.time() * 1000)
         counts = {"jobs_finished": result.count("FINISHED"), "jobs_failed": result.failed}

@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from framework import hookimpl
+from slimlab import hookimpl
 
 if TYPE_CHECKING:
     import torch
@@ -269,4 +269,4 @@ def check_task(task: Any) -> None:
     """Raise TypeError naming what a task object lacks."""
     missing = [attribute for attribute in REQUIRED if not hasattr(task, attribute)]
     if missing:
-        raise TypeError(f"task {task!r} lacks {', '.join(missing)} (see framework.tasks.Task)")
+        raise TypeError(f"task {task!r} lacks {', '.join(missing)} (see slimlab.tasks.Task)")

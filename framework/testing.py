@@ -3,7 +3,7 @@
 Registered as a pytest plugin (entry point ``pytest11``), so installing slimlab makes the fixtures
 available; it imports nothing heavy until a fixture or test uses it. In a plugin's tests::
 
-    from framework.testing import TechniqueContract
+    from slimlab.testing import TechniqueContract
 
     class TestLowRank(TechniqueContract):
         technique = "lowrank"                            # the name the plugin registers
@@ -38,7 +38,7 @@ def pytest_configure(config: pytest.Config) -> None:
 @pytest.fixture
 def slimlab_plugins():
     """A fresh plugin manager: every installed slimlab plugin, loaded through the entry-point group."""
-    from framework.plugins import load_plugins
+    from slimlab.plugin_manager import load_plugins
 
     return load_plugins()
 
@@ -52,7 +52,7 @@ def slimlab_cache(tmp_path_factory) -> Path:
 @pytest.fixture
 def slimlab_compose(slimlab_plugins, slimlab_cache):
     """``compose(overrides)``: a config composed as ``slimlab run`` would, its baseline in the session's cache."""
-    from framework.config import compose
+    from slimlab.config import compose
 
     def composed(overrides: list[str]):
         return compose([*overrides, f"cache_dir={slimlab_cache}"], slimlab_plugins)
@@ -69,7 +69,7 @@ def slimlab_store(tmp_path) -> str:
 @pytest.fixture
 def tiny_data():
     """scikit-learn's bundled digits at 28x28, the data of the founding document's LeNet."""
-    from framework.datasets import digits
+    from slimlab.datasets import digits
 
     return digits(seed=0)
 
@@ -79,26 +79,26 @@ def tiny_model():
     """The founding document's LeNet (431,080 parameters), freshly initialised with seed 0."""
     import torch
 
-    from framework.models import LeNet
+    from slimlab.models import LeNet
 
     torch.manual_seed(0)
     return LeNet().eval()
 
 
 def first_test_inputs(data: Any, rows: int = 8) -> Any:
-    """The inputs of the first ``rows`` test rows of a :class:`~framework.data.Data` (a tensor, tuple or dict)."""
-    from framework.batches import first_rows
-    from framework.data import loader
+    """The inputs of the first ``rows`` test rows of a :class:`~slimlab.data.Data` (a tensor, tuple or dict)."""
+    from slimlab.batches import first_rows
+    from slimlab.data import loader
 
     return first_rows(loader(data.test, rows), rows)
 
 
 def context(cfg: Any, data: Any, tmp_path: Path, baseline: Any = None, plugins: Any = None):
     """A RunContext for calling ``apply`` directly, outside the runner, with ``baseline`` as the run's baseline."""
-    from framework.context import RunContext
-    from framework.measure import count_parameters
-    from framework.plugins import load_plugins
-    from framework.training import score_baseline
+    from slimlab.context import RunContext
+    from slimlab.measure import count_parameters
+    from slimlab.plugin_manager import load_plugins
+    from slimlab.training import score_baseline
 
     task = (plugins or load_plugins()).task(data.task)
     ctx = RunContext(
@@ -123,7 +123,7 @@ class TechniqueContract:
         return [*TINY, f"technique=[{self.technique}]", *self.options]
 
     def step(self, cfg: Any, plugins: Any):
-        from framework.runner import plan
+        from slimlab.runner import plan
 
         (step,) = plan(cfg, plugins).steps
         return step
@@ -133,7 +133,7 @@ class TechniqueContract:
         assert self.technique in slimlab_plugins.registry, sorted(slimlab_plugins.registry.names())
 
     def test_presets_compose_and_validate(self, slimlab_compose, slimlab_plugins):
-        from framework.runner import plan
+        from slimlab.runner import plan
 
         for preset in [self.technique, *self.presets]:
             cfg = slimlab_compose([*TINY, f"technique=[{preset}]"])
@@ -171,7 +171,7 @@ class TechniqueContract:
     def test_deterministic_under_a_seed(self, slimlab_compose, slimlab_plugins, tiny_data, tmp_path):
         import torch
 
-        from framework.models import LeNet
+        from slimlab.models import LeNet
 
         cfg = slimlab_compose(self.overrides())
         outputs = []
@@ -183,7 +183,7 @@ class TechniqueContract:
         torch.testing.assert_close(outputs[0], outputs[1])
 
     def test_run_metrics_are_numbers(self, slimlab_compose, slimlab_plugins):
-        from framework.runner import run_metrics
+        from slimlab.runner import run_metrics
 
         primary, metrics = run_metrics(slimlab_compose(self.overrides()), slimlab_plugins)
         assert primary in metrics
@@ -193,7 +193,7 @@ class TechniqueContract:
     def test_artifact_saves_and_reloads(self, slimlab_compose, slimlab_plugins, tiny_data, tiny_model, tmp_path):
         import torch
 
-        from framework.artifact import deployable, load_state, save_model
+        from slimlab.artifact import deployable, load_state, save_model
 
         cfg = slimlab_compose(self.overrides())
         model = self._applied(cfg, slimlab_plugins, tiny_data, tiny_model, tmp_path)
@@ -213,8 +213,8 @@ class TechniqueContract:
         import torch
         from mlflow import MlflowClient
 
-        from framework.logged_model import log_compressed_model, portable, using_tracking_uri
-        from framework.tracking import experiment_id
+        from slimlab.logged_model import log_compressed_model, portable, using_tracking_uri
+        from slimlab.tracking import experiment_id
 
         cfg = slimlab_compose(self.overrides())
         model = self._applied(cfg, slimlab_plugins, tiny_data, tiny_model, tmp_path)

@@ -8,12 +8,12 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from framework import hookimpl
+from slimlab import hookimpl
 
 if TYPE_CHECKING:
     from omegaconf import DictConfig
 
-    from framework.context import RunContext
+    from slimlab.context import RunContext
 
 BATCH_LIMIT = 100  # MLflow accepts at most 100 params per log_batch call
 
@@ -27,7 +27,7 @@ VIEW_PARAMS = ("model", "data", "techniques")
 
 def comparison_view(primary: str = "accuracy") -> str:
     """The shared view's state, as the MLflow UI stores it (JSON): the columns of ``slimlab report``."""
-    from framework.report import COLUMNS
+    from slimlab.report import COLUMNS
 
     metrics = [primary, f"{primary}_drop", *COLUMNS]
     columns = [f"metrics.`{m}`" for m in metrics] + [f"params.`{p}`" for p in VIEW_PARAMS]
@@ -91,8 +91,8 @@ class MlflowTracking:
         from mlflow import MlflowClient
         from mlflow.entities import Param
 
-        from framework import sweep
-        from framework.config import flatten
+        from slimlab import sweep
+        from slimlab.config import flatten
 
         tags = dict(ctx.tags)
         parent = sweep.parent_run_id() if sweep.in_sweep() else None
@@ -130,13 +130,13 @@ class MlflowTracking:
         for path in ctx.artifacts.values():  # at the root: runs:/<id>/model is the logged MLflow model
             client.log_artifact(run_id, str(path))
         if ctx.cfg.tracking.log_model:  # after the metrics, which MLflow links to the logged model
-            from framework.logged_model import log_compressed_model
+            from slimlab.logged_model import log_compressed_model
 
             log_compressed_model(state["uri"], run_id, ctx)
             model_tags = ("slimlab.model_format", "slimlab.model_uri")
             client.log_batch(run_id, tags=[RunTag(k, ctx.tags[k]) for k in model_tags])
         client.set_terminated(run_id, "FINISHED")
-        from framework import sweep
+        from slimlab import sweep
 
         sweep.record_outcome("FINISHED", run_id)
 
@@ -152,7 +152,7 @@ class MlflowTracking:
         client.set_tag(state["run_id"], "slimlab.error", f"{type(error).__name__}: {error}"[:5000])
         status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
         client.set_terminated(state["run_id"], status)
-        from framework import sweep
+        from slimlab import sweep
 
         sweep.record_outcome(status, state["run_id"], f"{type(error).__name__}: {error}")
 

@@ -1,4 +1,4 @@
-"""Training and evaluation loops over a :class:`~framework.data.Data`'s loaders, shared by the baseline and by
+"""Training and evaluation loops over a :class:`~slimlab.data.Data`'s loaders, shared by the baseline and by
 techniques that fine-tune. Every split is streamed batch by batch: nothing holds a whole split in memory."""
 
 from __future__ import annotations
@@ -9,10 +9,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from framework import batches
-from framework.data import Data, iterate, loader
-from framework.progress import progress
-from framework.tasks import Scored
+from slimlab import batches
+from slimlab.data import Data, iterate, loader
+from slimlab.progress import progress
+from slimlab.tasks import Scored
 
 # loss(model, inputs, target) -> scalar; the default is the task's loss of the model's output against the target
 Loss = Callable[[nn.Module, Any, torch.Tensor], torch.Tensor]

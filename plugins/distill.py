@@ -29,13 +29,13 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from framework import hookimpl
+from slimlab import hookimpl
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from framework.context import RunContext
+    from slimlab.context import RunContext
 
 LOSSES = ("auto", "kl", "mse")
 log = logging.getLogger("slimlab")
@@ -43,7 +43,7 @@ log = logging.getLogger("slimlab")
 
 def model_options() -> list[str]:
     """The model options on the config search path: conf/model/ and the user's config directories' model/."""
-    from framework.config import group_options
+    from slimlab.config import group_options
 
     return group_options("model")
 
@@ -87,7 +87,7 @@ class DistillConfig:
 
 def _model_node(name: str):
     """Model option ``name`` as the run's search path has it (the same directories its config came from)."""
-    from framework.config import load_option
+    from slimlab.config import load_option
 
     node = load_option("model", name)
     if node is None:
@@ -99,7 +99,7 @@ def _build_student(name: str, seed: int) -> nn.Module:
     """A fresh instance of model option ``name``, built like any model (its checkpoint loaded, if it has one)."""
     import torch
 
-    from framework.baseline import build_model
+    from slimlab.baseline import build_model
 
     torch.manual_seed(seed)
     return build_model(_model_node(name))
@@ -112,7 +112,7 @@ def _teacher(config: DistillConfig, ctx: RunContext) -> tuple[nn.Module, float]:
         return ctx.baseline, ctx.baseline_metrics[primary]
     from omegaconf import open_dict
 
-    from framework.baseline import get_baseline
+    from slimlab.baseline import get_baseline
 
     cfg = copy.deepcopy(ctx.cfg)
     with open_dict(cfg):
@@ -154,7 +154,7 @@ def _train(model: nn.Module, ctx: RunContext, config: DistillConfig, description
     """
     import torch
 
-    from framework.training import train
+    from slimlab.training import train
 
     held = _hold_zeros(model) if config.student is None else []
     torch.manual_seed(ctx.cfg.seed)
@@ -180,7 +180,7 @@ def _distill(student: nn.Module, teacher: nn.Module, loss: str, config: DistillC
     import torch.nn.functional as F
     from torch import nn
 
-    from framework.batches import call, take
+    from slimlab.batches import call, take
 
     task, alpha, temperature = ctx.task, config.alpha, config.temperature
     probe = take(ctx.example_inputs(), 2)

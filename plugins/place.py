@@ -25,12 +25,12 @@ import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from framework import hookimpl
+from slimlab import hookimpl
 
 if TYPE_CHECKING:
     from torch import nn
 
-    from framework.context import RunContext
+    from slimlab.context import RunContext
 
 DEVICES = "auto, cpu, cuda, cuda:N, mps"
 MAP_DEVICES = "cpu, disk, cuda, cuda:N, mps"
@@ -245,7 +245,7 @@ def placed_class() -> type:
 
         def __init__(self, inner: nn.Module, device: str, dtype: torch.dtype, threads: int | None) -> None:
             super().__init__()
-            self.slimlab_inner = inner  # the artifact: framework.artifact.deployable() saves this module
+            self.slimlab_inner = inner  # the artifact: slimlab.artifact.deployable() saves this module
             self.device = torch.device(device)
             self.dtype = dtype
             self.threads = threads
@@ -280,7 +280,7 @@ def placed_class() -> type:
         def extra_repr(self) -> str:
             return f"device={self.device}, dtype={self.dtype}, threads={self.threads}"
 
-    Placed.__module__, Placed.__qualname__ = __name__, "Placed"  # pickles as plugins.place.Placed
+    Placed.__module__, Placed.__qualname__ = __name__, "Placed"  # pickles as slimlab.plugins.place.Placed
     return Placed
 
 
@@ -403,7 +403,7 @@ def apply(model: nn.Module, config: PlaceConfig, ctx: RunContext) -> nn.Module:
     placed = placed_class()(model, main, dtype, config.threads).eval()
     if config.compile:
         model.compile()  # in place: the state dict keeps its names
-        from framework.batches import call
+        from slimlab.batches import call
 
         inputs = ctx.example_inputs()
         with torch.inference_mode():

@@ -12,12 +12,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from framework import hookimpl
+from slimlab import hookimpl
 
 if TYPE_CHECKING:
     from torch import nn
 
-    from framework.context import RunContext
+    from slimlab.context import RunContext
 
 SCOPES = ("global", "layer")
 METHODS = ("l1", "random")  # random is the control: is magnitude any better than chance?
@@ -109,7 +109,7 @@ def _prune_unstructured(model: nn.Module, config: PruneConfig, ctx: RunContext) 
 def _prune_channels(model: nn.Module, config: PruneConfig, ctx: RunContext) -> nn.Module:
     import torch_pruning as tp
 
-    from framework.batches import output_tensor
+    from slimlab.batches import output_tensor
 
     targets = _targets(model, config)
     # The last layer's outputs are the model's outputs (classes, values): never remove them.

@@ -27,14 +27,14 @@ import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from framework import hookimpl
+from slimlab import hookimpl
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
 
     from torch import nn
 
-    from framework.context import RunContext
+    from slimlab.context import RunContext
 
 log = logging.getLogger("slimlab")
 
@@ -254,8 +254,8 @@ def _compile(model: nn.Module, config: QuantizeConfig, ctx: RunContext, *, dynam
     """torch.compile ``model``; time the first (compiling) call; check it; expose ``model`` as the artifact."""
     import torch
 
-    from framework.batches import call, clone
-    from framework.measure import MeasurementError, check_stable
+    from slimlab.batches import call, clone
+    from slimlab.measure import MeasurementError, check_stable
 
     lowered = _lowered_class()(torch.compile(model, dynamic=dynamic), model, config.freezing)
     example = ctx.example_inputs()
@@ -360,7 +360,7 @@ def _dynamic_batch(inputs: Any) -> Any:
     """torch.export's ``dynamic_shapes`` for ``inputs``: the first dimension of every tensor is the batch."""
     import torch
 
-    from framework.batches import as_args
+    from slimlab.batches import as_args
 
     batch = torch.export.Dim("batch", min=1)
 
@@ -390,7 +390,7 @@ def _pt2e_convert(model: nn.Module, config: QuantizeConfig, example: Any, calibr
     from torchao.quantization.pt2e.observer import MinMaxObserver
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
-    from framework.batches import as_args, call
+    from slimlab.batches import as_args, call
 
     model.eval()
     # Evaluation runs batches of measure.eval_batch_size, latency batches of measure.batch_size.
@@ -412,7 +412,7 @@ def _pt2e_convert(model: nn.Module, config: QuantizeConfig, example: Any, calibr
     for name in config.keep_float:
         quantizer.set_module_name_qconfig(name, None)
 
-    from framework.progress import progress
+    from slimlab.progress import progress
 
     prepared = prepare_pt2e(exported, quantizer)
     calibration = list(calibration)
@@ -543,7 +543,7 @@ def _eager_static(
     import torch
     import torch.ao.quantization as tq
 
-    from framework.batches import call
+    from slimlab.batches import call
 
     qconfig = _x86_static_qconfig(config.granularity)
     _fuse(model, config)
@@ -557,7 +557,7 @@ def _eager_static(
                 module.qconfig = tq.float_qparams_weight_only_qconfig
 
     def calibrate_and_convert(root: nn.Module) -> nn.Module:
-        from framework.progress import progress
+        from slimlab.progress import progress
 
         tq.prepare(root, inplace=True)
         with torch.no_grad():
@@ -640,7 +640,7 @@ def apply(model: nn.Module, config: QuantizeConfig, ctx: RunContext) -> nn.Modul
 
 
 def rebuild(model: nn.Module, config: QuantizeConfig, example: Any) -> nn.Module:
-    """The quantized structure of ``model`` under ``config``, ready for ``framework.artifact.load_model``.
+    """The quantized structure of ``model`` under ``config``, ready for ``slimlab.artifact.load_model``.
 
     ``model`` is a fresh instance of the quantized model's class, ``example`` a batch's inputs (a tensor, a
     tuple or a dict). The recipe

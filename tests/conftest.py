@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-SLIMLAB = [sys.executable, "-m", "framework"]
+SLIMLAB = [sys.executable, "-m", "slimlab"]
 
 # Small but real: fewer epochs and repeats than the defaults, same code paths.
 FAST = ["train.epochs=2", "measure.repeats=5", "measure.warmup=1"]
@@ -86,7 +86,7 @@ EXAMPLE_PLUGIN = """
     \"\"\"A third-party plugin as a user would write it: one technique, every hook.\"\"\"
     from dataclasses import dataclass
 
-    from framework import hookimpl
+    from slimlab import hookimpl
 
     CALLS = []
 
@@ -142,7 +142,7 @@ EXAMPLE_PLUGIN = """
 EXPLODE_PLUGIN = """
     from dataclasses import dataclass
 
-    from framework import hookimpl
+    from slimlab import hookimpl
 
 
     @dataclass

@@ -1,4 +1,4 @@
-"""The Python API: ``framework.compress`` on a model object and a Data object, with the same runner and tracking."""
+"""The Python API: ``slimlab.compress`` on a model object and a Data object, with the same runner and tracking."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import torch
 from mlflow import MlflowClient
 from torch import nn
 
-import framework
-from framework.datasets import digits
-from framework.errors import ConfigError
+import slimlab
+from slimlab.datasets import digits
+from slimlab.errors import ConfigError
 
 
 def trained_mlp(data) -> nn.Module:
@@ -49,7 +49,7 @@ def test_compress_a_model_object_and_log_it(notebook, tmp_path, monkeypatch):
         expected = (model(data.test.inputs).argmax(1) == data.test.targets).float().mean().item()
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
 
-    result = framework.compress(
+    result = slimlab.compress(
         model, data, ["prune"], prune={"amount": 0.5}, measure={"repeats": 5, "warmup": 1}, tracking=store
     )
     assert result.primary_metric == "accuracy" and result.score == result.metrics["accuracy"]
@@ -69,7 +69,7 @@ def test_compress_a_model_object_and_log_it(notebook, tmp_path, monkeypatch):
 def test_compress_without_tracking_and_with_a_fine_tuned_baseline(notebook, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     model, data = notebook
-    result = framework.compress(
+    result = slimlab.compress(
         model, data, [], tracking=False, train={"fine_tune_pretrained": True, "epochs": 1}, measure={"repeats": 5}
     )
     assert result.run_id is None and not (tmp_path / "mlflow.db").exists()
@@ -89,11 +89,11 @@ def test_bad_options_are_config_errors_before_any_work(notebook, tmp_path, monke
     monkeypatch.chdir(tmp_path)
     model, data = notebook
     with pytest.raises(ConfigError, match=message):
-        framework.compress(model, data, ["prune"], **options)
+        slimlab.compress(model, data, ["prune"], **options)
     assert not (tmp_path / "mlflow.db").exists()
 
 
 def test_an_unknown_technique_is_named(notebook):
     model, data = notebook
     with pytest.raises(ConfigError, match=r"unknown technique\(s\) \['prune_harder'\]; registered: distill, place"):
-        framework.compress(model, data, ["prune_harder"])
+        slimlab.compress(model, data, ["prune_harder"])

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from framework.benchmarks import WORKLOADS, BenchRun, latest_per_variant, load_runs, render, verdict, workload_of
-from framework.config import EXPERIMENTS_DIR, compose
-from framework.overhead import PLAIN
+from slimlab.benchmarks import WORKLOADS, BenchRun, latest_per_variant, load_runs, render, verdict, workload_of
+from slimlab.config import EXPERIMENTS_DIR, compose
+from slimlab.overhead import PLAIN
 from tests.conftest import FAST, NO_MLFLOW_MODEL, slimlab
 
 BENCHES = sorted(path.stem for path in EXPERIMENTS_DIR.glob("bench_*.yaml"))
@@ -33,8 +33,8 @@ def test_bench_experiment_sweeps_its_variants(name):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    from framework.config import CONFIG_DIR, register_configs
-    from framework.plugins import load_plugins
+    from slimlab.config import CONFIG_DIR, register_configs
+    from slimlab.plugin_manager import load_plugins
 
     register_configs(load_plugins())
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
@@ -125,7 +125,7 @@ def test_plain_overhead_script_does_the_work(monkeypatch, tmp_path):
     """The plain script really trains, prunes and saves (tiny here: one epoch each)."""
     import torch
 
-    from framework import overhead
+    from slimlab import overhead
 
     monkeypatch.setitem(overhead.PLAIN, "epochs", 1)
     monkeypatch.setitem(overhead.PLAIN, "fine_tune_epochs", 1)

@@ -122,8 +122,8 @@ def test_ui_serves_the_store(tmp_path, store):
 
 
 def test_ui_links_the_comparison_view_of_each_experiment_slimlab_wrote(store, tmp_path):
-    from framework.cli import comparison_links
-    from framework.tracking import VIEW_TAG, experiment_id
+    from slimlab.cli import comparison_links
+    from slimlab.tracking import VIEW_TAG, experiment_id
 
     assert comparison_links(f"sqlite:///{tmp_path / 'none' / 'mlflow.db'}", "http://h:1") == []  # nothing created
     assert not (tmp_path / "none").exists()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from omegaconf import OmegaConf
 
-from framework.config import CONFIG_DIR, EXPERIMENTS_DIR, compose
+from slimlab.config import CONFIG_DIR, EXPERIMENTS_DIR, compose
 
 GROUPS = ["model", "data", "technique", "device", "tracking"]
 
@@ -41,7 +41,7 @@ def test_technique_list_order_is_pipeline_order():
 
 
 def test_technique_options_are_typed_by_their_schema():
-    from plugins.prune import PruneConfig
+    from slimlab.plugins.prune import PruneConfig
 
     cfg = compose(["technique.prune.amount=0.75"])
     assert OmegaConf.get_type(cfg.technique.prune) is PruneConfig
@@ -58,7 +58,7 @@ def test_root_keys_are_typed():
 
 
 def test_models_and_data_are_built_from_target():
-    from framework.baseline import build_model
+    from slimlab.baseline import build_model
 
     cfg = compose(["model=lenet"])
     model = build_model(cfg.model)  # name, checkpoint and pretrained are slimlab's keys, not LeNet's arguments

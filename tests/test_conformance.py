@@ -1,8 +1,8 @@
-"""slimlab's own techniques pass the conformance suite that third-party plugins subclass (framework.testing)."""
+"""slimlab's own techniques pass the conformance suite that third-party plugins subclass (slimlab.testing)."""
 
 from __future__ import annotations
 
-from framework.testing import TechniqueContract
+from slimlab.testing import TechniqueContract
 
 
 class TestPrune(TechniqueContract):

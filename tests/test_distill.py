@@ -10,10 +10,10 @@ import torch
 from mlflow import MlflowClient
 from torch import nn
 
-from framework.config import compose
-from framework.errors import ConfigError
-from framework.runner import run
-from plugins.distill import DistillConfig, label
+from slimlab.config import compose
+from slimlab.errors import ConfigError
+from slimlab.plugins.distill import DistillConfig, label
+from slimlab.runner import run
 from tests.conftest import FAST, slimlab
 
 SEED_METRICS = {
@@ -52,7 +52,7 @@ def test_seed_distillation_student_learns_from_the_teacher_with_a_measured_contr
     assert metrics["compression_ratio"] > 10  # Linear 10 -> 1 against an MLP with 68,865 params
     assert metrics["params"] == 11
     assert tags["slimlab.distill.loss"] == "mse" and tags["slimlab.distill.student"] == "small_model"
-    assert tags["slimlab.distill.student_class"] == "framework.models.SmallModel"
+    assert tags["slimlab.distill.student_class"] == "slimlab.models.SmallModel"
 
 
 @pytest.mark.slow
@@ -79,12 +79,12 @@ def test_alpha_zero_is_exactly_the_scratch_twin(overrides, store):
 
 
 def test_scratch_never_touches_the_teacher(store, tmp_path, monkeypatch):
-    import plugins.distill
+    import slimlab.plugins.distill
 
     def no_teacher(*args, **kwargs):
         raise AssertionError("scratch=true must not build, load or run a teacher")
 
-    monkeypatch.setattr(plugins.distill, "_teacher", no_teacher)
+    monkeypatch.setattr(slimlab.plugins.distill, "_teacher", no_teacher)
     cache = tmp_path / "fresh-cache"
     config = [
         *FAST, f"cache_dir={cache}", f"tracking.uri={store}", "experiment_name=tests",
@@ -130,11 +130,11 @@ def test_prune_distill_quantize_keeps_the_pruned_zeros(overrides, store, tmp_pat
 
 def test_projection_when_student_and_teacher_widths_differ(tmp_path):
     """Feature distillation: a 1-wide student matches a 4-wide teacher through a projection it does not keep."""
-    from framework.context import RunContext
-    from framework.datasets import regression
-    from framework.models import SimpleNet
-    from framework.tasks import Regression
-    from plugins.distill import apply
+    from slimlab.context import RunContext
+    from slimlab.datasets import regression
+    from slimlab.models import SimpleNet
+    from slimlab.plugins.distill import apply
+    from slimlab.tasks import Regression
 
     torch.manual_seed(0)
     teacher = nn.Linear(10, 4).eval()

@@ -90,7 +90,7 @@ def test_broken_plugins_beside_it_do_not_stop_its_runs(lowrank_site, tmp_path, c
     broken = tmp_path / "broken-site"
     write_plugin(broken, "slimlab-broken", "slimlab_broken", "import not_a_module_xyz\n", {"broken": "slimlab_broken"})
     copycat = (
-        "from dataclasses import dataclass\nfrom framework import hookimpl\n\n@dataclass\nclass C:\n    x: int = 1\n\n"
+        "from dataclasses import dataclass\nfrom slimlab import hookimpl\n\n@dataclass\nclass C:\n    x: int = 1\n\n"
         "@hookimpl\ndef register_techniques(register):\n    register('lowrank', C, lambda m, c, ctx: m)\n"
     )
     write_plugin(broken, "slimlab-copycat", "slimlab_copycat", copycat, {"lowrank_clone": "slimlab_copycat"})

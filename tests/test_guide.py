@@ -22,7 +22,7 @@ RUN_LINE = re.compile(
 
 def test_the_guide_writes_its_files_and_runs_its_commands():
     script = tutorial_script(GUIDE)
-    for expected in ("cat > nets.py", "cat > conf/model/tiny_net.yaml", "slimlab run -m", "python runs.py"):
+    for expected in ("cat > nets.py", "cat > conf/model/tiny_net.yaml", "slimlab run -m", "python in_python.py"):
         assert expected in script
 
 
@@ -54,7 +54,11 @@ def test_following_the_guide_word_for_word(tmp_path):
     assert edited[-1] == "trained" and edited[-2] != first[0][-2]  # another baseline, trained again
     assert int(edited[4]) < int(first[0][4])  # 16 hidden units instead of 64: a smaller file
 
+    in_python = re.search(r"^accuracy ([\d.]+) -> ([\d.]+), run (\w+)$", result.stdout, re.M)
+    assert in_python and float(in_python[1]) > 0.85, result.stdout[-2000:]  # the checkpoint's weights, compressed
+
     client = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
+    assert client.get_run(in_python[3]).info.run_name == "CancerNet prune(0.8)+quantize(int8-wo)"
     experiment = client.get_experiment_by_name("default")
     parents = client.search_runs([experiment.experiment_id], "tags.`slimlab.sweep` = 'parent'")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"

@@ -6,10 +6,10 @@ import inspect
 
 import pytest
 
-import framework.hookspecs as hookspecs
-from framework.config import compose
-from framework.plugins import load_plugins
-from framework.runner import run
+import slimlab.hookspecs as hookspecs
+from slimlab.config import compose
+from slimlab.plugin_manager import load_plugins
+from slimlab.runner import run
 
 
 def test_every_hook_documents_when_args_and_return():

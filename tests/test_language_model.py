@@ -9,9 +9,9 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from framework.config import compose
-from framework.runner import run_metrics
-from framework.tasks import LanguageModeling, Scored
+from slimlab.config import compose
+from slimlab.runner import run_metrics
+from slimlab.tasks import LanguageModeling, Scored
 
 LM_METRICS = {"perplexity", "baseline_perplexity", "perplexity_drop", "nll", "next_token_accuracy", "token_agreement"}
 
@@ -21,7 +21,7 @@ def tiny_lm(tmp_path_factory):
     """A 2-layer Llama (32 wide) with all-MiniLM-L6-v2's tokenizer, saved as a Hugging Face model directory."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from framework.datasets import load_tokenizer
+    from slimlab.datasets import load_tokenizer
 
     folder = tmp_path_factory.mktemp("tiny-llama")
     tokenizer = load_tokenizer()

@@ -10,11 +10,11 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from framework import hookimpl
-from framework.config import compose
-from framework.logged_model import LOAD_NOTE, portable, tensor_interface, using_tracking_uri
-from framework.plugins import load_plugins
-from framework.runner import run_metrics
+from slimlab import hookimpl
+from slimlab.config import compose
+from slimlab.logged_model import LOAD_NOTE, portable, tensor_interface, using_tracking_uri
+from slimlab.plugin_manager import load_plugins
+from slimlab.runner import run_metrics
 
 
 class RecordOutputs:
@@ -93,10 +93,10 @@ class ValueDependent(torch.nn.Module):
 
 
 def test_a_model_torch_export_cannot_trace_is_logged_as_pickle_with_the_reason(store, tmp_path, tiny_data, monkeypatch):
-    from framework.config import compose
-    from framework.logged_model import log_compressed_model
-    from framework.testing import context
-    from framework.tracking import experiment_id
+    from slimlab.config import compose
+    from slimlab.logged_model import log_compressed_model
+    from slimlab.testing import context
+    from slimlab.tracking import experiment_id
 
     client = MlflowClient(store)
     run = client.create_run(experiment_id(client, "tests", store))
@@ -121,8 +121,8 @@ def test_a_model_torch_export_cannot_trace_is_logged_as_pickle_with_the_reason(s
 
 
 def test_the_pipeline_is_pickled_when_any_step_needs_it(slimlab_plugins, slimlab_compose):
-    from framework.registry import serialization_format
-    from framework.runner import plan
+    from slimlab.registry import serialization_format
+    from slimlab.runner import plan
 
     def steps(techniques: str):
         return plan(slimlab_compose(["tracking=none", f"technique={techniques}"]), slimlab_plugins).steps
@@ -136,8 +136,8 @@ def test_the_pipeline_is_pickled_when_any_step_needs_it(slimlab_plugins, slimlab
 def test_key_params_and_serialization_format_are_checked_at_registration():
     from dataclasses import dataclass
 
-    from framework.errors import PluginError
-    from framework.registry import TechniqueRegistry
+    from slimlab.errors import PluginError
+    from slimlab.registry import TechniqueRegistry
 
     @dataclass
     class Options:
@@ -151,10 +151,10 @@ def test_key_params_and_serialization_format_are_checked_at_registration():
 
 
 def test_a_failure_that_is_not_the_format_is_raised_not_hidden_by_a_fallback(store, tmp_path, tiny_data):
-    from framework.config import compose
-    from framework.logged_model import log_compressed_model
-    from framework.testing import context
-    from framework.tracking import experiment_id
+    from slimlab.config import compose
+    from slimlab.logged_model import log_compressed_model
+    from slimlab.testing import context
+    from slimlab.tracking import experiment_id
 
     client = MlflowClient(store)
     run = client.create_run(experiment_id(client, "tests", store))

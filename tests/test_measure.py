@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from framework.measure import MeasurementError, check_stable, machine_tags, measure_latency
+from slimlab.measure import MeasurementError, check_stable, machine_tags, measure_latency
 
 
 class MutatesInput(nn.Module):
@@ -47,11 +47,11 @@ def test_machine_tags_name_the_cpu_and_versions():
 
 
 def test_speedup_above_the_physical_bound_is_a_measurement_error():
-    from framework.plugins import load_plugins
-    from framework.registry import Step
-    from framework.runner import _check_speedup
-    from plugins.prune import PruneConfig
-    from plugins.quantize import QuantizeConfig
+    from slimlab.plugin_manager import load_plugins
+    from slimlab.plugins.prune import PruneConfig
+    from slimlab.plugins.quantize import QuantizeConfig
+    from slimlab.registry import Step
+    from slimlab.runner import _check_speedup
 
     registry = load_plugins().registry
     int8 = [Step(registry["quantize"], QuantizeConfig(scheme="int8_dynamic"))]

@@ -14,9 +14,9 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from framework.config import compose
-from framework.errors import ConfigError
-from framework.runner import run, run_metrics
+from slimlab.config import compose
+from slimlab.errors import ConfigError
+from slimlab.runner import run, run_metrics
 from tests.conftest import slimlab
 
 USER_MODELS = """
@@ -56,7 +56,7 @@ USER_DATA = """
     import torch
     from torch.utils.data import Dataset, IterableDataset
 
-    from framework.data import Data
+    from slimlab.data import Data
 
 
     class Rows(Dataset):
@@ -144,7 +144,7 @@ def test_a_target_that_is_not_callable_or_missing_is_bad_input(user_dir, overrid
 def test_a_checkpoint_is_the_baseline_as_it_is(user_dir, overrides, store, tmp_path):
     from user_models import LogitsMLP
 
-    from framework.datasets import digits
+    from slimlab.datasets import digits
 
     torch.manual_seed(0)
     model = LogitsMLP().eval()  # untrained: any training would change its accuracy
@@ -198,10 +198,10 @@ def test_overwriting_a_checkpoint_builds_a_new_baseline(user_dir, overrides, sto
 
 
 def test_a_cache_entry_of_other_shapes_is_set_aside_not_reshaped(overrides, cache_dir, tmp_path, caplog):
-    from framework.artifact import save_model
-    from framework.baseline import identity
-    from framework.identity import digest
-    from framework.models import LeNet
+    from slimlab.artifact import save_model
+    from slimlab.baseline import identity
+    from slimlab.identity import digest
+    from slimlab.models import LeNet
 
     args = [*overrides, "model=lenet", "seed=11", "technique=[]"]
     cfg = compose(args)
@@ -272,8 +272,8 @@ def test_dict_batches_and_a_two_input_model_compress(user_dir, overrides, store,
 
 
 def test_a_data_callable_that_returns_something_else_is_named(user_dir, overrides):
-    with pytest.raises(TypeError, match=r"data._target_=framework.models.select_layers returned list"):
-        run(compose([*overrides, "data._target_=framework.models.select_layers", "+data.total=3"]))
+    with pytest.raises(TypeError, match=r"data._target_=slimlab.models.select_layers returned list"):
+        run(compose([*overrides, "data._target_=slimlab.models.select_layers", "+data.total=3"]))
 
 
 @pytest.mark.slow

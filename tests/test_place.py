@@ -11,13 +11,13 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from framework import hookimpl
-from framework.artifact import load_model, load_state
-from framework.config import compose
-from framework.errors import ConfigError
-from framework.models import LeNet
-from framework.plugins import load_plugins
-from framework.runner import run
+from slimlab import hookimpl
+from slimlab.artifact import load_model, load_state
+from slimlab.config import compose
+from slimlab.errors import ConfigError
+from slimlab.models import LeNet
+from slimlab.plugin_manager import load_plugins
+from slimlab.runner import run
 from tests.conftest import REPO, slimlab
 
 METRICS = {
@@ -35,7 +35,7 @@ class ComparePredictions:
 
     @hookimpl
     def evaluate(self, model, ctx):
-        from framework.training import outputs
+        from slimlab.training import outputs
 
         placed = torch.cat([output for output, _ in outputs(model, ctx.data)])
         baseline = torch.cat([output for output, _ in outputs(ctx.baseline, ctx.data, ctx.device)])
@@ -238,13 +238,13 @@ def test_seed_heterogeneous_experiment(overrides, store):
 
 
 def test_importing_the_plugin_does_not_import_torch():
-    code = "import sys, plugins.place; assert 'torch' not in sys.modules, 'torch imported'"
+    code = "import sys, slimlab.plugins.place; assert 'torch' not in sys.modules, 'torch imported'"
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
 
 
 def test_sizes_are_bytes():
-    from plugins.place import parse_size
+    from slimlab.plugins.place import parse_size
 
     assert parse_size("1000") == 1000
     assert parse_size("1MB") == parse_size("1mb") == 10**6  # never bits

@@ -6,7 +6,7 @@ import json
 import subprocess
 import sys
 
-from framework.plugins import DISABLE_ENV, load_plugins
+from slimlab.plugin_manager import DISABLE_ENV, load_plugins
 from tests.conftest import REPO, slimlab, write_plugin
 
 BUILT_INS = {"mlflow", "summary", "prune", "quantize"}
@@ -65,7 +65,7 @@ def refused(site, name: str) -> str:
 
 
 def test_misspelled_hook_is_refused_with_the_plugin_name(tmp_path, monkeypatch, caplog):
-    source = "from framework import hookimpl\n\n@hookimpl\ndef befor_run(ctx):\n    pass\n"
+    source = "from slimlab import hookimpl\n\n@hookimpl\ndef befor_run(ctx):\n    pass\n"
     site = write_plugin(tmp_path, "slimlab-typo", "slimlab_typo", source, {"typo": "slimlab_typo"})
     monkeypatch.syspath_prepend(str(site))
     assert "implements befor_run, which is no slimlab hook; hooks: register_techniques" in refused(site, "typo")
@@ -75,7 +75,7 @@ def test_misspelled_hook_is_refused_with_the_plugin_name(tmp_path, monkeypatch, 
 
 
 def test_hook_with_a_wrong_signature_is_refused(tmp_path, monkeypatch):
-    source = "from framework import hookimpl\n\n@hookimpl\ndef before_run(ctx, budget):\n    pass\n"
+    source = "from slimlab import hookimpl\n\n@hookimpl\ndef before_run(ctx, budget):\n    pass\n"
     site = write_plugin(tmp_path, "slimlab-sig", "slimlab_sig", source, {"sig": "slimlab_sig"})
     monkeypatch.syspath_prepend(str(site))
     error = refused(site, "sig")
@@ -85,7 +85,7 @@ def test_hook_with_a_wrong_signature_is_refused(tmp_path, monkeypatch):
 DUPLICATE = """
     from dataclasses import dataclass
 
-    from framework import hookimpl
+    from slimlab import hookimpl
 
 
     @dataclass
@@ -132,14 +132,14 @@ def test_a_plugin_written_for_api_1_is_refused_with_a_pointer_to_the_change(tmp_
 
 
 def test_the_public_api_is_small_and_stable():
-    import framework
+    import slimlab
 
-    assert framework.__all__ == [
+    assert slimlab.__all__ == [
         "API_VERSION", "PROJECT", "Compressed", "ConfigError", "Data", "RunContext", "Task", "compress", "hookimpl",
         "hookspec",
     ]  # fmt: skip
-    assert all(hasattr(framework, name) for name in framework.__all__)
-    assert framework.API_VERSION == "2.0"
+    assert all(hasattr(slimlab, name) for name in slimlab.__all__)
+    assert slimlab.API_VERSION == "2.0"
 
 
 def test_plugins_json_lists_builtins_and_third_party(plugin_site, tmp_path):
@@ -155,10 +155,10 @@ def test_help_and_plugins_do_not_import_torch_or_mlflow():
     """Start-up stays fast because the heavy libraries load only when a run needs them."""
     code = (
         "import sys, contextlib, io\n"
-        "from framework.cli import main\n"
+        "from slimlab.cli import main\n"
         "with contextlib.redirect_stdout(io.StringIO()):\n"
         "    main(['--help']); main(['plugins'])\n"
-        "import framework.testing\n"  # the conformance kit, which pytest loads in every test session
+        "import slimlab.testing\n"  # the conformance kit, which pytest loads in every test session
         "print(sorted(m for m in ('torch', 'mlflow', 'torchao', 'sklearn') if m in sys.modules))\n"
     )
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)

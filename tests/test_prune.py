@@ -7,13 +7,13 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from framework.artifact import load_model
-from framework.config import compose
-from framework.datasets import digits
-from framework.errors import ConfigError
-from framework.models import LeNet
-from framework.runner import run
-from plugins.prune import cubic_schedule
+from slimlab.artifact import load_model
+from slimlab.config import compose
+from slimlab.datasets import digits
+from slimlab.errors import ConfigError
+from slimlab.models import LeNet
+from slimlab.plugins.prune import cubic_schedule
+from slimlab.runner import run
 from tests.test_runner import artifact_paths, only_run
 
 

@@ -11,13 +11,13 @@ from mlflow import MlflowClient
 from omegaconf import OmegaConf
 from torch import nn
 
-from framework.artifact import load_model, load_state
-from framework.config import compose
-from framework.datasets import digits
-from framework.errors import ConfigError
-from framework.models import LeNet
-from framework.runner import run
-from plugins.quantize import QuantizeConfig, _warn_eager_deprecated, rebuild
+from slimlab.artifact import load_model, load_state
+from slimlab.config import compose
+from slimlab.datasets import digits
+from slimlab.errors import ConfigError
+from slimlab.models import LeNet
+from slimlab.plugins.quantize import QuantizeConfig, _warn_eager_deprecated, rebuild
+from slimlab.runner import run
 
 TORCH_AO_DEPRECATED = "torch.ao.quantization is deprecated"
 

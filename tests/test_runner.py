@@ -8,12 +8,12 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from framework.artifact import load_model, load_state, save_model
-from framework.config import compose
-from framework.datasets import digits
-from framework.models import LeNet
-from framework.plugins import load_plugins
-from framework.runner import run
+from slimlab.artifact import load_model, load_state, save_model
+from slimlab.config import compose
+from slimlab.datasets import digits
+from slimlab.models import LeNet
+from slimlab.plugin_manager import load_plugins
+from slimlab.runner import run
 
 METRICS = {
     "accuracy", "baseline_accuracy", "accuracy_drop", "size_bytes", "baseline_size_bytes", "compression_ratio",
@@ -101,7 +101,7 @@ def test_failing_technique_records_failed_run_with_traceback(with_plugins, overr
 
 
 def test_bad_config_records_nothing(overrides, store, tmp_path):
-    from framework.errors import ConfigError
+    from slimlab.errors import ConfigError
 
     with pytest.raises(ConfigError, match=r"amount must be in \[0, 1\)"):
         run(compose([*overrides, "technique.prune.amount=1.5"]))

@@ -10,7 +10,7 @@ import time
 import pytest
 from mlflow import MlflowClient
 
-from framework.report import Row, pareto_front
+from slimlab.report import Row, pareto_front
 from tests.conftest import FAST, NO_MLFLOW_MODEL, SLIMLAB, slimlab
 
 # Six jobs; the last names a layer LeNet does not have, which only pruning itself finds out: it fails while running.

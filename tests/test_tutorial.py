@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-import framework.hookspecs as hookspecs
+import slimlab.hookspecs as hookspecs
 from tests.conftest import REPO
 
 TUTORIAL = REPO / "docs" / "plugins.md"

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from framework.tracking import comparison_url
+from slimlab.tracking import comparison_url
 from tests.conftest import FAST, free_port, slimlab, wait_until_healthy
 
 pytestmark = pytest.mark.slow

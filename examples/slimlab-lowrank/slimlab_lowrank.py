@@ -7,7 +7,7 @@ only where it gets smaller; the file and the arithmetic shrink for real, so slim
 
 from dataclasses import dataclass, field
 
-from framework import hookimpl
+from slimlab import hookimpl
 
 SLIMLAB_API = ">=2,<3"  # the slimlab hook API this plugin is written for
 

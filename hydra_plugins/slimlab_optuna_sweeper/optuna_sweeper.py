@@ -211,7 +211,7 @@ class SlimlabOptunaSweeper(Sweeper):
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)
         (sweep_dir / "pareto_front.json").write_text(json.dumps(front, indent=2))
-        from framework import sweep
+        from slimlab import sweep
 
         tracked = sweep.active_parent()
         if tracked:  # beside the sweep's report in MLflow

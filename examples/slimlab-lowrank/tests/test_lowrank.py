@@ -8,7 +8,7 @@ import torch
 from slimlab_lowrank import LowRankConfig, factorise, rank_for
 from torch import nn
 
-from framework.testing import TechniqueContract  # slimlab's conformance suite, shipped with slimlab
+from slimlab.testing import TechniqueContract  # slimlab's conformance suite, shipped with slimlab
 
 
 def test_installed_as_a_slimlab_plugin():

@@ -11,9 +11,9 @@ from typing import Any
 
 import pluggy
 
-from framework import API_VERSION, PROJECT, hookspecs
-from framework.errors import PluginError
-from framework.registry import TechniqueRegistry
+from slimlab import API_VERSION, PROJECT, hookspecs
+from slimlab.errors import PluginError
+from slimlab.registry import TechniqueRegistry
 
 DISABLE_ENV = "SLIMLAB_DISABLE_PLUGINS"  # comma-separated plugin names
 
@@ -45,7 +45,7 @@ class Plugins:
 
     def task(self, spec: Any) -> Any:
         """The task a Data names: a registered name, or a task object used as it is."""
-        from framework.tasks import check_task
+        from slimlab.tasks import check_task
 
         if isinstance(spec, str):
             if spec not in self.tasks:
@@ -93,9 +93,9 @@ def _api_mismatch(plugin: object) -> str | None:
         return None
     if any(version in accepted for version in ("1.0", "1.1", "1.9")):  # written for API 1
         return (
-            f"needs slimlab plugin API {wanted}; this slimlab provides API {API_VERSION}: in API 2 the run's data "
-            "is a framework.data.Data of loaders and ctx.task holds the loss and metrics (docs/plugins.md, "
-            "'Changes in API 2')"
+            f"needs slimlab plugin API {wanted}; this slimlab provides API {API_VERSION}: in API 2 slimlab is "
+            "imported as `slimlab`, the run's data is a slimlab.data.Data of loaders and ctx.task holds the loss and "
+            "metrics (docs/plugins.md, 'Changes in API 2')"
         )
     return f"needs slimlab plugin API {wanted}; this slimlab provides API {API_VERSION}"
 
@@ -151,7 +151,10 @@ def load_plugins(disable: Iterable[str] = ()) -> Plugins:
         try:
             plugin = entry_point.load()
         except Exception as error:  # a broken third-party plugin must not take slimlab down
-            _refuse(manager, info, f"failed to import: {type(error).__name__}: {error}")
+            hint = ""
+            if isinstance(error, ModuleNotFoundError) and error.name in ("framework", "plugins"):
+                hint = " (a plugin written for API 1: slimlab is imported as `slimlab` since API 2, docs/plugins.md)"
+            _refuse(manager, info, f"failed to import: {type(error).__name__}: {error}{hint}")
             continue
         mismatch = _api_mismatch(plugin)
         if mismatch:

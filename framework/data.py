@@ -52,7 +52,8 @@ class TensorRows(Dataset):
 class Data:
     """A task's data: what a data ``_target_`` returns.
 
-    ``train``/``test``: a torch ``Dataset`` or a re-iterable of batches (a ``DataLoader``). ``task``: the name
+    ``train``/``test``: a torch ``Dataset`` (or a Hugging Face ``datasets.Dataset``) or a re-iterable of batches
+    (a ``DataLoader``, a list). ``task``: the name
     of a registered task (``classification``, ``regression``, ``embedding``, ``language_modeling``, or a
     plugin's) or a task object. ``calibration``: batches for calibrating quantization observers (default: the
     training split, unshuffled). ``name``: a label for run names and params.
@@ -79,7 +80,11 @@ class Data:
 
 
 def _is_dataset(split: Any) -> bool:
-    return isinstance(split, Dataset) and not isinstance(split, DataLoader)
+    """A map-style or iterable torch Dataset, or anything indexable with a length that is not a list of batches
+    (a Hugging Face ``datasets.Dataset``, which is no torch Dataset subclass)."""
+    if isinstance(split, DataLoader | list | tuple):
+        return False
+    return isinstance(split, Dataset) or (hasattr(split, "__getitem__") and hasattr(split, "__len__"))
 
 
 def loader(split: Any, batch_size: int, *, shuffle: bool = False, seed: int = 0) -> Iterable[Any]:

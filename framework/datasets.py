@@ -1,4 +1,5 @@
-"""Datasets that ship offline, built with ``_target_`` from ``conf/data/``: each returns a :class:`Data`."""
+"""Built-in data options (conf/data/), each returning a :class:`Data`: datasets that ship offline (digits, regression,
+sentences, text) and readers of a user's local files (tables, image folders)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import torch.utils.data
 
 from slimlab.data import Data
 
@@ -76,6 +78,7 @@ def offline() -> None:
     """Nothing may download at run time: the hub stays off unless the user set otherwise."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 
 def minilm_path() -> str:
@@ -159,3 +162,147 @@ def text(
         return {"input_ids": block, "attention_mask": torch.ones_like(block)}
 
     return Data.from_tensors(rows(train), train, rows(test), test, task="language_modeling", name="text")
+
+
+TABLE_FORMATS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+
+
+def table(
+    path: str,
+    test_path: str | None = None,
+    label: str = "label",
+    text: str | None = None,
+    features: list[str] | None = None,
+    tokenizer: str | None = None,
+    max_length: int = 64,
+    task: str = "classification",
+    test_fraction: float = 0.2,
+    seed: int = 0,
+) -> Data:
+    """A local csv, json(l) or parquet file read with Hugging Face ``datasets`` (memory-mapped Arrow, not loaded
+    into memory), for a model that takes numbers or text.
+
+    ``label``: the target column (class indices for ``classification``, numbers for ``regression``). Text:
+    ``text`` names the column, tokenised with the tokenizer of ``tokenizer`` (a local model directory) and
+    padded to ``max_length``; batches are the tokenizer's dicts with ``labels``. Numbers: ``features`` names the
+    columns (default: every column but the label), batches are ``(float32 [batch, features], labels)``. The
+    test split is ``test_path``, or ``test_fraction`` of the rows drawn with ``seed``.
+    """
+    offline()
+    from datasets import load_dataset
+
+    suffix = Path(path).suffix.lower()
+    if suffix not in TABLE_FORMATS:
+        raise ValueError(f"data.path={path}: a table is one of {', '.join(TABLE_FORMATS)}, not {suffix or 'no suffix'}")
+    files = {"train": str(Path(path).expanduser())}
+    if test_path:
+        files["test"] = str(Path(test_path).expanduser())
+    loaded = load_dataset(TABLE_FORMATS[suffix], data_files=files)
+    if "test" not in loaded:
+        loaded = loaded["train"].train_test_split(test_size=test_fraction, seed=seed)
+    columns = loaded["train"].column_names
+    if label not in columns:
+        raise ValueError(f"data.label={label!r} is no column of {path}; columns: {', '.join(columns)}")
+    label_type = "int64" if task == "classification" else "float32"
+    if text is not None:
+        if text not in columns:
+            raise ValueError(f"data.text={text!r} is no column of {path}; columns: {', '.join(columns)}")
+        tokenize = load_tokenizer(tokenizer)
+
+        def encode(rows: dict) -> dict:
+            encoded = tokenize(rows[text], padding="max_length", truncation=True, max_length=max_length)
+            return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
+
+        prepared = loaded.map(encode, batched=True).rename_column(label, "labels")
+        keep = ["input_ids", "attention_mask", "labels"]
+        prepared = prepared.select_columns(keep).with_format("torch")
+        return Data(prepared["train"], prepared["test"], task, Path(path).stem)
+    names = features or [column for column in columns if column != label]
+    unknown = [name for name in names if name not in columns]
+    if unknown:
+        raise ValueError(f"data.features {unknown} are no columns of {path}; columns: {', '.join(columns)}")
+
+    def stack(rows: dict) -> dict:
+        return {"x": [list(values) for values in zip(*(rows[name] for name in names), strict=True)]}
+
+    prepared = loaded.map(stack, batched=True).select_columns(["x", label])
+    prepared = prepared.cast_column(label, _value_type(label_type)).with_format("torch", dtype=None)
+    return Data(_Pairs(prepared["train"], label), _Pairs(prepared["test"], label), task, Path(path).stem)
+
+
+def _value_type(dtype: str):
+    from datasets import Value
+
+    return Value(dtype)
+
+
+class _Pairs(torch.utils.data.Dataset):
+    """Rows of a formatted ``datasets.Dataset`` as ``(float32 features, label)`` pairs."""
+
+    def __init__(self, rows, label: str) -> None:
+        self.rows, self.label = rows, label
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int):
+        row = self.rows[index]
+        return row["x"].float(), row[self.label]
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
+
+
+class ImageFolder(torch.utils.data.Dataset):
+    """torchvision's ImageFolder layout (one subdirectory per class, classes in sorted order), read with Pillow:
+    each image resized to ``size`` x ``size``, ``[channels, size, size]`` float32 in [0, 1]."""
+
+    def __init__(self, root: str, size: int = 32, grayscale: bool = False) -> None:
+        self.root = Path(root).expanduser()
+        if not self.root.is_dir():
+            raise ValueError(f"{root} is not a directory of class folders")
+        self.classes = sorted(p.name for p in self.root.iterdir() if p.is_dir())
+        self.samples = [
+            (image, index)
+            for index, name in enumerate(self.classes)
+            for image in sorted((self.root / name).rglob("*"))
+            if image.suffix.lower() in IMAGE_SUFFIXES
+        ]
+        if not self.samples:
+            raise ValueError(f"{root}: no images ({', '.join(IMAGE_SUFFIXES)}) in class folders")
+        self.size, self.mode = size, "L" if grayscale else "RGB"
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        from PIL import Image
+
+        path, label = self.samples[index]
+        with Image.open(path) as image:
+            pixels = image.convert(self.mode).resize((self.size, self.size))
+            array = torch.frombuffer(bytearray(pixels.tobytes()), dtype=torch.uint8)
+        channels = 1 if self.mode == "L" else 3
+        return array.view(self.size, self.size, channels).permute(2, 0, 1).float() / 255, label
+
+
+def image_folder(
+    path: str,
+    test_path: str | None = None,
+    size: int = 32,
+    grayscale: bool = False,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+) -> Data:
+    """Images in class folders (``path/cat/1.png``, ``path/dog/2.png``), for ``classification``. The test split is
+    ``test_path`` (the same classes), or ``test_fraction`` of the images drawn with ``seed``."""
+    train = ImageFolder(path, size, grayscale)
+    if test_path:
+        test = ImageFolder(test_path, size, grayscale)
+        if test.classes != train.classes:
+            raise ValueError(f"{test_path} has classes {test.classes}, {path} has {train.classes}")
+        return Data(train, test, "classification", Path(path).name)
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed)).tolist()
+    cut = max(1, round(test_fraction * len(train)))
+    subset = torch.utils.data.Subset
+    return Data(subset(train, order[cut:]), subset(train, order[:cut]), "classification", Path(path).name)

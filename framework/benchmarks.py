@@ -113,6 +113,19 @@ WORKLOADS: dict[str, Workload] = {
         targets={},
         note="No target: the paired gain (distilled minus its scratch twin, same init and seed) is reported as it is.",
     ),
+    "bench_memory": Workload(
+        title="Evaluating a dataset larger than memory: peak resident memory",
+        anchor="the test split's size: 64 GiB on disk, about 3x this machine's free memory (free -g: 20 of 23 GiB)",
+        source="slimlab issue 12 (target set by the project: bounded by a batch, not by the data)",
+        targets={"peak_rss_mb": ("<=", 2048.0)},
+        columns=("peak_rss_mb",),
+        note=(
+            "A sparse file of zeros read with os.pread, 1024 rows (16 MiB) per batch, through three full passes "
+            "(the baseline's score, the quantized stage's, the final one) and the latency batches. "
+            "`peak_rss_mb` is the process's peak resident set (getrusage), torch, MLflow and the model included. "
+            "The model is an untrained Linear(4096, 10): accuracy is not the point (0.1, one class of ten)."
+        ),
+    ),
     "bench_overhead": Workload(
         title="slimlab's own overhead: a one-minute job against a plain script doing the same work",
         anchor="a plain PyTorch script (framework/overhead.py `plain_job`) with the same data, model and steps",

@@ -306,3 +306,53 @@ def image_folder(
     cut = max(1, round(test_fraction * len(train)))
     subset = torch.utils.data.Subset
     return Data(subset(train, order[cut:]), subset(train, order[:cut]), "classification", Path(path).name)
+
+
+class DiskRows(torch.utils.data.Dataset):
+    """Rows of float32 features in a flat file, read with ``os.pread`` a whole batch at a time: nothing of the
+    file stays in the process (a memory map would keep every page it touched resident). Indexed with a list
+    of consecutive row numbers (slimlab's loaders do that), one read serves the batch. The label of row ``i``
+    is ``i % classes``."""
+
+    def __init__(self, path: str | os.PathLike, features: int, classes: int, start: int = 0, stop: int | None = None):
+        self.path, self.features, self.classes = str(path), features, classes
+        total = os.path.getsize(self.path) // (4 * features)
+        self.start, self.stop = start, total if stop is None else min(stop, total)
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __getitem__(self, index):
+        rows = [index] if isinstance(index, int) else list(index)
+        first, count = self.start + rows[0], len(rows)
+        if rows != list(range(rows[0], rows[0] + count)):
+            raise IndexError("DiskRows reads consecutive rows: batch it in order (no shuffling)")
+        width = 4 * self.features
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            raw = os.pread(fd, count * width, first * width)
+        finally:
+            os.close(fd)
+        x = torch.frombuffer(bytearray(raw), dtype=torch.float32).view(count, self.features)
+        y = torch.arange(first, first + count) % self.classes
+        return (x[0], y[0]) if isinstance(index, int) else (x, y)
+
+
+def disk_rows(path: str, gib: float = 64.0, features: int = 4096, classes: int = 10, train_rows: int = 1024) -> Data:
+    """A test split of ``gib`` GiB on disk, for measuring that evaluation streams: a sparse file of zeros is made
+    at ``path`` if missing (it takes no disk space). The first ``train_rows`` rows are the training split."""
+    from torch.utils.data import BatchSampler, DataLoader, SequentialSampler
+
+    file = Path(path).expanduser()
+    size = int(gib * 2**30) // (4 * features) * (4 * features)
+    if not file.exists() or file.stat().st_size != size:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        with file.open("wb") as handle:
+            handle.truncate(size)
+
+    def batches(split: DiskRows, batch_size: int) -> DataLoader:
+        return DataLoader(split, sampler=BatchSampler(SequentialSampler(split), batch_size, False), batch_size=None)
+
+    train = DiskRows(file, features, classes, stop=train_rows)
+    test = DiskRows(file, features, classes)
+    return Data(batches(train, 64), batches(test, 1024), "classification", "disk_rows")

@@ -82,3 +82,26 @@ def test_an_image_folder_trains_and_compresses(tmp_path, overrides):
     )  # fmt: skip
     primary, metrics = run_metrics(cfg)
     assert primary == "accuracy" and metrics["baseline_accuracy"] == 1.0 and metrics["accuracy"] == 1.0
+
+
+def test_a_split_larger_than_a_batch_is_read_without_holding_it(tmp_path):
+    """1 GiB of rows streamed through: the process's peak resident memory grows by about a batch, not the file."""
+    import subprocess
+    import sys
+
+    code = f"""
+import resource
+from slimlab.data import iterate
+from slimlab.datasets import disk_rows
+
+data = disk_rows({str(tmp_path / "rows.f32")!r}, gib=1.0)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+rows = sum(len(x) for x, _ in iterate(data.test, "cpu"))
+grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+print(rows, grown // 1024)
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    rows, grown_mb = map(int, result.stdout.split())
+    assert rows == 2**30 // (4 * 4096)  # every row of the file was read
+    assert grown_mb < 128  # a 16 MiB batch at a time (a memory map or a loaded split: about 1024)

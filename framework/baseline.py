@@ -7,6 +7,7 @@ of torch and slimlab. Change any of them and the baseline is built again; nothin
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -147,81 +148,66 @@ def _cached(entry: Path, model: nn.Module) -> dict[str, float] | None:
 def get_baseline(
     cfg: DictConfig, data: Data, task: Any, device: str, batch_size: int = 512, model: nn.Module | None = None
 ) -> Baseline:
-    """Load the cached baseline for this identity, or build, train (unless pretrained), score and cache it.
+    """The baseline: a model that comes with weights as it is, or a trained one, from the cache if it was trained.
 
-    The cache entry is written to a temporary directory and renamed into place, so parallel jobs never read a
-    half-written baseline. A model that comes with weights (``is_pretrained``) is the baseline as it is, unless
-    ``train.fine_tune_pretrained``; a task without labels cannot train it either way. The baseline is its own
-    reference: its agreement metrics are 1. A ``model`` handed in (the Python API) is a copy of it, taken as it
-    is and scored afresh, never cached: nothing identifies it for a later run.
+    A model that comes with weights (``is_pretrained``; a ``model`` handed in by the Python API, copied) is the
+    baseline as it is, unless ``train.fine_tune_pretrained``; a task without labels cannot train it either way.
+    Such a model is scored afresh in every run and never cached: its weights are what building it gives now
+    (a package's, a directory's), which no cache key could vouch for. A trained baseline is cached by its
+    identity; the entry is written to a temporary directory and renamed into place, so parallel jobs never read
+    a half-written one. The baseline is its own reference: its agreement metrics are 1.
     """
-    if model is not None:
-        return _given_baseline(model, cfg, data, task, device, batch_size)
+    torch.manual_seed(cfg.seed)
+    if model is not None:  # the Python API: nothing identifies it for a later run
+        trains = task.labelled and cfg.train.fine_tune_pretrained
+        return _as_it_is(copy.deepcopy(model), "given", trains, cfg, data, task, device, batch_size)
     found = identity(cfg)
     key = digest(found)
-    entry = Path(cfg.cache_dir).expanduser().resolve() / "baselines" / key
-    torch.manual_seed(cfg.seed)
+    trains = task.labelled and (not is_pretrained(cfg.model) or cfg.train.fine_tune_pretrained)
     start = time.perf_counter()
     model = build_model(cfg.model)
     log.info("baseline: %s built in %.1f s", cfg.model.get("name", "model"), time.perf_counter() - start)
+    if not trains:
+        why = f"task {task.name} has no labels" if not task.labelled else "the model comes with weights"
+        log.info("baseline: %s: the baseline as it is, scored afresh (train.fine_tune_pretrained=true trains it)", why)
+        return _as_it_is(model, key, False, cfg, data, task, device, batch_size)
+
+    entry = Path(cfg.cache_dir).expanduser().resolve() / "baselines" / key
     metrics = _cached(entry, model)
     if metrics is not None:
         log.info("baseline %s loaded from cache (%s)", key, entry)
         return Baseline(model.to(device).eval(), metrics, entry / "model.pt", key, cached=True)
 
-    pretrained = is_pretrained(cfg.model)
-    trains = task.labelled and (not pretrained or cfg.train.fine_tune_pretrained)
-    if trains:
-        train(model, data, task, cfg.train, device=device, description="baseline: train")
-    elif not task.labelled:
-        log.info("baseline: task %s has no labels: the model is the baseline as it is, not trained", task.name)
-    else:
-        log.info(
-            "baseline: the model comes with weights: the baseline as it is (train.fine_tune_pretrained=true trains it)"
-        )
+    train(model, data, task, cfg.train, device=device, description="baseline: train")
     model.cpu().eval()
     scores, references = score_baseline(model, data, task, batch_size=batch_size)
     entry.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f"{key}.", dir=entry.parent))
-    params, nonzero = count_parameters(model)
-    metrics = {
-        **scores,
-        "size_bytes": save_model(model, staging / "model.pt"),
-        "params": params,
-        "nonzero_params": nonzero,
-    }
+    metrics = {**scores, **_size(model, staging / "model.pt")}
     (staging / "metrics.json").write_text(json.dumps(metrics, indent=2))
     (staging / "identity.json").write_text(json.dumps(found, indent=2, default=str))
     try:
         os.rename(staging, entry)
     except OSError:  # another job cached the same baseline first: theirs is as good as ours
         shutil.rmtree(staging, ignore_errors=True)
-    log.info(
-        "baseline %s %s: %s=%.4f",
-        key,
-        "trained" if trains else "as built",
-        task.primary_metric,
-        scores[task.primary_metric],
-    )
-    return Baseline(
-        model.to(device), metrics, entry / "model.pt", key, cached=False, trained=trains, references=references
-    )
+    log.info("baseline %s trained: %s=%.4f", key, task.primary_metric, scores[task.primary_metric])
+    return Baseline(model.to(device), metrics, entry / "model.pt", key, False, True, references)
 
 
-def _given_baseline(model: nn.Module, cfg: DictConfig, data: Data, task: Any, device: str, batch_size: int) -> Baseline:
-    import copy
+def _size(model: nn.Module, path: Path) -> dict[str, float]:
+    params, nonzero = count_parameters(model)
+    return {"size_bytes": save_model(model, path), "params": params, "nonzero_params": nonzero}
 
-    model = copy.deepcopy(model)
-    trains = task.labelled and cfg.train.fine_tune_pretrained
+
+def _as_it_is(
+    model: nn.Module, key: str, trains: bool, cfg: DictConfig, data: Data, task: Any, device: str, batch_size: int
+) -> Baseline:
+    """A baseline that is not cached: fine-tuned if asked, scored, its file written to a temporary directory."""
     if trains:
-        torch.manual_seed(cfg.seed)
         train(model, data, task, cfg.train, device=device, description="baseline: fine-tune")
     model.cpu().eval()
     scores, references = score_baseline(model, data, task, batch_size=batch_size)
-    folder = Path(tempfile.mkdtemp(prefix="slimlab-baseline-"))
-    params, nonzero = count_parameters(model)
-    size = save_model(model, folder / "model.pt")
-    metrics = {**scores, "size_bytes": size, "params": params, "nonzero_params": nonzero}
-    origin = "the given model, fine-tuned" if trains else "the given model"
-    log.info("baseline: %s: %s=%.4f", origin, task.primary_metric, scores[task.primary_metric])
-    return Baseline(model.to(device), metrics, folder / "model.pt", "given", False, trains, references)
+    path = Path(tempfile.mkdtemp(prefix="slimlab-baseline-")) / "model.pt"
+    metrics = {**scores, **_size(model, path)}
+    log.info("baseline %s: %s=%.4f", key, task.primary_metric, scores[task.primary_metric])
+    return Baseline(model.to(device), metrics, path, key, False, trains, references)

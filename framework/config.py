@@ -91,11 +91,14 @@ class SlimlabConfig:
 
 
 def register_configs(plugins: Plugins) -> None:
-    """Fill Hydra's ConfigStore: the root schema and every registered technique schema."""
+    """Fill Hydra's ConfigStore: the root schema, every registered technique schema, plugins' model/data options."""
     from hydra.core.config_store import ConfigStore
 
-    ConfigStore.instance().store(name="slimlab_schema", node=SlimlabConfig, provider="slimlab")
+    store = ConfigStore.instance()
+    store.store(name="slimlab_schema", node=SlimlabConfig, provider="slimlab")
     plugins.registry.store_schemas()
+    for (group, name), (plugin, node) in plugins.options.items():  # plugins' model and data options (a zoo)
+        store.store(group=group, name=name, node=node, provider=plugin)
 
 
 def compose(

@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from slimlab.context import RunContext
+    from slimlab.plugin_manager import RegisterOption
     from slimlab.registry import Register
     from slimlab.tasks import RegisterTask
 
@@ -74,6 +75,20 @@ def register_tasks(register: RegisterTask) -> None:
     ``labelled``, ``loss``, ``reference``, ``evaluate``, ``drop``). A data callable names it in
     ``Data(task=name)``. slimlab's built-in tasks (classification, regression, embedding, language_modeling)
     come through this hook too. Registering a name twice is a ``PluginError``. Returns nothing.
+    """
+
+
+@hookspec
+def register_options(register: RegisterOption) -> None:
+    """Declare model and data options this plugin ships (API 2.0): a package can carry a zoo.
+
+    When: once per process, while the plugin manager is built, before Hydra composes any config.
+
+    ``register`` is called as ``register(group, name, node)``: ``group`` is ``"model"`` or ``"data"``, ``name``
+    the option (``model=<name>``), ``node`` a dict like a ``conf/model/*.yaml`` file: ``_target_`` (any
+    importable callable) and its arguments, and for models ``checkpoint``/``pretrained``. The options are
+    listed by ``slimlab run --help`` and usable as ``technique.distill.student=<name>``. A name that slimlab's
+    own ``conf/`` or another plugin already has is a ``PluginError``. Returns nothing.
     """
 
 

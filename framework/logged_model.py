@@ -171,9 +171,8 @@ def tensor_interface(model: nn.Module, inputs: object) -> nn.Module:
         with torch.inference_mode():
             if isinstance(model(inputs), torch.Tensor):
                 return model
-    if isinstance(inputs, torch.Tensor):
-        return TensorInterface(model, names, dtype)
-    return MultiInputInterface(model, names, dtype)
+    count = 1 if isinstance(inputs, torch.Tensor) else len(inputs)
+    return FIXED_ARITY.get(count, MultiInputInterface)(model, names, dtype)
 
 
 class TensorInterface(nn.Module):
@@ -195,9 +194,28 @@ class TensorInterface(nn.Module):
         return self._call((x,))
 
 
+# torch.export (MLflow's pt2) needs a forward with one parameter per input, not *args: one class per arity.
+class TwoInputs(TensorInterface):
+    def forward(self, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+        return self._call((first, second))
+
+
+class ThreeInputs(TensorInterface):
+    def forward(self, first: torch.Tensor, second: torch.Tensor, third: torch.Tensor) -> torch.Tensor:
+        return self._call((first, second, third))
+
+
+class FourInputs(TensorInterface):
+    def forward(self, first: torch.Tensor, second: torch.Tensor, third: torch.Tensor, fourth: torch.Tensor):
+        return self._call((first, second, third, fourth))
+
+
 class MultiInputInterface(TensorInterface):
-    """Several positional tensors (a dict's values in ``names`` order). MLflow's pt2 cannot export a variable
-    number of inputs, so such a model is logged as pickle, with the reason in ``slimlab.model_format``."""
+    """More inputs than the fixed-arity adapters take. MLflow's pt2 cannot export a variable number of inputs, so
+    such a model is logged as pickle, with the reason in ``slimlab.model_format``."""
 
     def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
         return self._call(tensors)
+
+
+FIXED_ARITY = {1: TensorInterface, 2: TwoInputs, 3: ThreeInputs, 4: FourInputs}

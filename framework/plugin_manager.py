@@ -42,6 +42,7 @@ class Plugins:
     registry: TechniqueRegistry
     infos: list[PluginInfo]
     tasks: dict[str, tuple[str, Callable[[], Any]]] = field(default_factory=dict)  # name -> (plugin, factory)
+    options: dict[tuple[str, str], tuple[str, dict[str, Any]]] = field(default_factory=dict)  # (group, name) -> ...
 
     def task(self, spec: Any) -> Any:
         """The task a Data names: a registered name, or a task object used as it is."""
@@ -204,4 +205,43 @@ def load_plugins(disable: Iterable[str] = ()) -> Plugins:
         if plugin is not None:
             info.hooks = sorted(caller.name for caller in manager.get_hookcallers(plugin) or [])
             info.techniques = registry.by_plugin(info.name)
-    return Plugins(manager, registry, infos, tasks)
+    options = _register_options(manager, by_name, registry)
+    return Plugins(manager, registry, infos, tasks, options)
+
+
+RegisterOption = Callable[[str, str, dict[str, Any]], None]  # register(group, name, node)
+OPTION_GROUPS = ("model", "data")
+
+
+def _register_options(
+    manager: pluggy.PluginManager, by_name: dict[str, PluginInfo], registry: TechniqueRegistry
+) -> dict[tuple[str, str], tuple[str, dict[str, Any]]]:
+    """The model and data options of every plugin's ``register_options``; a plugin whose names clash is refused."""
+    from slimlab.config import CONFIG_DIR
+
+    options: dict[tuple[str, str], tuple[str, dict[str, Any]]] = {}
+    for impl in manager.hook.register_options.get_hookimpls():
+        if manager.get_plugin(impl.plugin_name) is None:
+            continue
+        offered: dict[tuple[str, str], tuple[str, dict[str, Any]]] = {}
+
+        def register(group: str, name: str, node: dict[str, Any], _offered=offered, _plugin=impl.plugin_name) -> None:
+            if group not in OPTION_GROUPS:
+                raise PluginError(f"plugin {_plugin!r} registers {group}={name}; groups: {', '.join(OPTION_GROUPS)}")
+            if not isinstance(node, dict) or not isinstance(node.get("_target_"), str):
+                raise PluginError(f"plugin {_plugin!r}: option {group}={name} needs a dict with a _target_")
+            owner = options.get((group, name), _offered.get((group, name), (None,)))[0]
+            if (CONFIG_DIR / group / f"{name}.yaml").exists():
+                owner = "slimlab's conf/"
+            if owner is not None:
+                raise PluginError(f"plugin {_plugin!r} registers {group}={name}, which {owner} already has")
+            _offered[(group, name)] = (_plugin, {"name": name, **node})
+
+        try:
+            impl.function(register=register)
+        except PluginError as error:
+            registry.remove_plugin(impl.plugin_name)
+            _refuse(manager, by_name[impl.plugin_name], str(error))
+            continue
+        options.update(offered)
+    return options

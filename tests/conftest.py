@@ -137,6 +137,39 @@ EXAMPLE_PLUGIN = """
     @hookimpl
     def on_run_error(error):
         CALLS.append(("on_run_error", str(error)))
+
+
+    @hookimpl
+    def register_options(register):  # a zoo: a model and a data option
+        lenet = {"_target_": "slimlab.models.LeNet", "conv1": 4, "conv2": 8, "hidden": 32, "num_classes": 10}
+        register("model", "example_lenet", {**lenet, "checkpoint": None, "pretrained": None})
+        register("data", "example_digits", {"_target_": "slimlab_example.digits_counting_errors", "seed": 0})
+
+
+    def digits_counting_errors(seed=0):
+        from slimlab.datasets import digits
+
+        data = digits(seed=seed)
+        data.task = "counted_classification"
+        return data
+
+
+    @hookimpl
+    def register_tasks(register):
+        from slimlab.tasks import Classification
+
+        class Counted(Classification):
+            \"\"\"Classification that also reports how many test rows are wrong.\"\"\"
+
+            name = "counted_classification"
+
+            def evaluate(self, batches):
+                batches = list(batches)
+                metrics = super().evaluate(batches)
+                wrong = sum(int((b.output.argmax(1) != b.target).sum()) for b in batches)
+                return {**metrics, "errors": float(wrong)}
+
+        register("counted_classification", Counted)
 """
 
 EXPLODE_PLUGIN = """

@@ -9,7 +9,7 @@ import pytest
 import slimlab.hookspecs as hookspecs
 from slimlab.config import compose
 from slimlab.plugin_manager import load_plugins
-from slimlab.runner import run
+from slimlab.runner import run, run_metrics
 
 
 def test_every_hook_documents_when_args_and_return():
@@ -41,3 +41,33 @@ def test_every_hook_is_called_in_a_run(with_plugins, overrides):
     assert slimlab_example.CALLS[-1] == ("on_run_error", "boom")
     # register_techniques ran for the example plugin, and evaluate() results are merged (test_runner checks them).
     assert "zero_small" in plugins.registry
+
+
+def test_a_plugin_ships_model_and_data_options_and_a_task(with_plugins, overrides):
+    plugins = load_plugins()
+    assert ("model", "example_lenet") in plugins.options and "counted_classification" in plugins.tasks
+    cfg = compose([*overrides, "model=example_lenet", "data=example_digits", "technique=[]", "tracking=none"], plugins)
+    primary, metrics = run_metrics(cfg, plugins)
+    assert primary == "accuracy" and metrics["params"] == 25 * 4 + 4 + 25 * 4 * 8 + 8 + 128 * 32 + 32 + 32 * 10 + 10
+    assert metrics["errors"] == round((1 - metrics["accuracy"]) * 450)  # the plugin's task's own metric
+    from slimlab.hydra_app import app_help
+
+    assert "example_lenet" in app_help([], plugins)
+
+
+def test_a_plugin_option_that_takes_a_builtin_name_is_refused(tmp_path, monkeypatch):
+    from tests.conftest import write_plugin
+
+    source = """
+from slimlab import hookimpl
+
+@hookimpl
+def register_options(register):
+    register("model", "lenet", {"_target_": "slimlab.models.MLP"})
+"""
+    site = write_plugin(tmp_path, "slimlab-copycat", "slimlab_copycat", source, {"copycat": "slimlab_copycat"})
+    monkeypatch.syspath_prepend(str(site))
+    (info,) = [i for i in load_plugins().infos if i.name == "copycat"]
+    assert info.status == "failed" and info.error == (
+        "plugin 'copycat' registers model=lenet, which slimlab's conf/ already has"
+    )

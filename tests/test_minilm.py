@@ -241,6 +241,18 @@ def test_tiny_minilm_run_logs_fidelity_not_accuracy(overrides, store, few, tmp_p
         again = torch.nn.functional.cosine_similarity(reloaded(**inputs), baseline(**inputs)).mean().item()
     assert again == pytest.approx(cosine, abs=1e-5)
 
+    # the MLflow model: torch.export'ed, taking the tokenizer's tensors positionally (input_ids, attention_mask)
+    import mlflow.pytorch
+
+    from slimlab.logged_model import using_tracking_uri
+
+    assert tags["slimlab.model_format"] == "pt2"
+    with using_tracking_uri(store):
+        logged = mlflow.pytorch.load_model(tags["slimlab.model_uri"])
+    with torch.inference_mode():
+        served = logged(inputs["input_ids"], inputs["attention_mask"])
+        assert torch.allclose(served, reloaded(**inputs), atol=1e-5)
+
 
 def test_embedding_baseline_is_the_pretrained_model_scored_afresh(overrides, store, few, cache_dir):
     """Its weights are the package's: a cache could serve old ones after an upgrade, so it is never cached."""

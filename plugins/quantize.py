@@ -166,6 +166,7 @@ def probe(backend: str, scheme: str, granularity: str, device: str = "cpu") -> s
                 return f"X86InductorQuantizer needs an x86 CPU, this is {machine}"
             if not torch.backends.mkldnn.is_available():
                 return "torch was built without oneDNN (mkldnn), which inductor's int8 CPU kernels use"
+            _import_torchao()  # quiets its CUDA-kernel load failures first
             from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import X86InductorQuantizer  # noqa: F401
     except Exception as error:  # the reason is the point: report whatever the library raised
         lines = str(error).strip().splitlines()

@@ -12,7 +12,7 @@ from typing import Any
 import pluggy
 
 from slimlab import API_VERSION, PROJECT, hookspecs
-from slimlab.errors import PluginError
+from slimlab.errors import ConfigError, PluginError
 from slimlab.registry import TechniqueRegistry
 
 DISABLE_ENV = "SLIMLAB_DISABLE_PLUGINS"  # comma-separated plugin names
@@ -51,11 +51,14 @@ class Plugins:
         if isinstance(spec, str):
             if spec not in self.tasks:
                 valid = ", ".join(sorted(self.tasks)) or "none"
-                raise ValueError(f"unknown task {spec!r}; registered tasks: {valid}")
+                raise ConfigError(f"the data's task {spec!r} is unknown; registered tasks: {valid}")
             task = self.tasks[spec][1]()
         else:
             task = spec
-        check_task(task)
+        try:
+            check_task(task)
+        except TypeError as error:
+            raise ConfigError(str(error)) from None
         return task
 
     @property

@@ -88,7 +88,11 @@ def _build_data(cfg: DictConfig):
 
     from slimlab.data import check_data
 
-    return check_data(instantiate({k: v for k, v in cfg.data.items() if k != "name"}), cfg.data.get("_target_"))
+    built = instantiate({k: v for k, v in cfg.data.items() if k != "name"})
+    try:
+        return check_data(built, cfg.data.get("_target_"))
+    except TypeError as error:  # the callable ran, but what it returned is not slimlab's Data: the user's input
+        raise ConfigError(str(error)) from None
 
 
 @dataclass(frozen=True)
@@ -166,7 +170,10 @@ def run_metrics(
     else:
         from slimlab.data import check_data
 
-        check_data(data, "(a Data object)")
+        try:
+            check_data(data, "(a Data object)")
+        except TypeError as error:
+            raise ConfigError(str(error)) from None
     task = plugins.task(data.task)
     hash_ = config_hash(cfg, RUN_KEYS)
     ctx = RunContext(

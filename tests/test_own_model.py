@@ -92,6 +92,12 @@ USER_DATA = """
         split = rows * 3 // 4
         test = Rows(features[split:], labels[split:])
         return Data(Rows(features[:split], labels[:split]), Stream(test) if iterable_test else test, "classification")
+
+
+    def blobs_for(task: str):
+        data = blobs()
+        data.task = task
+        return data
 """
 
 
@@ -272,7 +278,7 @@ def test_dict_batches_and_a_two_input_model_compress(user_dir, overrides, store,
 
 
 def test_a_data_callable_that_returns_something_else_is_named(user_dir, overrides):
-    with pytest.raises(TypeError, match=r"data._target_=slimlab.models.select_layers returned list"):
+    with pytest.raises(ConfigError, match=r"data._target_=slimlab.models.select_layers returned list"):
         run(compose([*overrides, "data._target_=slimlab.models.select_layers", "+data.total=3"]))
 
 
@@ -299,3 +305,11 @@ def test_a_sweep_resumes_only_while_the_code_is_unchanged(tmp_path, cache_dir):
     models = project / "user_models.py"
     models.write_text(models.read_text().replace("nn.ReLU()", "nn.Tanh()"))
     assert sweep() == "sweep: 2 finished, 0 failed, 0 skipped of 2 jobs"
+
+
+def test_an_unknown_task_is_bad_input_naming_the_registered_ones(user_dir, overrides):
+    cfg = compose([*overrides, "model._target_=user_models.TwoInputs", "data._target_=user_data.blobs_for",
+                   "+data.task=segmentation"])  # fmt: skip
+    with pytest.raises(ConfigError, match=r"the data's task 'segmentation' is unknown; registered tasks: "
+                       r"classification, embedding, language_modeling, regression"):  # fmt: skip
+        run(cfg)

@@ -313,3 +313,19 @@ def test_an_unknown_task_is_bad_input_naming_the_registered_ones(user_dir, overr
     with pytest.raises(ConfigError, match=r"the data's task 'segmentation' is unknown; registered tasks: "
                        r"classification, embedding, language_modeling, regression"):  # fmt: skip
         run(cfg)
+
+
+def test_a_torchvision_constructor_is_a_model(overrides, tmp_path):
+    """Where torchvision imports (its PyPI wheel does not beside torch 2.13's CPU build, NOTES.md)."""
+    pytest.importorskip("torchvision", reason="torchvision does not import beside this torch build")
+    from tests.test_data_options import write_images
+
+    write_images(tmp_path / "images", count=6)
+    cfg = compose(
+        [
+            *overrides, "model._target_=torchvision.models.resnet18", "+model.num_classes=2", "data=image_folder",
+            f"data.path={tmp_path / 'images'}", "technique=[prune]", "train.epochs=1",
+        ]
+    )  # fmt: skip
+    primary, metrics = run_metrics(cfg)
+    assert primary == "accuracy" and metrics["sparsity"] > 0.45

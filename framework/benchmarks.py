@@ -115,7 +115,7 @@ WORKLOADS: dict[str, Workload] = {
     ),
     "bench_memory": Workload(
         title="Evaluating a dataset larger than memory: peak resident memory",
-        anchor="the test split's size: 64 GiB on disk, about 3x this machine's free memory (free -g: 20 of 23 GiB)",
+        anchor="the test split's size: 16 and 64 GiB on disk, the larger 3x this machine's free memory (20 of 23 GiB)",
         source="slimlab issue 12 (target set by the project: bounded by a batch, not by the data)",
         targets={"peak_rss_mb": ("<=", 2048.0)},
         columns=("peak_rss_mb",),

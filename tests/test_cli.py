@@ -53,7 +53,7 @@ def test_help_lists_groups_and_every_technique_option(plugin_site, tmp_path):
     assert result.returncode == 0, result.stderr
     out = result.stdout
     for line in (
-        "model: big_model, huggingface, lenet, lenet_small, ",
+        "model: big_model, example_lenet, huggingface, lenet, lenet_small, linear, ",  # example_lenet: a plugin's
         "quickstart, seed_distillation",
         "tracking: mlflow, none",
     ):

@@ -65,9 +65,9 @@ from slimlab import hookimpl
 def register_options(register):
     register("model", "lenet", {"_target_": "slimlab.models.MLP"})
 """
-    site = write_plugin(tmp_path, "slimlab-copycat", "slimlab_copycat", source, {"copycat": "slimlab_copycat"})
+    site = write_plugin(tmp_path, "slimlab-zoo-clash", "slimlab_zoo_clash", source, {"zoo_clash": "slimlab_zoo_clash"})
     monkeypatch.syspath_prepend(str(site))
-    (info,) = [i for i in load_plugins().infos if i.name == "copycat"]
+    (info,) = [i for i in load_plugins().infos if i.name == "zoo_clash"]
     assert info.status == "failed" and info.error == (
-        "plugin 'copycat' registers model=lenet, which slimlab's conf/ already has"
+        "plugin 'zoo_clash' registers model=lenet, which slimlab's conf/ already has"
     )

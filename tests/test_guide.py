@@ -39,15 +39,17 @@ def test_following_the_guide_word_for_word(tmp_path):
     assert "sweep: 3 finished, 0 failed, 0 skipped of 3 jobs" in result.stdout
 
     runs = RUN_LINE.findall(result.stdout)
-    # runs.py printed twice: 5 runs (compress, distil, 3 sweep jobs), then those, the checkpoint's and the edited one
+    # runs.py printed twice: 5 runs (compress, distil, 3 sweep jobs), then those, the checkpoint's, the Hugging Face
+    # model's and the edited one
     first, second = runs[:5], runs[5:]
-    assert len(first) == 5 and len(second) == 7, result.stdout[-3000:]
+    assert len(first) == 5 and len(second) == 8, result.stdout[-3000:]
     assert all(status == "FINISHED" for status, *_ in second)
     origins = [origin for *_, origin in second]
-    assert origins == ["trained", "cached", "cached", "cached", "cached", "pretrained", "trained"], origins
+    assert origins == ["trained", "cached", "cached", "cached", "cached", "pretrained", "trained", "trained"], origins
     names = [name for _, name, *_ in second]
     assert names[1] == "cancer_net distill(tiny_net,T=4,a=0.5)" and names[5] == "cancer_net quantize(int8-wo)"
-    assert all(float(accuracy) > 0.85 for _, _, accuracy, *_ in second)  # honest numbers of a working model
+    assert names[6] == "huggingface quantize(int8-dyn)"  # fine-tuned first: a new head on MiniLM's encoder
+    assert all(float(accuracy) > 0.85 for _, _, accuracy, *_ in second)  # honest numbers of working models
 
     assert second[5][5] != second[0][5]  # the checkpoint's baseline is its own (its content is in the key)
     edited = second[-1]
@@ -59,6 +61,7 @@ def test_following_the_guide_word_for_word(tmp_path):
 
     client = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
     assert client.get_run(in_python[3]).info.run_name == "CancerNet prune(0.8)+quantize(int8-wo)"
+
     experiment = client.get_experiment_by_name("default")
     parents = client.search_runs([experiment.experiment_id], "tags.`slimlab.sweep` = 'parent'")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"

@@ -70,8 +70,9 @@ def plugins_command(args: list[str]) -> int:
         return EXIT_OK
     for info in plugins.infos:
         print(f"{info.name}  ({info.distribution} {info.version}, {info.value})  [{info.status}]")
-        if info.techniques:
-            print(f"    techniques: {', '.join(info.techniques)}")
+        for kind in ("techniques", "tasks", "options"):
+            if getattr(info, kind):
+                print(f"    {kind}: {', '.join(getattr(info, kind))}")
         if info.hooks:
             print(f"    hooks: {', '.join(info.hooks)}")
         if info.error:

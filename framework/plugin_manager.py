@@ -29,6 +29,8 @@ class PluginInfo:
     version: str
     value: str
     techniques: list[str] = field(default_factory=list)
+    tasks: list[str] = field(default_factory=list)
+    options: list[str] = field(default_factory=list)  # "model=NAME", "data=NAME"
     hooks: list[str] = field(default_factory=list)
     status: str = "loaded"  # loaded | disabled | failed
     error: str | None = None
@@ -209,6 +211,15 @@ def load_plugins(disable: Iterable[str] = ()) -> Plugins:
             info.hooks = sorted(caller.name for caller in manager.get_hookcallers(plugin) or [])
             info.techniques = registry.by_plugin(info.name)
     options = _register_options(manager, by_name, registry)
+    tasks = {name: entry for name, entry in tasks.items() if manager.get_plugin(entry[0]) is not None}
+    for info in infos:
+        if manager.get_plugin(info.name) is None:  # refused while registering options
+            info.techniques = []
+            continue
+        info.tasks = sorted(name for name, (plugin, _) in tasks.items() if plugin == info.name)
+        info.options = sorted(
+            f"{group}={name}" for (group, name), (plugin, _) in options.items() if plugin == info.name
+        )
     return Plugins(manager, registry, infos, tasks, options)
 
 

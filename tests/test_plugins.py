@@ -149,6 +149,9 @@ def test_plugins_json_lists_builtins_and_third_party(plugin_site, tmp_path):
     assert all(listed[name]["distribution"] == "slimlab" for name in BUILT_INS)
     assert listed["example"]["distribution"] == "slimlab-example"
     assert listed["example"]["techniques"] == ["zero_small"]
+    assert listed["example"]["tasks"] == ["counted_classification"]
+    assert listed["example"]["options"] == ["data=example_digits", "model=example_lenet"]
+    assert listed["tasks"]["tasks"] == ["classification", "embedding", "language_modeling", "regression"]
 
 
 def test_help_and_plugins_do_not_import_torch_or_mlflow():

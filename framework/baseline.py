@@ -24,6 +24,7 @@ from torch import nn
 
 from slimlab.artifact import load_state, save_model
 from slimlab.data import Data
+from slimlab.errors import ConfigError
 from slimlab.identity import digest, fingerprint
 from slimlab.measure import count_parameters
 from slimlab.training import score_baseline, train
@@ -167,6 +168,12 @@ def get_baseline(
     start = time.perf_counter()
     model = build_model(cfg.model)
     log.info("baseline: %s built in %.1f s", cfg.model.get("name", "model"), time.perf_counter() - start)
+    new = getattr(model, "slimlab_new_weights", None)
+    if not trains and task.labelled and new:  # a random head scored as a baseline would be a number about nothing
+        raise ConfigError(
+            f"model {cfg.model.get('name', 'model')}: {', '.join(new[:4])} are not in its weights (initialised at "
+            "random); train them first with train.fine_tune_pretrained=true"
+        )
     if not trains:
         why = f"task {task.name} has no labels" if not task.labelled else "the model comes with weights"
         log.info("baseline: %s: the baseline as it is, scored afresh (train.fine_tune_pretrained=true trains it)", why)

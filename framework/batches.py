@@ -3,13 +3,14 @@
 A data loader yields batches in one of three shapes (the conventions of torchvision and Hugging Face):
 
 - ``(inputs, target)``: a tuple or list of two; ``inputs`` is one of the input forms below;
-- a dict: keyword inputs, with the target under ``"labels"`` if the batch has one (Hugging Face);
-- a tensor: inputs without a target.
+- a dict: keyword inputs, with the target under ``"labels"`` (what Hugging Face models take) or ``"label"``
+  (the usual column of a Hugging Face dataset) if the batch has one;
+- a tensor, or a tuple of one (``TensorDataset(x)``): inputs without a target.
 
 Inputs are a tensor (``model(x)``), a tuple or list of tensors (``model(*x)``: several positional inputs,
 e.g. ``forward(input_ids, attention_mask)``) or a dict of tensors (``model(**x)``). A model's output is a
-tensor, or what Hugging Face models return: an object or dict with ``logits``, or a tuple whose first
-element is the output.
+tensor, or what Hugging Face models return: an object or dict with ``logits`` (a head) or
+``last_hidden_state`` (a bare encoder), or a tuple whose first element is the output.
 """
 
 from __future__ import annotations
@@ -22,14 +23,20 @@ from torch import nn
 
 Inputs = Any  # torch.Tensor | tuple[torch.Tensor, ...] | list[torch.Tensor] | dict[str, torch.Tensor]
 TARGET_KEY = "labels"  # the target's key in a dict batch (Hugging Face's convention)
+TARGET_KEYS = (TARGET_KEY, "label")  # "label": the column name Hugging Face datasets use
 
 
 def split(batch: Any) -> tuple[Inputs, torch.Tensor | None]:
     """``(inputs, target)`` of a batch; the target is None when the batch has none."""
     if isinstance(batch, Mapping):
-        inputs = {k: v for k, v in batch.items() if k != TARGET_KEY}
-        return inputs, batch.get(TARGET_KEY)
+        keys = [key for key in TARGET_KEYS if key in batch]
+        if len(keys) > 1:
+            raise TypeError(f"a dict batch has both {' and '.join(keys)}: which is the target?")
+        inputs = {k: v for k, v in batch.items() if k not in TARGET_KEYS}
+        return inputs, batch[keys[0]] if keys else None
     if isinstance(batch, tuple | list):
+        if len(batch) == 1:  # TensorDataset(x): inputs alone
+            return batch[0], None
         if len(batch) != 2:
             raise TypeError(
                 f"a batch given as a tuple or list must be (inputs, target); got {len(batch)} elements. "
@@ -128,9 +135,10 @@ def output_tensor(output: Any) -> torch.Tensor:
     """The tensor a model's output stands for: itself, its ``logits`` (Hugging Face), or its first element."""
     if isinstance(output, torch.Tensor):
         return output
-    logits = output.get("logits") if isinstance(output, Mapping) else getattr(output, "logits", None)
-    if isinstance(logits, torch.Tensor):
-        return logits
+    for name in ("logits", "last_hidden_state"):
+        found = output.get(name) if isinstance(output, Mapping) else getattr(output, name, None)
+        if isinstance(found, torch.Tensor):
+            return found
     if isinstance(output, tuple | list) and output and isinstance(output[0], torch.Tensor):
         return output[0]
     raise TypeError(

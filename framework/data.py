@@ -79,31 +79,45 @@ class Data:
         return cls(TensorRows(train_inputs, train_targets), TensorRows(test_inputs, test_targets), task, name)
 
 
+def _is_hugging_face(split: Any) -> bool:
+    """A Hugging Face ``datasets`` Dataset or IterableDataset (no torch Dataset subclass)."""
+    return type(split).__module__.startswith("datasets.") and hasattr(split, "with_format")
+
+
 def _is_dataset(split: Any) -> bool:
-    """A map-style or iterable torch Dataset, or anything indexable with a length that is not a list of batches
-    (a Hugging Face ``datasets.Dataset``, which is no torch Dataset subclass)."""
+    """A map-style or iterable torch Dataset, a Hugging Face dataset, or anything indexable with a length that is
+    not a list of batches."""
     if isinstance(split, DataLoader | list | tuple):
         return False
-    return isinstance(split, Dataset) or (hasattr(split, "__getitem__") and hasattr(split, "__len__"))
+    if isinstance(split, Dataset) or _is_hugging_face(split):
+        return True
+    return hasattr(split, "__getitem__") and hasattr(split, "__len__")
 
 
 def loader(split: Any, batch_size: int, *, shuffle: bool = False, seed: int = 0) -> Iterable[Any]:
-    """Batches of one split: a Dataset batched here (shuffled with ``seed`` if asked), anything else as it is."""
+    """Batches of one split: a Dataset batched here (shuffled with ``seed`` if asked), anything else as it is.
+
+    Training (``shuffle``) leaves out a last batch of a single row, which batch normalisation cannot train on.
+    """
     if not _is_dataset(split):
         if not isinstance(split, Iterable):
             raise TypeError(f"a data split must be a torch Dataset or an iterable of batches; got {type(split)}")
         return split
-    if isinstance(split, IterableDataset):  # its own order: nothing to shuffle or index
+    if _is_hugging_face(split):  # rows of tensors, not of Python lists that collate per position
+        split = split.with_format("torch")
+    if isinstance(split, IterableDataset) or not hasattr(split, "__len__"):  # its own order: nothing to shuffle
         return DataLoader(split, batch_size=batch_size)
     generator = torch.Generator().manual_seed(seed)
     sampler = RandomSampler(split, generator=generator) if shuffle else SequentialSampler(split)
+    drop_last = shuffle and len(split) % batch_size == 1 and len(split) > 1
     if isinstance(split, TensorRows):  # a whole batch per index list: slicing, not row-by-row collation
-        return DataLoader(split, sampler=BatchSampler(sampler, batch_size, drop_last=False), batch_size=None)
-    return DataLoader(split, batch_size=batch_size, sampler=sampler)
+        return DataLoader(split, sampler=BatchSampler(sampler, batch_size, drop_last=drop_last), batch_size=None)
+    return DataLoader(split, batch_size=batch_size, sampler=sampler, drop_last=drop_last)
 
 
 def check_data(data: Any, target: str) -> Data:
-    """``data`` if it is a :class:`Data`; a TypeError naming the callable otherwise."""
+    """``data`` if it is a :class:`Data` slimlab can iterate as often as it needs, in a fixed test order; a
+    TypeError naming the callable and what is wrong otherwise."""
     if not isinstance(data, Data):
         raise TypeError(
             f"data._target_={target} returned {type(data).__name__}; a data callable must return "
@@ -113,6 +127,16 @@ def check_data(data: Any, target: str) -> Data:
         value = getattr(data, split)
         if not (_is_dataset(value) or isinstance(value, Iterable)):
             raise TypeError(f"data._target_={target}: Data.{split} must be a torch Dataset or an iterable of batches")
+        if not _is_dataset(value) and iter(value) is value:  # a generator: the first epoch would use it up
+            raise TypeError(
+                f"data._target_={target}: Data.{split} is a one-shot iterator ({type(value).__name__}); slimlab "
+                "iterates a split once per epoch and per evaluation: give a Dataset, a DataLoader or a list"
+            )
+    if isinstance(data.test, DataLoader) and isinstance(data.test.sampler, RandomSampler):
+        raise TypeError(
+            f"data._target_={target}: the test DataLoader shuffles; every model is compared with the baseline "
+            "batch by batch, so the test split must come in the same order each time (shuffle=False)"
+        )
     return data
 
 

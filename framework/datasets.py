@@ -213,7 +213,10 @@ def table(
             encoded = tokenize(rows[text], padding="max_length", truncation=True, max_length=max_length)
             return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
 
-        prepared = loaded.map(encode, batched=True).rename_column(label, "labels")
+        prepared = loaded.map(encode, batched=True)
+        if label != "labels":
+            prepared = prepared.rename_column(label, "labels")
+        prepared = prepared.cast_column("labels", _value_type(label_type))
         keep = ["input_ids", "attention_mask", "labels"]
         prepared = prepared.select_columns(keep).with_format("torch")
         return Data(prepared["train"], prepared["test"], task, Path(path).stem)

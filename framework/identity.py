@@ -5,9 +5,11 @@ The baseline cache and sweep resume key on these, so that editing a model's code
 overwriting a checkpoint at the same path is never answered with a stale result:
 
 - code: the module of every ``_target_`` in the model and data configs. Code installed in site-packages (a
-  library: torch, transformers, a plugin's wheel) counts by its distribution's name and version; local code
-  (the user's own files, an editable checkout) by the content of its source files: every ``.py`` file of
-  its top-level package, or for a top-level module, every ``.py`` file beside it.
+  library: torch, transformers, a plugin's wheel) counts by its distribution's name, version and RECORD (the
+  sha256 of each installed file); local code (the user's own files, an editable checkout) by the content of
+  its source files: every ``.py`` file of its top-level package, or for a top-level module every ``.py`` file
+  beside it, and every local module it reaches through its imports (a helper package in another folder;
+  reached through the classes and functions it imports, or the module itself, not through a bare constant).
 - files: every config value that names an existing file or directory. A file counts by its content
   (``sha256``) up to ``HASHED_FILE_LIMIT`` bytes, above that by size and modification time; a directory by
   the relative path, size and modification time of each file in it. ``model.checkpoint`` always counts by
@@ -26,6 +28,7 @@ import sysconfig
 from collections.abc import Iterable
 from importlib import metadata
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 HASHED_FILE_LIMIT = 256 * 2**20  # files above this count by size and mtime: hashing a dataset per run is too slow
@@ -72,8 +75,40 @@ def _distributions() -> dict[str, list[str]]:
 
 
 def _distribution_versions(top_level: str) -> list[str]:
-    names = _distributions().get(top_level, [])
-    return sorted(f"{name}=={metadata.version(name)}" for name in names)
+    """``name==version record-sha`` of the distributions that install ``top_level``: the RECORD file lists every
+    installed file's sha256, so reinstalling changed code under the same version changes it too."""
+    found = []
+    for name in _distributions().get(top_level, []):
+        record = metadata.distribution(name).read_text("RECORD") or ""
+        found.append(f"{name}=={metadata.version(name)} {hashlib.sha256(record.encode()).hexdigest()[:12]}")
+    return sorted(found)
+
+
+def _local_modules(module_name: str) -> list[Path]:
+    """The source files of the local (not installed) modules that ``module_name`` reaches through its globals:
+    what it imports, and what those import, so a helper module in another folder counts too."""
+    try:
+        root = importlib.import_module(module_name)
+    except Exception:  # not importable here: the plan reports it; the identity keeps what it has
+        return []
+    seen: dict[str, Path] = {}
+    stack = [root]
+    while stack:
+        module = stack.pop()
+        for value in list(vars(module).values()):
+            if isinstance(value, ModuleType):
+                found = value
+            else:
+                try:
+                    found = sys.modules.get(getattr(value, "__module__", None) or "")
+                except Exception:  # an object whose attributes raise
+                    continue
+            file = getattr(found, "__file__", None) if found is not None else None
+            if not file or found.__name__ in seen or _is_installed(Path(file)) or not file.endswith(".py"):
+                continue
+            seen[found.__name__] = Path(file)
+            stack.append(found)
+    return list(seen.values())
 
 
 def module_digest(module_name: str) -> str:
@@ -99,10 +134,11 @@ def module_digest(module_name: str) -> str:
         versions = _distribution_versions(top_level)
         if versions:
             return f"{top_level}: {', '.join(versions)}"
+    files = sorted({*files, *_local_modules(module_name)})
     digest = hashlib.sha256()
     for file in files:
         if "__pycache__" not in file.parts:
-            digest.update(str(file.name).encode() + b"\0" + file.read_bytes())
+            digest.update(str(file).encode() + b"\0" + file.read_bytes())
     return f"{top_level}: source {digest.hexdigest()[:16]}"
 
 

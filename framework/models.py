@@ -137,7 +137,8 @@ class SentenceEmbedding(nn.Module):
 
 def load_pretrained(path: str, auto_class: str = "AutoModelForSequenceClassification", **kwargs) -> nn.Module:
     """A Hugging Face model from a local directory with ``transformers.<auto_class>.from_pretrained``, never
-    from the hub, in float32 unless ``dtype`` says otherwise, without transformers' load report."""
+    from the hub, in float32 unless ``dtype`` says otherwise, without transformers' load report. The names of the
+    weights the directory does not hold (a new head, initialised at random) are ``model.slimlab_new_weights``."""
     from slimlab.datasets import offline
 
     offline()
@@ -154,7 +155,12 @@ def load_pretrained(path: str, auto_class: str = "AutoModelForSequenceClassifica
     transformers.logging.set_verbosity_error()  # the load report lists weights a head leaves out
     transformers.utils.logging.disable_progress_bar()
     try:
-        return factory.from_pretrained(str(Path(path).expanduser()), local_files_only=True, **kwargs).eval()
+        model, info = factory.from_pretrained(
+            str(Path(path).expanduser()), local_files_only=True, output_loading_info=True, **kwargs
+        )
+        # Weights the directory does not hold (a new head) start at random: the baseline must not be taken as is.
+        model.slimlab_new_weights = sorted(info.get("missing_keys") or [])
+        return model.eval()
     finally:
         transformers.logging.set_verbosity(verbosity)
         if progress:

@@ -95,24 +95,37 @@ class Classification(Task):
 
     def evaluate(self, batches: Iterable[Scored]) -> dict[str, float]:
         total = correct = top = agree = compared = 0
-        classes = 0
+        ranked = False
         for batch in batches:
-            predicted = batch.output.argmax(dim=1)
-            total += batch.target.numel()
-            correct += int((predicted == batch.target).sum())
-            classes = batch.output.shape[1]
-            if classes > self.top_k:
-                best = batch.output.topk(self.top_k, dim=1).indices
-                top += int((best == batch.target.unsqueeze(1)).any(dim=1).sum())
+            output, target = batch.output, batch.target
+            if output.dim() < 2 or output.shape[1] < 2:
+                raise ValueError(
+                    f"classification needs outputs of [batch, classes >= 2, ...], got {tuple(output.shape)} "
+                    "(a one-output binary model: return two logits, or use the regression task)"
+                )
+            if tuple(target.shape) != tuple(output.shape[:1]) + tuple(output.shape[2:]):
+                raise ValueError(
+                    f"classification targets of shape {tuple(target.shape)} do not fit outputs of shape "
+                    f"{tuple(output.shape)}: give one class index per row (e.g. y.reshape(-1), not [batch, 1])"
+                )
+            counted = target != IGNORE  # like the loss, -100 marks a position that does not count
+            predicted = output.argmax(dim=1)
+            total += int(counted.sum())
+            correct += int((predicted == target)[counted].sum())
+            classes = output.shape[1]
+            if classes > self.top_k and output.dim() == 2:
+                ranked = True
+                best = output.topk(self.top_k, dim=1).indices
+                top += int((best == target.unsqueeze(1)).any(dim=1)[counted].sum())
             if batch.reference is not None:
-                agree += int((predicted == batch.reference).sum())
-                compared += batch.target.numel()
+                agree += int((predicted == batch.reference)[counted].sum())
+                compared += int(counted.sum())
         if not total:
             raise ValueError("the test split is empty")
         metrics = {"accuracy": correct / total}
         if compared == total:  # every batch had the baseline's predictions to compare with
             metrics["agreement"] = agree / total
-        if classes > self.top_k:
+        if ranked:
             metrics[f"top{self.top_k}_accuracy"] = top / total
         return metrics
 
@@ -230,7 +243,7 @@ class LanguageModeling(Task):
         import torch
         import torch.nn.functional as F
 
-        tokens, nll, correct, agree = 0, 0.0, 0, 0
+        tokens, nll, correct, agree, compared = 0, 0.0, 0, 0, 0
         for batch in batches:
             logits, labels = self._shifted(batch.output, batch.target)
             counted = labels != IGNORE
@@ -240,15 +253,18 @@ class LanguageModeling(Task):
             correct += int((predicted == labels)[counted].sum())
             if batch.reference is not None:
                 agree += int((predicted == batch.reference.reshape(-1))[counted].sum())
+                compared += int(counted.sum())
         if not tokens:
             raise ValueError("the test split has no token to predict")
         mean_nll = nll / tokens
-        return {
+        metrics = {
             "perplexity": float(torch.tensor(mean_nll).exp()),
             "nll": mean_nll,
             "next_token_accuracy": correct / tokens,
-            "token_agreement": agree / tokens,
         }
+        if compared == tokens:  # every batch had the baseline's predictions to compare with
+            metrics["token_agreement"] = agree / tokens
+        return metrics
 
 
 RegisterTask = Callable[[str, Callable[..., Any]], None]  # register(name, factory): factory() -> a task

@@ -3,7 +3,9 @@ techniques that fine-tune. Every split is streamed batch by batch: nothing holds
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -68,44 +70,73 @@ def test_split(data: Data, batch_size: int) -> Any:
     return loader(data.test, batch_size)
 
 
+@dataclass(frozen=True)
+class Reference:
+    """What the baseline left for one test batch: the task's reference, and which rows the batch held."""
+
+    rows: int
+    checksum: float  # the float64 sum of every input tensor of the batch
+    value: Any
+
+
+def _order(inputs: Any) -> tuple[int, float]:
+    return batches.rows(inputs), sum(float(t.sum(dtype=torch.float64)) for t in batches._tensors(inputs))
+
+
 @torch.inference_mode()
-def outputs(model: nn.Module, data: Data, device: str = "cpu", batch_size: int = 512) -> Iterator[tuple[Any, Any]]:
-    """``(output, target)`` of every test batch, on the CPU, outputs in float32."""
+def _outputs(model: nn.Module, data: Data, device: str, batch_size: int) -> Iterator[tuple[Any, Any, tuple]]:
     model.eval()
     for inputs, target in iterate(test_split(data, batch_size), device):
         output = batches.call(model, inputs).float().cpu()
-        yield output, None if target is None else target.cpu()
+        yield output, None if target is None else target.cpu(), _order(inputs)
 
 
-def _scored(stream, references: list[Any], task: Any) -> Iterator[Scored]:
-    for index, (output, target) in enumerate(stream):
-        if references and index >= len(references):
-            raise ValueError("the test split yielded more batches than when the baseline was scored")
+def outputs(model: nn.Module, data: Data, device: str = "cpu", batch_size: int = 512) -> Iterator[tuple[Any, Any]]:
+    """``(output, target)`` of every test batch, on the CPU, outputs in float32."""
+    for output, target, _ in _outputs(model, data, device, batch_size):
+        yield output, target
+
+
+def _scored(stream, references: list[Reference], task: Any) -> Iterator[Scored]:
+    seen = 0
+    for index, (output, target, (rows, checksum)) in enumerate(stream):
+        seen = index + 1
         if not references and not task.labelled:
             raise ValueError(f"task {task.name} compares with the baseline's outputs, and none were recorded")
-        reference = references[index] if references else None
+        reference = None
+        if references:
+            recorded = references[index] if index < len(references) else None
+            if recorded is None or recorded.rows != rows or not math.isclose(recorded.checksum, checksum, rel_tol=1e-9):
+                raise ValueError(
+                    f"test batch {index} holds other rows than when the baseline was scored: every model is compared "
+                    "with the baseline batch by batch, so the test split must come in the same order each time "
+                    "(do not shuffle it; an IterableDataset must yield its rows in a fixed order)"
+                )
+            reference = recorded.value
         if task.labelled and target is None:
             raise ValueError(f"task {task.name} is scored against targets, but a test batch has none")
         yield Scored(output, target if task.labelled else reference, reference)
+    if references and seen != len(references):
+        raise ValueError(f"the test split yielded {seen} batches, {len(references)} when the baseline was scored")
 
 
 def evaluate(
-    model: nn.Module, data: Data, task: Any, references: list[Any], device: str = "cpu", batch_size: int = 512
+    model: nn.Module, data: Data, task: Any, references: list[Reference], device: str = "cpu", batch_size: int = 512
 ) -> dict[str, float]:
     """Every metric of ``task`` on the test split; ``references`` are the baseline's, per batch."""
-    return task.evaluate(_scored(outputs(model, data, device, batch_size), references, task))
+    return task.evaluate(_scored(_outputs(model, data, device, batch_size), references, task))
 
 
 def score_baseline(
     model: nn.Module, data: Data, task: Any, device: str = "cpu", batch_size: int = 512
-) -> tuple[dict[str, float], list[Any]]:
+) -> tuple[dict[str, float], list[Reference]]:
     """The baseline's metrics (its own reference: agreement 1, cosine 1) and its references, in one pass."""
-    references: list[Any] = []
+    references: list[Reference] = []
 
     def stream() -> Iterator[Scored]:
-        for output, target in outputs(model, data, device, batch_size):
+        for output, target, (rows, checksum) in _outputs(model, data, device, batch_size):
             reference = task.reference(output)
-            references.append(reference)
+            references.append(Reference(rows, checksum, reference))
             yield Scored(output, target if task.labelled else reference, reference)
 
     metrics = task.evaluate(stream())

@@ -74,6 +74,10 @@ def test_compress_without_tracking_and_with_a_fine_tuned_baseline(notebook, tmp_
     )
     assert result.run_id is None and not (tmp_path / "mlflow.db").exists()
     assert result.metrics["accuracy_drop"] == 0.0  # no technique: the (fine-tuned) baseline itself
+    as_given = slimlab.compress(model, data, [], tracking=False, measure={"repeats": 5})
+    # one more epoch moved the weights: the fine-tuned baseline is not the model as given
+    assert not torch.equal(result.model.layers[1].weight, model.layers[1].weight)
+    assert torch.equal(as_given.model.layers[1].weight, model.layers[1].weight)
 
 
 @pytest.mark.parametrize(

@@ -201,6 +201,14 @@ def test_overwriting_a_checkpoint_builds_a_new_baseline(user_dir, overrides, sto
     assert scores[0] != scores[1]
     first, second = baseline_tag(store)
     assert first.split()[0] != second.split()[0] and second.endswith("(pretrained)")  # another key, not cached
+    # Fine-tuned from the checkpoint, a baseline is cached: the checkpoint's content keys it, not its path.
+    tuned = [*args, "train.fine_tune_pretrained=true"]
+    run(compose(tuned))
+    torch.manual_seed(2)
+    torch.save(LogitsMLP().state_dict(), checkpoint)
+    run(compose(tuned))
+    run(compose(tuned))
+    assert [tag.split()[1] for tag in baseline_tag(store)[2:]] == ["(trained)", "(trained)", "(cached)"]
 
 
 def test_a_cache_entry_of_other_shapes_is_set_aside_not_reshaped(overrides, cache_dir, tmp_path, caplog):
@@ -329,3 +337,24 @@ def test_a_torchvision_constructor_is_a_model(overrides, tmp_path):
     )  # fmt: skip
     primary, metrics = run_metrics(cfg)
     assert primary == "accuracy" and metrics["sparsity"] > 0.45
+
+
+def test_a_helper_module_in_another_folder_is_part_of_the_identity(tmp_path, monkeypatch):
+    """nets.py imports helpers/blocks.py: editing the helper changes the baseline's identity."""
+    from slimlab.identity import fingerprint
+
+    (tmp_path / "helpers").mkdir()
+    (tmp_path / "helpers" / "__init__.py").write_text("")
+    block = "from torch import nn\n\n\nclass Block(nn.Linear):\n    def __init__(self):\n"
+    block += "        super().__init__({}, 2)\n"
+    (tmp_path / "helpers" / "blocks.py").write_text(block.format(8))
+    (tmp_path / "project").mkdir()
+    (tmp_path / "project" / "nets_with_helper.py").write_text(
+        "from helpers.blocks import Block\n\n\ndef net():\n    return Block()\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.syspath_prepend(str(tmp_path / "project"))
+    node = {"model": {"_target_": "nets_with_helper.net"}, "data": {}}
+    before = fingerprint(node)["code"]
+    (tmp_path / "helpers" / "blocks.py").write_text(block.format(16))
+    assert fingerprint(node)["code"] != before

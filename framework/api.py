@@ -78,13 +78,15 @@ def compress(
     unknown = [name for name in techniques if name not in plugins.registry]
     if unknown:
         raise ConfigError(f"unknown technique(s) {unknown}; registered: {', '.join(plugins.registry.names())}")
-    overrides = [f"technique=[{','.join(techniques)}]", f"experiment_name={experiment_name}"]
+    overrides = [f"technique=[{','.join(techniques)}]"]
     if tracking is False:
         overrides.append("tracking=none")
-    elif isinstance(tracking, str):
-        overrides.append(f"tracking.uri={tracking}")
     cfg = compose(overrides, plugins)
-    _apply(cfg, options, set(techniques))
+    # values set on the composed config, not as override strings: a path or a name may hold any character
+    settings: dict[str, Any] = {"experiment_name": experiment_name, **options}
+    if isinstance(tracking, str):
+        settings["tracking"] = {**settings.get("tracking", {}), "uri": tracking}
+    _apply(cfg, settings, set(techniques))
     cls = type(model)
     placeholder = {"name": cls.__name__, "_target_": f"{cls.__module__}.{cls.__qualname__}", "pretrained": True}
     with open_dict(cfg):

@@ -47,7 +47,8 @@ def test_compress_a_model_object_and_log_it(notebook, tmp_path, monkeypatch):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with torch.inference_mode():
         expected = (model(data.test.inputs).argmax(1) == data.test.targets).float().mean().item()
-    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    (tmp_path / "my runs").mkdir()
+    store = f"sqlite:///{tmp_path / 'my runs' / 'mlflow.db'}"  # any character in a path
 
     result = slimlab.compress(
         model, data, ["prune"], prune={"amount": 0.5}, measure={"repeats": 5, "warmup": 1}, tracking=store

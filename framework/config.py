@@ -131,9 +131,30 @@ def finish_composition(cfg: DictConfig, announce: bool = True) -> DictConfig:
 
     use_search_path(cfg.hydra.runtime.config_sources)
     overrides = list(cfg.hydra.overrides.task)
+    refuse_repeated_techniques(overrides)
     with open_dict(cfg):
         del cfg["hydra"]
     return retarget_model(cfg, overrides, announce=announce)
+
+
+def refuse_repeated_techniques(overrides: Iterable[str]) -> None:
+    """``technique=[prune,prune]``: Hydra's defaults list would keep one of them, so a stage would be lost."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from slimlab.errors import ConfigError
+
+    for override in OverridesParser.create().parse_overrides(
+        [line for line in overrides if line.lstrip("+~").startswith("technique=")]
+    ):
+        value = override.value()
+        if isinstance(value, list):
+            repeated = sorted({str(name) for name in value if value.count(name) > 1})
+            if repeated:
+                raise ConfigError(
+                    f"technique={override.get_value_element_as_str()}: {', '.join(repeated)} appears more than once; "
+                    "a pipeline runs each technique once (for prune -> fine-tune -> prune, use "
+                    "technique.prune.schedule=gradual)"
+                )
 
 
 # --- The config search path: slimlab's conf/, then the user's directories --------------------------------------

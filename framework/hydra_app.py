@@ -13,6 +13,7 @@ from slimlab.config import (
     config_groups,
     env_config_dirs,
     group_options,
+    refuse_repeated_techniques,
     register_configs,
     retarget_model,
     source_uris,
@@ -78,6 +79,7 @@ def launch(args: list[str], disable: list[str]) -> int:
         try:
             job = HydraConfig.get()
             use_search_path(job.runtime.config_sources)  # model options etc. are looked up where Hydra looked
+            refuse_repeated_techniques(job.overrides.task)
             retarget_model(cfg, job.overrides.task)
             if in_sweep and cfg.resume and cfg.tracking.backend == "mlflow":
                 done = sweep.finished_run(cfg, run_key(cfg, plugins))

@@ -113,6 +113,7 @@ def plan(cfg: DictConfig, plugins: Plugins, host: bool = True, given: Iterable[s
     """
     from slimlab.artifact import CODECS
 
+    check_values(cfg)
     steps = plugins.registry.pipeline(cfg, disabled=cfg.plugins.disable, probe=host)
     if cfg.artifact.codec not in CODECS:
         raise ConfigError(f"unknown artifact.codec {cfg.artifact.codec!r}; valid: {', '.join(CODECS)}")
@@ -127,6 +128,50 @@ def plan(cfg: DictConfig, plugins: Plugins, host: bool = True, given: Iterable[s
         raise ConfigError(f"model.checkpoint={checkpoint}: no such file")
     left_out = frozenset(cfg.plugins.disable) | {p for b, p in TRACKING_PLUGINS.items() if b != backend}
     return Plan(steps, resolve_device(cfg.device.name) if host else cfg.device.name, left_out)
+
+
+# (key, lowest valid value, what it is): a value below is refused before any work
+LOWER_BOUNDS = (
+    ("train.epochs", 0, "epochs of baseline training"),
+    ("train.batch_size", 1, "rows per training batch"),
+    ("measure.batch_size", 1, "rows per timed batch"),
+    ("measure.eval_batch_size", 1, "rows per scoring batch"),
+    ("measure.warmup", 0, "untimed calls before timing"),
+    ("measure.repeats", 5, "timed calls per model"),
+    ("measure.threads", 1, "threads while timing"),
+    ("seed", 0, "the seed"),
+)
+
+
+def check_values(cfg: DictConfig) -> None:
+    """Keys the schemas do not have (``+foo=1``, ``+technique.prune.amout=0.3``) and values out of range."""
+    import dataclasses
+
+    from omegaconf import OmegaConf
+
+    from slimlab.config import SlimlabConfig
+
+    known = {field.name for field in dataclasses.fields(SlimlabConfig)}
+    unknown = sorted(set(cfg.keys()) - known)
+    if unknown:
+        raise ConfigError(f"unknown key(s) {', '.join(unknown)}; the top-level keys are {', '.join(sorted(known))}")
+    for name, node in (cfg.get("technique") or {}).items():
+        schema = OmegaConf.get_type(node) if OmegaConf.is_config(node) else None
+        if schema is not None and dataclasses.is_dataclass(schema):
+            fields = {field.name for field in dataclasses.fields(schema)}
+            extra = sorted(set(node.keys()) - fields)
+            if extra:
+                raise ConfigError(
+                    f"technique.{name} has no option {', '.join(extra)}; its options: {', '.join(sorted(fields))}"
+                )
+    for key, lowest, what in LOWER_BOUNDS:
+        value = OmegaConf.select(cfg, key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < lowest:
+            raise ConfigError(f"{key}={value!r}: {what} must be an integer >= {lowest}")
+    if not cfg.train.lr > 0:
+        raise ConfigError(f"train.lr={cfg.train.lr!r}: the learning rate must be > 0")
+    if not str(cfg.experiment_name or "").strip():
+        raise ConfigError("experiment_name is empty; name the MLflow experiment the runs go to")
 
 
 def _check_target(group: str, target: object) -> None:

@@ -25,6 +25,16 @@ BAD_INPUT = [
     (["technique=[quantize,prune]"], "'prune' cannot follow 'quantize'"),
     (["plugins.disable=[prune]"], "(disabled plugins: prune)"),
     (["artifact.codec=zip"], "unknown artifact.codec 'zip'; valid: none, lzma"),
+    # with +, the prefix the README teaches for keys a yaml lacks: refused too, not ignored
+    (["+technique.prune.amout=0.3", "technique=[prune]"], "technique.prune has no option amout; its options: amount,"),
+    (["+foo=1"], "unknown key(s) foo; the top-level keys are artifact, cache_dir,"),
+    (["measure.batch_size=0"], "measure.batch_size=0: rows per timed batch must be an integer >= 1"),
+    (["measure.repeats=0"], "measure.repeats=0: timed calls per model must be an integer >= 5"),
+    (["train.epochs=-1"], "train.epochs=-1: epochs of baseline training must be an integer >= 0"),
+    (["train.lr=-1"], "train.lr=-1.0: the learning rate must be > 0"),
+    (["seed=-1"], "seed=-1: the seed must be an integer >= 0"),
+    (["experiment_name="], "experiment_name is empty"),
+    (["technique=[prune,distill,prune]"], "technique=[prune,distill,prune]: prune appears more than once"),
 ]
 
 

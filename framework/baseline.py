@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from slimlab.artifact import load_state, save_model
+from slimlab.config import RESERVED_MODEL_KEYS
 from slimlab.data import Data
 from slimlab.errors import ConfigError
 from slimlab.identity import digest, fingerprint
@@ -30,7 +31,6 @@ from slimlab.measure import count_parameters
 from slimlab.training import score_baseline, train
 
 BASELINE_KEYS = ("model", "data", "train", "seed")
-MODEL_KEYS = ("name", "checkpoint", "pretrained")  # slimlab's keys in a model config: not constructor arguments
 log = logging.getLogger("slimlab")
 
 
@@ -77,19 +77,26 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> None:
             state = state["state_dict"]
     if not isinstance(state, dict):
         raise ValueError(f"model.checkpoint={path} holds a {type(state).__name__}, not a state dict")
+    misfit = _misfit(state, model)
+    if misfit:
+        raise ValueError(f"model.checkpoint={path} does not fit the model: {misfit}")
+    model.load_state_dict(state)
+
+
+def _misfit(state: dict[str, Any], model: nn.Module) -> str:
+    """How a state dict does not fit ``model`` (shapes, missing and unexpected keys); empty when it fits.
+    Nothing is ever reshaped to fit: a file of other shapes is the wrong file."""
     own = model.state_dict()
     mismatched = [
         f"{name} {tuple(value.shape)} (model {tuple(own[name].shape)})"
         for name, value in state.items()
-        if name in own and hasattr(value, "shape") and tuple(value.shape) != tuple(own[name].shape)
+        if name in own and tuple(getattr(value, "shape", ())) != tuple(own[name].shape)
     ]
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-    if mismatched or missing or unexpected:
-        parts = [f"shapes differ: {', '.join(mismatched[:5])}"] if mismatched else []
-        parts += [f"missing: {', '.join(missing[:5])}"] if missing else []
-        parts += [f"unexpected: {', '.join(unexpected[:5])}"] if unexpected else []
-        raise ValueError(f"model.checkpoint={path} does not fit the model: {'; '.join(parts)}")
-    model.load_state_dict(state)
+    parts = [f"shapes differ: {', '.join(mismatched[:5])}"] if mismatched else []
+    parts += [f"missing: {', '.join(missing[:5])}"] if missing else []
+    parts += [f"unexpected: {', '.join(unexpected[:5])}"] if unexpected else []
+    return "; ".join(parts)
 
 
 def build_model(node: Any) -> nn.Module:
@@ -97,7 +104,7 @@ def build_model(node: Any) -> nn.Module:
     from hydra.utils import instantiate
 
     node = _plain(node)
-    arguments = {k: v for k, v in node.items() if k not in MODEL_KEYS}
+    arguments = {k: v for k, v in node.items() if k not in RESERVED_MODEL_KEYS}
     model = instantiate(arguments, _convert_="all")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model._target_={node.get('_target_')} returned {type(model).__name__}, not a torch nn.Module")
@@ -128,17 +135,12 @@ def _cached(entry: Path, model: nn.Module) -> dict[str, float] | None:
     if not (entry / "metrics.json").exists():
         return None
     state = load_state(entry / "model.pt")
-    own = model.state_dict()
-    differ = [
-        name
-        for name in set(state) | set(own)
-        if name not in state or name not in own or tuple(getattr(state[name], "shape", ())) != tuple(own[name].shape)
-    ]
-    if differ:  # never reshape a model to fit a file: the file is what is wrong
+    misfit = _misfit(state, model)
+    if misfit:
         stale = entry.with_name(f"{entry.name}.stale-{int(time.time())}")
         log.warning(
             "baseline cache %s does not fit the model (%s); moved to %s, building the baseline again",
-            entry, ", ".join(sorted(differ)[:3]), stale.name,
+            entry, misfit, stale.name,
         )  # fmt: skip
         os.replace(entry, stale)
         return None
@@ -147,7 +149,13 @@ def _cached(entry: Path, model: nn.Module) -> dict[str, float] | None:
 
 
 def get_baseline(
-    cfg: DictConfig, data: Data, task: Any, device: str, batch_size: int = 512, model: nn.Module | None = None
+    cfg: DictConfig,
+    data: Data,
+    task: Any,
+    device: str,
+    batch_size: int = 512,
+    model: nn.Module | None = None,
+    found: dict[str, Any] | None = None,
 ) -> Baseline:
     """The baseline: a model that comes with weights as it is, or a trained one, from the cache if it was trained.
 
@@ -162,7 +170,7 @@ def get_baseline(
     if model is not None:  # the Python API: nothing identifies it for a later run
         trains = task.labelled and cfg.train.fine_tune_pretrained
         return _as_it_is(copy.deepcopy(model), "given", trains, cfg, data, task, device, batch_size)
-    found = identity(cfg)
+    found = found or identity(cfg)  # the runner computes it once for the run key too
     key = digest(found)
     trains = task.labelled and (not is_pretrained(cfg.model) or cfg.train.fine_tune_pretrained)
     start = time.perf_counter()

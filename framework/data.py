@@ -42,7 +42,7 @@ class TensorRows(Dataset):
             index = torch.tensor(index, dtype=torch.long)
         inputs = batches._map(self.inputs, lambda t: t[index])
         if self.targets is None:
-            return inputs if not isinstance(inputs, Mapping) else dict(inputs)
+            return inputs
         if isinstance(inputs, Mapping):
             return {**inputs, batches.TARGET_KEY: self.targets[index]}
         return inputs, self.targets[index]

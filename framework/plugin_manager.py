@@ -184,78 +184,73 @@ def load_plugins(disable: Iterable[str] = ()) -> Plugins:
         except PluginError as error:  # e.g. a technique name another plugin already registered
             registry.remove_plugin(impl.plugin_name)
             _refuse(manager, by_name[impl.plugin_name], str(error))
-    tasks: dict[str, tuple[str, Callable[[], Any]]] = {}
-    for impl in manager.hook.register_tasks.get_hookimpls():
-        if manager.get_plugin(impl.plugin_name) is None:  # refused above
-            continue
-        offered: dict[str, Callable[[], Any]] = {}
-
-        def register_task(
-            name: str, factory: Callable[[], Any], _offered=offered, _plugin=impl.plugin_name, _tasks=tasks
-        ) -> None:
-            if name in _tasks or name in _offered:
-                owner = _tasks[name][0] if name in _tasks else _plugin
-                raise PluginError(f"plugin {_plugin!r} registers task {name!r}, already registered by {owner!r}")
-            _offered[name] = factory
-
-        try:
-            impl.function(register=register_task)
-        except PluginError as error:
-            registry.remove_plugin(impl.plugin_name)
-            _refuse(manager, by_name[impl.plugin_name], str(error))
-            continue
-        tasks |= {name: (impl.plugin_name, factory) for name, factory in offered.items()}
-    for info in infos:
-        plugin = manager.get_plugin(info.name)
-        if plugin is not None:
-            info.hooks = sorted(caller.name for caller in manager.get_hookcallers(plugin) or [])
-            info.techniques = registry.by_plugin(info.name)
-    options = _register_options(manager, by_name, registry)
+    tasks = _collect(manager, "register_tasks", by_name, registry, _task_register)
+    options = _collect(manager, "register_options", by_name, registry, _option_register)
     tasks = {name: entry for name, entry in tasks.items() if manager.get_plugin(entry[0]) is not None}
     for info in infos:
-        if manager.get_plugin(info.name) is None:  # refused while registering options
-            info.techniques = []
+        plugin = manager.get_plugin(info.name)
+        if plugin is None:  # disabled, or refused at any step above
             continue
-        info.tasks = sorted(name for name, (plugin, _) in tasks.items() if plugin == info.name)
-        info.options = sorted(
-            f"{group}={name}" for (group, name), (plugin, _) in options.items() if plugin == info.name
-        )
+        info.hooks = sorted(caller.name for caller in manager.get_hookcallers(plugin) or [])
+        info.techniques = registry.by_plugin(info.name)
+        info.tasks = sorted(name for name, (owner, _) in tasks.items() if owner == info.name)
+        info.options = sorted(f"{group}={name}" for (group, name), (owner, _) in options.items() if owner == info.name)
     return Plugins(manager, registry, infos, tasks, options)
 
 
 RegisterOption = Callable[[str, str, dict[str, Any]], None]  # register(group, name, node)
 OPTION_GROUPS = ("model", "data")
+Offered = dict[Any, tuple[str, Any]]  # what a registration hook offered: key -> (plugin, value)
 
 
-def _register_options(
-    manager: pluggy.PluginManager, by_name: dict[str, PluginInfo], registry: TechniqueRegistry
-) -> dict[tuple[str, str], tuple[str, dict[str, Any]]]:
-    """The model and data options of every plugin's ``register_options``; a plugin whose names clash is refused."""
-    from slimlab.config import CONFIG_DIR
-
-    options: dict[tuple[str, str], tuple[str, dict[str, Any]]] = {}
-    for impl in manager.hook.register_options.get_hookimpls():
-        if manager.get_plugin(impl.plugin_name) is None:
+def _collect(
+    manager: pluggy.PluginManager,
+    hook: str,
+    by_name: dict[str, PluginInfo],
+    registry: TechniqueRegistry,
+    make_register: Callable[[str, Offered, Offered], Callable[..., None]],
+) -> Offered:
+    """Call every loaded plugin's registration ``hook`` with a ``register`` made by ``make_register(plugin,
+    offered, collected)``. A plugin whose registration raises ``PluginError`` is refused, its techniques and
+    what it offered dropped; the others keep theirs."""
+    collected: Offered = {}
+    for impl in getattr(manager.hook, hook).get_hookimpls():
+        if manager.get_plugin(impl.plugin_name) is None:  # refused earlier
             continue
-        offered: dict[tuple[str, str], tuple[str, dict[str, Any]]] = {}
-
-        def register(group: str, name: str, node: dict[str, Any], _offered=offered, _plugin=impl.plugin_name) -> None:
-            if group not in OPTION_GROUPS:
-                raise PluginError(f"plugin {_plugin!r} registers {group}={name}; groups: {', '.join(OPTION_GROUPS)}")
-            if not isinstance(node, dict) or not isinstance(node.get("_target_"), str):
-                raise PluginError(f"plugin {_plugin!r}: option {group}={name} needs a dict with a _target_")
-            owner = options.get((group, name), _offered.get((group, name), (None,)))[0]
-            if (CONFIG_DIR / group / f"{name}.yaml").exists():
-                owner = "slimlab's conf/"
-            if owner is not None:
-                raise PluginError(f"plugin {_plugin!r} registers {group}={name}, which {owner} already has")
-            _offered[(group, name)] = (_plugin, {"name": name, **node})
-
+        offered: Offered = {}
         try:
-            impl.function(register=register)
+            impl.function(register=make_register(impl.plugin_name, offered, collected))
         except PluginError as error:
             registry.remove_plugin(impl.plugin_name)
             _refuse(manager, by_name[impl.plugin_name], str(error))
             continue
-        options.update(offered)
-    return options
+        collected.update(offered)
+    return collected
+
+
+def _task_register(plugin: str, offered: Offered, collected: Offered) -> Callable[..., None]:
+    def register(name: str, factory: Callable[[], Any]) -> None:
+        owner = collected.get(name, offered.get(name, (None,)))[0]
+        if owner is not None:
+            raise PluginError(f"plugin {plugin!r} registers task {name!r}, already registered by {owner!r}")
+        offered[name] = (plugin, factory)
+
+    return register
+
+
+def _option_register(plugin: str, offered: Offered, collected: Offered) -> Callable[..., None]:
+    from slimlab.config import CONFIG_DIR
+
+    def register(group: str, name: str, node: dict[str, Any]) -> None:
+        if group not in OPTION_GROUPS:
+            raise PluginError(f"plugin {plugin!r} registers {group}={name}; groups: {', '.join(OPTION_GROUPS)}")
+        if not isinstance(node, dict) or not isinstance(node.get("_target_"), str):
+            raise PluginError(f"plugin {plugin!r}: option {group}={name} needs a dict with a _target_")
+        owner = collected.get((group, name), offered.get((group, name), (None,)))[0]
+        if (CONFIG_DIR / group / f"{name}.yaml").exists():
+            owner = "slimlab's conf/"
+        if owner is not None:
+            raise PluginError(f"plugin {plugin!r} registers {group}={name}, which {owner} already has")
+        offered[(group, name)] = (plugin, {"name": name, **node})
+
+    return register

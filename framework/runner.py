@@ -221,6 +221,9 @@ def run_metrics(
             raise ConfigError(str(error)) from None
     task = plugins.task(data.task)
     hash_ = config_hash(cfg, RUN_KEYS)
+    from slimlab.baseline import identity
+
+    found = None if given else identity(cfg)  # once: the run key and the baseline cache both key on it
     ctx = RunContext(
         cfg=cfg,
         data=data,
@@ -232,14 +235,14 @@ def run_metrics(
         # Objects handed in have no identity a later run could match: such a run is never resumed.
         tags={
             **_tags(plugins, steps, hash_),
-            "slimlab.run_key": run_key(cfg, plugins) if not given else f"objects-{uuid.uuid4().hex[:16]}",
+            "slimlab.run_key": run_key(cfg, plugins, found) if found else f"objects-{uuid.uuid4().hex[:16]}",
             "slimlab.task": task.name,
         },
         steps=steps,
     )
     hooks.before_run(ctx=ctx)
     try:
-        metrics = _run_pipeline(ctx, steps, hooks, model)
+        metrics = _run_pipeline(ctx, steps, hooks, model, found)
         hooks.after_run(ctx=ctx, metrics=metrics)
     except BaseException as error:
         hooks.on_run_error(ctx=ctx, error=error, traceback_text=traceback.format_exc())
@@ -247,7 +250,7 @@ def run_metrics(
     return task.primary_metric, metrics
 
 
-def run_key(cfg: DictConfig, plugins: Plugins) -> str:
+def run_key(cfg: DictConfig, plugins: Plugins, found: dict[str, Any] | None = None) -> str:
     """The identity of a run's result: its config, the baseline's identity (code, files, versions) and the
     version (and local source) of every loaded plugin. Sweeps resume on it (the tag ``slimlab.run_key``)."""
     from slimlab.baseline import identity
@@ -257,7 +260,7 @@ def run_key(cfg: DictConfig, plugins: Plugins) -> str:
     return digest(
         {
             "config": config_hash(cfg, RUN_KEYS),
-            "baseline": digest(identity(cfg)),
+            "baseline": digest(found or identity(cfg)),
             "plugins": [
                 f"{i.name} {i.distribution}=={i.version} {module_digest(i.value.split(':')[0])}" for i in loaded
             ],
@@ -265,14 +268,16 @@ def run_key(cfg: DictConfig, plugins: Plugins) -> str:
     )
 
 
-def _run_pipeline(ctx: RunContext, steps: list[Step], hooks, given_model: Any = None) -> dict[str, float]:
+def _run_pipeline(
+    ctx: RunContext, steps: list[Step], hooks, given_model: Any = None, found: dict[str, Any] | None = None
+) -> dict[str, float]:
     from slimlab.artifact import save_model
     from slimlab.baseline import get_baseline
     from slimlab.measure import count_parameters, layer_sparsity, machine_tags, measure_latency, peak_memory_mb
     from slimlab.training import score_baseline
 
     task, eval_batch = ctx.task, ctx.cfg.measure.eval_batch_size
-    baseline = get_baseline(ctx.cfg, ctx.data, task, ctx.device, eval_batch, model=given_model)
+    baseline = get_baseline(ctx.cfg, ctx.data, task, ctx.device, eval_batch, model=given_model, found=found)
     ctx.baseline, ctx.baseline_metrics = baseline.model, baseline.metrics
     ctx.tags["slimlab.baseline"] = f"{baseline.key} ({baseline.origin})"
     # What later evaluations compare with (the targets of a task without labels): the baseline's outputs.

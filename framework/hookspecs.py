@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 from slimlab import hookspec
 
 if TYPE_CHECKING:
+    from omegaconf import DictConfig
     from torch import nn
 
     from slimlab.context import RunContext
@@ -89,6 +90,18 @@ def register_options(register: RegisterOption) -> None:
     importable callable) and its arguments, and for models ``checkpoint``/``pretrained``. The options are
     listed by ``slimlab run --help`` and usable as ``technique.distill.student=<name>``. A name that slimlab's
     own ``conf/`` or another plugin already has is a ``PluginError``. Returns nothing.
+    """
+
+
+@hookspec
+def check_config(cfg: DictConfig, host: bool) -> None:
+    """Refuse a config this plugin cannot serve, before any work (API 2.1).
+
+    When: while a run or a sweep is planned, after slimlab's own checks, before anything is built, trained or
+    recorded; in a sweep, in the launching process for every job before the first starts. ``cfg`` is the
+    composed config. ``host`` is False when the jobs run on other machines (a cluster launcher): skip what
+    only this machine can tell (its devices, its network view). Keep it to a few seconds.
+    Returns nothing; raise ``slimlab.ConfigError`` naming the key, what is wrong and what is valid.
     """
 
 

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
 from collections.abc import Sequence
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+EXIT_INTERRUPTED, EXIT_TERMINATED, EXIT_BROKEN_PIPE = 130, 143, 141  # 128 + signal, as shells report
 
 USAGE = """\
 usage: slimlab <command> [arguments]
@@ -24,7 +26,7 @@ commands:
   ui [--port N]         the MLflow UI on the configured store
   server ...            a shared MLflow tracking server (PostgreSQL) for sweeps across processes and hosts
 
-Exit codes: 0 success, 1 a run failed, 2 bad input.
+Exit codes: 0 success, 1 a run failed, 2 bad input, 130 interrupted (Ctrl-C), 143 terminated (SIGTERM).
 """
 
 
@@ -230,13 +232,19 @@ def _launch_directory_importable() -> None:
         os.environ["PYTHONPATH"] = os.pathsep.join([cwd, *paths])
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler, ``kill``): ends a run or sweep like Ctrl-C, so runs are closed KILLED, not left RUNNING."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
 def run_command(args: list[str]) -> int:
     import signal
 
     _launch_directory_importable()
-
-    # SIGTERM (a scheduler, `kill`) ends a run or sweep like Ctrl-C: runs are closed KILLED, not left RUNNING.
-    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         return _run(args)
     finally:
@@ -263,10 +271,19 @@ def _run(args: list[str]) -> int:
     except SweepSetupFailed as error:
         print(f"slimlab: the sweep could not start: {error}", file=sys.stderr)
         return EXIT_FAILED
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interrupt:
         sweep.interrupt()
-        print("slimlab: interrupted", file=sys.stderr)
-        return 130
+        terminated = isinstance(interrupt, Terminated)
+        print(f"slimlab: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
+        return EXIT_TERMINATED if terminated else EXIT_INTERRUPTED
+    except OSError as error:
+        # Hydra's output directory (or another file outside any run) cannot be written: the place is the input.
+        if error.filename and error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            return _error(
+                f"cannot write {os.path.abspath(error.filename)}: {error.strerror}; run from a writable directory "
+                "or point hydra.run.dir (hydra.sweep.dir), tracking.uri and cache_dir at writable places"
+            )
+        raise
     except Exception as error:
         sweep.interrupt(status="FAILED")  # whatever stopped a started sweep, its runs do not stay RUNNING
         if is_bad_input(error):
@@ -276,4 +293,11 @@ def _run(args: list[str]) -> int:
 
 def entry() -> None:
     """Console-script entry point."""
-    sys.exit(main())
+    try:
+        code = main()
+        sys.stdout.flush()
+    except BrokenPipeError:  # `slimlab run --help | head`: the reader stopped reading, which is not an error of ours
+        # Python flushes stdout again at exit: point it at /dev/null so that flush does not raise as well.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = EXIT_BROKEN_PIPE
+    sys.exit(code)

@@ -100,7 +100,7 @@ def test_sigterm_marks_the_running_child_and_the_parent_killed(tmp_path, store):
         _, stderr = process.communicate(timeout=120)
     finally:
         process.kill()
-    assert process.returncode == 130, stderr[-2000:]
+    assert process.returncode == 143, stderr[-2000:]  # 128 + SIGTERM
     (parent,), children = runs_by_kind(store)
     assert parent.info.status == "KILLED"
     assert [c.info.status for c in children] == ["KILLED"]  # the second job never started

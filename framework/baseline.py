@@ -3,17 +3,24 @@
 The identity is the model, data and training config plus what they run and read (:mod:`slimlab.identity`):
 the code of the model and data callables, the checkpoint's content, the files the config names, the versions
 of torch and slimlab. Change any of them and the baseline is built again; nothing stale is served.
+
+A cache entry is a directory: ``model.pt``, ``metrics.json``, ``identity.json`` and, written last,
+``checksums.json`` (their sha256). An entry that is incomplete, does not match its checksums, cannot be read or
+does not fit the model is never served: it is moved aside (``<key>.corrupt-<time>``, kept for inspection) with a
+warning naming it and why, and the baseline is built again.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import logging
 import os
 import shutil
 import tempfile
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,9 +35,11 @@ from slimlab.data import Data
 from slimlab.errors import ConfigError
 from slimlab.identity import digest, fingerprint
 from slimlab.measure import count_parameters
-from slimlab.training import score_baseline, train
+from slimlab.training import reproducible, score_baseline, train, train_threads
 
 BASELINE_KEYS = ("model", "data", "train", "seed")
+CHECKSUMS = "checksums.json"  # a cache entry's manifest: sha256 of each file below, written last
+SEALED = ("model.pt", "metrics.json", "identity.json")
 log = logging.getLogger("slimlab")
 
 
@@ -130,22 +139,84 @@ def identity(cfg: DictConfig) -> dict[str, Any]:
     }
 
 
+def _sha256(path: Path) -> str:
+    digest_ = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest_.update(block)
+    return digest_.hexdigest()
+
+
+def seal(entry: Path) -> None:
+    """Write ``entry``'s checksum manifest: the sha256 of each of its files. Last, after every file is written."""
+    sums = {name: _sha256(entry / name) for name in SEALED}
+    (entry / CHECKSUMS).write_text(json.dumps(sums, indent=2))
+
+
+def _read_entry(entry: Path) -> tuple[dict[str, float], dict[str, Any]]:
+    """A cache entry's metrics and state, checked against its manifest; ValueError saying why it cannot serve."""
+    if not (entry / CHECKSUMS).is_file():
+        raise ValueError(f"no {CHECKSUMS} (an entry of an older slimlab, or one not completely written)")
+    try:
+        sums = json.loads((entry / CHECKSUMS).read_text())
+    except ValueError as error:
+        raise ValueError(f"{CHECKSUMS} is not valid JSON ({error})") from None
+    if not isinstance(sums, dict):
+        raise ValueError(f"{CHECKSUMS} holds a {type(sums).__name__}, not a mapping of file to sha256")
+    for name in SEALED:
+        if name not in sums:
+            raise ValueError(f"{CHECKSUMS} has no checksum for {name}")
+        if not (entry / name).is_file():
+            raise ValueError(f"{name} is missing")
+        if _sha256(entry / name) != sums[name]:
+            raise ValueError(f"{name} does not match its checksum in {CHECKSUMS}")
+    try:
+        metrics = json.loads((entry / "metrics.json").read_text())
+    except ValueError as error:
+        raise ValueError(f"metrics.json is not valid JSON ({error})") from None
+    if not isinstance(metrics, dict) or not all(
+        isinstance(v, int | float) and not isinstance(v, bool) for v in metrics.values()
+    ):
+        raise ValueError("metrics.json is not a mapping of metric names to numbers")
+    try:
+        state = load_state(entry / "model.pt")
+    except Exception as error:  # torch's own messages advise weights_only=False: never an option for a cache
+        first = (str(error).strip().splitlines() or [""])[0]
+        detail = "it holds more than tensors" if "weights_only" in str(error) else f"{type(error).__name__}: {first}"
+        raise ValueError(f"model.pt cannot be loaded with weights_only=True ({detail})") from None
+    return metrics, state
+
+
+def _set_aside(entry: Path, why: str, label: str = "corrupt") -> None:
+    """Move a cache entry that cannot serve out of the way, kept for inspection, and say so."""
+    aside = entry.with_name(f"{entry.name}.{label}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}")
+    try:
+        os.replace(entry, aside)
+    except FileNotFoundError:  # a parallel job moved it first
+        return
+    except OSError as error:
+        log.warning("baseline cache %s: %s; it could not be moved aside (%s), building the baseline again",
+                    entry, why, error)  # fmt: skip
+        return
+    log.warning("baseline cache %s: %s; moved to %s, building the baseline again", entry, why, aside.name)
+
+
 def _cached(entry: Path, model: nn.Module) -> dict[str, float] | None:
-    """The cached metrics after loading the entry's weights into ``model``; None if the entry cannot serve."""
-    if not (entry / "metrics.json").exists():
+    """The cached metrics after loading the entry's weights into ``model``; None if there is no entry or it
+    cannot serve (then it is moved aside). Never raises: a bad entry costs a rebuild, not the run."""
+    if not entry.exists():
         return None
-    state = load_state(entry / "model.pt")
+    try:
+        metrics, state = _read_entry(entry)
+    except (OSError, ValueError) as error:
+        _set_aside(entry, str(error))
+        return None
     misfit = _misfit(state, model)
     if misfit:
-        stale = entry.with_name(f"{entry.name}.stale-{int(time.time())}")
-        log.warning(
-            "baseline cache %s does not fit the model (%s); moved to %s, building the baseline again",
-            entry, misfit, stale.name,
-        )  # fmt: skip
-        os.replace(entry, stale)
+        _set_aside(entry, f"it does not fit the model ({misfit})", label="stale")
         return None
     model.load_state_dict(state)
-    return json.loads((entry / "metrics.json").read_text())
+    return metrics
 
 
 def get_baseline(
@@ -195,12 +266,14 @@ def get_baseline(
 
     train(model, data, task, cfg.train, device=device, description="baseline: train")
     model.cpu().eval()
-    scores, references = score_baseline(model, data, task, batch_size=batch_size)
+    with reproducible(train_threads(cfg.train)):  # the cached metrics too: the same bytes in every process
+        scores, references = score_baseline(model, data, task, batch_size=batch_size)
     entry.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f"{key}.", dir=entry.parent))
     metrics = {**scores, **_size(model, staging / "model.pt")}
     (staging / "metrics.json").write_text(json.dumps(metrics, indent=2))
     (staging / "identity.json").write_text(json.dumps(found, indent=2, default=str))
+    seal(staging)
     try:
         os.rename(staging, entry)
     except OSError:  # another job cached the same baseline first: theirs is as good as ours

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +19,33 @@ from slimlab.tasks import Scored
 
 # loss(model, inputs, target) -> scalar; the default is the task's loss of the model's output against the target
 Loss = Callable[[nn.Module, Any, torch.Tensor], torch.Tensor]
+# Intra-op threads while training: a fixed count, so a process's thread count (a joblib worker gets fewer) does
+# not change the trained bytes. One: the only count that never oversubscribes parallel jobs.
+TRAIN_THREADS = 1
+
+
+def train_threads(settings: Any) -> int:
+    """The intra-op thread count training uses: ``train.threads`` when the config has it, else ``TRAIN_THREADS``."""
+    return int(getattr(settings, "threads", None) or TRAIN_THREADS)
+
+
+@contextmanager
+def reproducible(threads: int = TRAIN_THREADS) -> Iterator[None]:
+    """Same inputs, same bytes, whatever the process's thread count: float sums are split per thread, so the
+    count changes the rounding; fix it, and ask torch for its deterministic kernels (CUDA's mostly; on the CPU a
+    few scatter/index ops). Both restored afterwards."""
+    previous = (
+        torch.get_num_threads(),
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+    )
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True, warn_only=True)  # an op without one warns instead of failing the run
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous[0])
+        torch.use_deterministic_algorithms(previous[1], warn_only=previous[2])
 
 
 def train(
@@ -38,7 +66,7 @@ def train(
 
     ``loss`` replaces the task loss (distillation); ``extra_parameters`` are trained alongside the model's
     (e.g. a projection head). ``targets_from``: for a task without labels, the model whose outputs are the
-    targets (the baseline).
+    targets (the baseline). Trained under :func:`reproducible`: the same bytes in every process.
     """
     epochs = settings.epochs if epochs is None else epochs
     if epochs <= 0:
@@ -52,16 +80,17 @@ def train(
     model.to(device).train()
     if targets_from is not None:
         targets_from.to(device).eval()
-    for _ in progress(range(epochs), description, total=epochs):
-        for inputs, target in iterate(split, device):
-            if not task.labelled and targets_from is not None:
-                with torch.no_grad():
-                    target = batches.call(targets_from, inputs).detach()
-            elif target is None and task.labelled:
-                raise ValueError(f"task {task.name} trains on targets, but a training batch has none")
-            optimizer.zero_grad()
-            loss(model, inputs, target).backward()
-            optimizer.step()
+    with reproducible(train_threads(settings)):
+        for _ in progress(range(epochs), description, total=epochs):
+            for inputs, target in iterate(split, device):
+                if not task.labelled and targets_from is not None:
+                    with torch.no_grad():
+                        target = batches.call(targets_from, inputs).detach()
+                elif target is None and task.labelled:
+                    raise ValueError(f"task {task.name} trains on targets, but a training batch has none")
+                optimizer.zero_grad()
+                loss(model, inputs, target).backward()
+                optimizer.step()
     model.eval()
 
 

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import logging
 import os
+import traceback
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from importlib.metadata import entry_points
+from importlib.metadata import EntryPoint, entry_points
+from pathlib import Path
 from typing import Any
 
 import pluggy
@@ -18,6 +20,7 @@ from slimlab.registry import TechniqueRegistry
 DISABLE_ENV = "SLIMLAB_DISABLE_PLUGINS"  # comma-separated plugin names
 
 log = logging.getLogger(__name__)
+_SLIMLAB_DIR = Path(__file__).resolve().parent  # frames in here are not the plugin's
 
 
 @dataclass
@@ -111,31 +114,79 @@ def _unknown_hooks(manager: pluggy.PluginManager, plugin: object) -> list[str]:
     return sorted(caller.name for caller in manager.get_hookcallers(plugin) or [] if caller.spec is None)
 
 
-def _refuse(manager: pluggy.PluginManager, info: PluginInfo, error: str) -> None:
-    """Take a plugin out, say why (naming it and its distribution); the others keep working."""
-    if manager.get_plugin(info.name) is not None:
-        manager.unregister(name=info.name)
+def _refuse(plugins: Plugins, info: PluginInfo, error: str) -> None:
+    """Take a plugin out completely, say why (naming it and its distribution); the others keep working.
+
+    The one way out for a plugin refused at any step: its hooks, and whatever techniques, tasks and options it
+    registered before it failed, are gone.
+    """
+    if plugins.manager.get_plugin(info.name) is not None:
+        plugins.manager.unregister(name=info.name)
+    plugins.registry.remove_plugin(info.name)
+    for offered in (plugins.tasks, plugins.options):
+        for key in [key for key, (owner, _) in offered.items() if owner == info.name]:
+            del offered[key]
     info.status, info.error = "failed", error
+    info.techniques, info.tasks, info.options, info.hooks = [], [], [], []
     log.warning(
         "slimlab plugin %r (entry point %s = %s, distribution %s %s) is not used: %s",
         info.name, PROJECT, info.value, info.distribution, info.version, error,
     )  # fmt: skip
 
 
-def load_plugins(disable: Iterable[str] = ()) -> Plugins:
-    """Load every ``slimlab`` entry point except the disabled ones, then register their techniques.
+def _raised(error: BaseException, located: bool = True) -> str:
+    """``Type: first line of the message (file.py, line N)``: where it went wrong, outside slimlab, when known."""
+    frames = [f for f in traceback.extract_tb(error.__traceback__) if not f.filename.startswith("<")]
+    own = [f for f in frames if not Path(f.filename).resolve().is_relative_to(_SLIMLAB_DIR)]
+    where = f" ({Path(own[-1].filename).name}, line {own[-1].lineno})" if own else ""
+    if isinstance(error, SyntaxError) or not located:  # a SyntaxError's message names the file and line already
+        where = ""
+    message = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {message[0] if message else ''}{where}"
 
-    A plugin that fails to import, declares an incompatible ``SLIMLAB_API``, implements a hook that does
-    not exist or with arguments the hook does not have, or registers a technique name another plugin
-    already took, is refused: reported with its entry point and distribution, and left out; the others
-    still load. slimlab's own plugins load first, so a third-party plugin cannot take a built-in's name.
+
+def _load(manager: pluggy.PluginManager, entry_point: EntryPoint, info: PluginInfo) -> str | None:
+    """Import and register one entry point's plugin; why it is refused, or None."""
+    try:
+        plugin = entry_point.load()
+    except (Exception, SystemExit) as error:  # a broken plugin must not take slimlab down, not even by exiting
+        hint = ""
+        if isinstance(error, ModuleNotFoundError) and error.name in ("framework", "plugins"):
+            hint = " (a plugin written for API 1: slimlab is imported as `slimlab` since API 2, docs/plugins.md)"
+        return f"failed to import: {_raised(error)}{hint}"
+    try:
+        mismatch = _api_mismatch(plugin)
+        if mismatch:
+            return mismatch
+        if manager.is_registered(plugin):
+            return f"{info.value} is plugin {manager.get_name(plugin)!r} already: one module cannot be two plugins"
+        manager.register(plugin, name=info.name)
+    except pluggy.PluginValidationError as error:  # a hook implemented with arguments it does not have
+        return str(error)
+    except Exception as error:  # whatever else pluggy or the plugin object raises while it is registered
+        return f"cannot be registered: {_raised(error)}"
+    unknown = _unknown_hooks(manager, plugin)
+    if unknown:
+        return f"implements {', '.join(unknown)}, which is no slimlab hook; hooks: {', '.join(hookspecs.hook_names())}"
+    return None
+
+
+def load_plugins(disable: Iterable[str] = ()) -> Plugins:
+    """Load every ``slimlab`` entry point except the disabled ones, then call their registration hooks.
+
+    A plugin that fails to import (whatever it raises), declares an incompatible ``SLIMLAB_API``, implements a
+    hook that does not exist or with arguments the hook does not have, or whose ``register_techniques``,
+    ``register_tasks`` or ``register_options`` raises or registers what cannot be used (a name another plugin
+    already took, a schema Hydra cannot store), is refused: reported with its entry point and distribution, and
+    left out with everything it registered; the others still load. Built-in plugins are no exception (a missing
+    optional library must not take slimlab down); they load first, so a third-party plugin cannot take their names.
     """
     disabled = set(disable) | set(disabled_from_env())
     manager = pluggy.PluginManager(PROJECT)
     manager.add_hookspecs(hookspecs)
-    infos: list[PluginInfo] = []
+    plugins = Plugins(manager, TechniqueRegistry(), [])
 
-    def order(entry_point) -> tuple[bool, str]:
+    def order(entry_point: EntryPoint) -> tuple[bool, str]:
         return (entry_point.dist is None or entry_point.dist.name != PROJECT, entry_point.name)
 
     for entry_point in sorted(entry_points(group=PROJECT), key=order):
@@ -146,86 +197,97 @@ def load_plugins(disable: Iterable[str] = ()) -> Plugins:
             version=dist.version if dist else "?",
             value=entry_point.value,
         )
-        infos.append(info)
+        plugins.infos.append(info)
         if info.name in disabled:
             info.status = "disabled"
             continue
-        if manager.get_plugin(info.name) is not None:
+        if manager.get_plugin(info.name) is not None:  # not _refuse: the plugin under that name is another one
             info.status, info.error = "failed", "another entry point already uses this name"
             log.warning("slimlab plugin %r from %s: %s; skipped", info.name, info.distribution, info.error)
             continue
-        try:
-            plugin = entry_point.load()
-        except Exception as error:  # a broken third-party plugin must not take slimlab down
-            hint = ""
-            if isinstance(error, ModuleNotFoundError) and error.name in ("framework", "plugins"):
-                hint = " (a plugin written for API 1: slimlab is imported as `slimlab` since API 2, docs/plugins.md)"
-            _refuse(manager, info, f"failed to import: {type(error).__name__}: {error}{hint}")
-            continue
-        mismatch = _api_mismatch(plugin)
-        if mismatch:
-            _refuse(manager, info, mismatch)
-            continue
-        try:
-            manager.register(plugin, name=info.name)
-        except pluggy.PluginValidationError as error:  # a hook implemented with arguments it does not have
-            _refuse(manager, info, str(error))
-            continue
-        unknown = _unknown_hooks(manager, plugin)
-        if unknown:
-            valid = ", ".join(hookspecs.hook_names())
-            _refuse(manager, info, f"implements {', '.join(unknown)}, which is no slimlab hook; hooks: {valid}")
+        reason = _load(manager, entry_point, info)
+        if reason:
+            _refuse(plugins, info, reason)
 
-    registry = TechniqueRegistry()
-    by_name = {info.name: info for info in infos}
-    for impl in manager.hook.register_techniques.get_hookimpls():  # registration order: built-ins first
-        try:
-            impl.function(register=registry.register_for(impl.plugin_name))
-        except PluginError as error:  # e.g. a technique name another plugin already registered
-            registry.remove_plugin(impl.plugin_name)
-            _refuse(manager, by_name[impl.plugin_name], str(error))
-    tasks = _collect(manager, "register_tasks", by_name, registry, _task_register)
-    options = _collect(manager, "register_options", by_name, registry, _option_register)
-    tasks = {name: entry for name, entry in tasks.items() if manager.get_plugin(entry[0]) is not None}
-    for info in infos:
-        plugin = manager.get_plugin(info.name)
-        if plugin is None:  # disabled, or refused at any step above
+    by_name = {info.name: info for info in plugins.infos if info.status == "loaded"}
+    registrations = {
+        "register_techniques": lambda plugin, offered: plugins.registry.register_for(plugin),
+        "register_tasks": lambda plugin, offered: _task_register(plugin, offered, plugins.tasks),
+        "register_options": lambda plugin, offered: _option_register(plugin, offered, plugins.options),
+    }
+    for hook, make_register in registrations.items():  # registration order: built-ins first
+        for impl in getattr(manager.hook, hook).get_hookimpls():
+            if manager.get_plugin(impl.plugin_name) is None:  # refused at an earlier hook
+                continue
+            offered: Offered = {}
+            error = _call_registration(impl, hook, make_register(impl.plugin_name, offered))
+            if error is None and hook == "register_techniques":
+                error = _unstorable_schema(plugins.registry, impl.plugin_name)
+            if error is None and hook == "register_options":
+                error = _unstorable_option(offered)
+            if error is not None:
+                _refuse(plugins, by_name[impl.plugin_name], error)
+                continue
+            if hook == "register_tasks":
+                plugins.tasks.update(offered)
+            elif hook == "register_options":
+                plugins.options.update(offered)
+
+    for info in plugins.infos:
+        if info.status != "loaded":  # disabled, or refused at any step above
             continue
+        plugin = manager.get_plugin(info.name)
         info.hooks = sorted(caller.name for caller in manager.get_hookcallers(plugin) or [])
-        info.techniques = registry.by_plugin(info.name)
-        info.tasks = sorted(name for name, (owner, _) in tasks.items() if owner == info.name)
-        info.options = sorted(f"{group}={name}" for (group, name), (owner, _) in options.items() if owner == info.name)
-    return Plugins(manager, registry, infos, tasks, options)
+        info.techniques = plugins.registry.by_plugin(info.name)
+        info.tasks = sorted(name for name, (owner, _) in plugins.tasks.items() if owner == info.name)
+        info.options = sorted(
+            f"{group}={name}" for (group, name), (owner, _) in plugins.options.items() if owner == info.name
+        )
+    return plugins
+
+
+def _call_registration(impl: pluggy.HookImpl, hook: str, register: Callable[..., None]) -> str | None:
+    """Call one plugin's registration hook with ``register``; why the plugin is refused, or None."""
+    if impl.hookwrapper or impl.wrapper:  # calling it would only make a generator: nothing would be registered
+        return f"{hook} is a hook wrapper; registration hooks are plain functions: def {hook}(register)"
+    if "register" not in (*impl.argnames, *impl.kwargnames):
+        return f"{hook} takes no `register` argument; define it as def {hook}(register)"
+    try:
+        impl.function(register=register)
+    except PluginError as error:  # e.g. a name another plugin already registered
+        return str(error)
+    except (Exception, SystemExit) as error:  # a bug in the plugin: it is refused, slimlab goes on
+        return f"{hook} raised {_raised(error)}"
+    return None
+
+
+def _unstorable_schema(registry: TechniqueRegistry, plugin: str) -> str | None:
+    """Why Hydra could not store a technique schema ``plugin`` registered (every ``slimlab run`` would fail)."""
+    from omegaconf import OmegaConf
+
+    for name in registry.by_plugin(plugin):
+        try:
+            OmegaConf.structured({name: registry[name].schema})  # what Hydra's ConfigStore does with it
+        except Exception as error:
+            return f"the schema of technique {name!r} cannot be a config: {_raised(error, located=False)}"
+    return None
+
+
+def _unstorable_option(offered: Offered) -> str | None:
+    """Why Hydra could not store an offered model/data option."""
+    from omegaconf import OmegaConf
+
+    for (group, name), (_, node) in offered.items():
+        try:
+            OmegaConf.structured(node)
+        except Exception as error:
+            return f"option {group}={name} cannot be a config: {_raised(error, located=False)}"
+    return None
 
 
 RegisterOption = Callable[[str, str, dict[str, Any]], None]  # register(group, name, node)
 OPTION_GROUPS = ("model", "data")
 Offered = dict[Any, tuple[str, Any]]  # what a registration hook offered: key -> (plugin, value)
-
-
-def _collect(
-    manager: pluggy.PluginManager,
-    hook: str,
-    by_name: dict[str, PluginInfo],
-    registry: TechniqueRegistry,
-    make_register: Callable[[str, Offered, Offered], Callable[..., None]],
-) -> Offered:
-    """Call every loaded plugin's registration ``hook`` with a ``register`` made by ``make_register(plugin,
-    offered, collected)``. A plugin whose registration raises ``PluginError`` is refused, its techniques and
-    what it offered dropped; the others keep theirs."""
-    collected: Offered = {}
-    for impl in getattr(manager.hook, hook).get_hookimpls():
-        if manager.get_plugin(impl.plugin_name) is None:  # refused earlier
-            continue
-        offered: Offered = {}
-        try:
-            impl.function(register=make_register(impl.plugin_name, offered, collected))
-        except PluginError as error:
-            registry.remove_plugin(impl.plugin_name)
-            _refuse(manager, by_name[impl.plugin_name], str(error))
-            continue
-        collected.update(offered)
-    return collected
 
 
 def _task_register(plugin: str, offered: Offered, collected: Offered) -> Callable[..., None]:

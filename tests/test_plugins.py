@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
 
 from slimlab.plugin_manager import DISABLE_ENV, load_plugins
 from tests.conftest import REPO, slimlab, write_plugin
@@ -166,3 +169,123 @@ def test_help_and_plugins_do_not_import_torch_or_mlflow():
     )
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+# --- a broken plugin is refused, whatever it raises, with everything it registered ---------------------------------
+
+TECHNIQUE = """
+from dataclasses import dataclass
+
+from slimlab import hookimpl
+
+
+@dataclass
+class HalfConfig:
+    amount: float = 0.5
+
+
+def half(model, config, ctx):
+    return model
+"""
+
+BROKEN = {  # plugin name -> (module source, what its error says)
+    "zerodiv": (
+        TECHNIQUE + "\n@hookimpl\ndef register_techniques(register):\n"
+        "    register('half_zerodiv', HalfConfig, half)\n    1 / 0\n",
+        "register_techniques raised ZeroDivisionError: division by zero (slimlab_zerodiv.py, line 18)",
+    ),
+    "importer": (
+        TECHNIQUE + "\n@hookimpl\ndef register_techniques(register):\n"
+        "    register('half_importer', HalfConfig, half)\n    import not_installed_xyz  # noqa\n",
+        "register_techniques raised ModuleNotFoundError: No module named 'not_installed_xyz'",
+    ),
+    "badcall": (
+        TECHNIQUE + "\n@hookimpl\ndef register_techniques(register):\n    register('half_badcall', HalfConfig)\n",
+        "register_techniques raised TypeError: ",
+    ),
+    "tasktype": (  # its technique registered fine; its register_tasks raises
+        TECHNIQUE + "\n@hookimpl\ndef register_techniques(register):\n    register('half_tasktype', HalfConfig, half)\n"
+        "\n@hookimpl\ndef register_tasks(register):\n    register('half_task', lambda: None)\n"
+        "    raise TypeError('tasks are broken')\n",
+        "register_tasks raised TypeError: tasks are broken",
+    ),
+    "optionerr": (  # a technique and a task registered fine; its register_options raises
+        TECHNIQUE
+        + "\n@hookimpl\ndef register_techniques(register):\n    register('half_optionerr', HalfConfig, half)\n"
+        "\n@hookimpl\ndef register_tasks(register):\n    register('half_task2', lambda: None)\n"
+        "\n@hookimpl\ndef register_options(register):\n"
+        "    register('model', 'half_model', {'_target_': 'x.y'})\n    raise KeyError('zoo')\n",
+        "register_options raised KeyError: 'zoo'",
+    ),
+    "noregister": (
+        TECHNIQUE + "\n@hookimpl\ndef register_techniques():\n    pass\n",
+        "register_techniques takes no `register` argument; define it as def register_techniques(register)",
+    ),
+    "wrapper": (
+        TECHNIQUE + "\n@hookimpl(wrapper=True)\ndef register_techniques(register):\n"
+        "    register('half_wrapper', HalfConfig, half)\n    return (yield)\n",
+        "register_techniques is a hook wrapper",
+    ),
+    "badschema": (
+        TECHNIQUE + "\nclass Opaque:\n    pass\n\n\n@dataclass\nclass OpaqueConfig:\n    thing: Opaque = None\n"
+        "\n\n@hookimpl\ndef register_techniques(register):\n    register('half_badschema', OpaqueConfig, half)\n",
+        "the schema of technique 'half_badschema' cannot be a config: ValidationError: Unexpected type annotation",
+    ),
+    "syntax": ("def broken(:\n", "failed to import: SyntaxError: "),
+    "exits": ("import sys\n\nsys.exit(3)\n", "failed to import: SystemExit: 3 (slimlab_exits.py, line 3)"),
+    "raises": ("raise RuntimeError('no GPU driver')\n", "failed to import: RuntimeError: no GPU driver"),
+}
+HALF_REGISTERED = {"half_zerodiv", "half_importer", "half_badcall", "half_tasktype", "half_optionerr", "half_wrapper"}
+
+
+@pytest.fixture(scope="module")
+def broken_site(tmp_path_factory) -> Path:
+    """One site directory with every kind of broken plugin, and one module under two entry-point names."""
+    site = tmp_path_factory.mktemp("broken-site")
+    for name, (source, _) in BROKEN.items():
+        write_plugin(site, f"slimlab-{name}", f"slimlab_{name}", source, {name: f"slimlab_{name}"})
+    twice = TECHNIQUE + "\n@hookimpl\ndef register_techniques(register):\n    register('twice', HalfConfig, half)\n"
+    write_plugin(site, "slimlab-twice", "slimlab_twice", twice, {"twice": "slimlab_twice", "twice2": "slimlab_twice"})
+    return site
+
+
+def test_broken_plugins_are_refused_with_everything_they_registered(broken_site, monkeypatch, caplog):
+    monkeypatch.syspath_prepend(str(broken_site))
+    plugins = load_plugins()
+    infos = {info.name: info for info in plugins.infos}
+    for name, (_, error) in BROKEN.items():
+        info = infos[name]
+        assert (info.status, info.techniques, info.tasks, info.options) == ("failed", [], [], []), name
+        assert error in info.error and "\n" not in info.error, (name, info.error)
+        assert plugins.manager.get_plugin(name) is None  # its other hooks are not called either
+        assert f"'{name}'" in caplog.text and f"slimlab-{name}" in caplog.text  # a warning naming it and its dist
+    assert not HALF_REGISTERED & set(plugins.registry.names())
+    assert not {"half_task", "half_task2"} & set(plugins.tasks)
+    assert ("model", "half_model") not in plugins.options
+    # the same module under a second name is refused; the first keeps its technique
+    assert infos["twice"].status == "loaded" and infos["twice"].techniques == ["twice"]
+    assert infos["twice2"].status == "failed"
+    assert infos["twice2"].error == "slimlab_twice is plugin 'twice' already: one module cannot be two plugins"
+    assert {"prune", "quantize", "distill", "place"} <= set(plugins.registry.names())
+    assert {"classification", "regression"} <= set(plugins.tasks)
+
+
+def test_the_cli_lists_broken_plugins_as_failed_and_still_runs(broken_site, tmp_path, overrides):
+    env = {"PYTHONPATH": str(broken_site)}
+    listed = slimlab("plugins", "--json", cwd=tmp_path, env=env)
+    assert listed.returncode == 0, listed.stderr[-2000:]
+    infos = {entry["name"]: entry for entry in json.loads(listed.stdout)}
+    for name, (_, error) in BROKEN.items():
+        assert infos[name]["status"] == "failed" and error in infos[name]["error"], name
+        assert infos[name]["techniques"] == [] and infos[name]["hooks"] == []
+    assert infos["prune"]["status"] == "loaded"
+
+    ran = slimlab("run", *overrides, "technique=[prune]", "tracking=none", cwd=tmp_path, env=env)
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    assert "slimlab plugin 'zerodiv'" in ran.stderr and "division by zero" in ran.stderr  # a warning, not a crash
+
+    half = slimlab("run", *overrides, "technique=[half_zerodiv]", "tracking=none", cwd=tmp_path, env=env)
+    assert half.returncode == 2
+    error = [line for line in half.stderr.splitlines() if line.startswith("slimlab: error:")]
+    assert len(error) == 1 and "unknown technique 'half_zerodiv'" in error[0], half.stderr[-2000:]
+    assert "zerodiv (slimlab-zerodiv): register_techniques raised ZeroDivisionError" in error[0]

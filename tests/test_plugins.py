@@ -246,6 +246,8 @@ def broken_site(tmp_path_factory) -> Path:
         write_plugin(site, f"slimlab-{name}", f"slimlab_{name}", source, {name: f"slimlab_{name}"})
     twice = TECHNIQUE + "\n@hookimpl\ndef register_techniques(register):\n    register('twice', HalfConfig, half)\n"
     write_plugin(site, "slimlab-twice", "slimlab_twice", twice, {"twice": "slimlab_twice", "twice2": "slimlab_twice"})
+    clash = twice.replace("'twice'", "'clash'")
+    write_plugin(site, "slimlab-clash", "slimlab_clash", clash, {"tasks": "slimlab_clash"})  # a built-in's name
     return site
 
 
@@ -266,6 +268,10 @@ def test_broken_plugins_are_refused_with_everything_they_registered(broken_site,
     assert infos["twice"].status == "loaded" and infos["twice"].techniques == ["twice"]
     assert infos["twice2"].status == "failed"
     assert infos["twice2"].error == "slimlab_twice is plugin 'twice' already: one module cannot be two plugins"
+    # an entry point named like a built-in is refused, and shows nothing of the built-in's
+    (clash,) = [info for info in plugins.infos if info.distribution == "slimlab-clash"]
+    assert (clash.name, clash.status, clash.tasks, clash.hooks) == ("tasks", "failed", [], [])
+    assert "clash" not in plugins.registry
     assert {"prune", "quantize", "distill", "place"} <= set(plugins.registry.names())
     assert {"classification", "regression"} <= set(plugins.tasks)
 

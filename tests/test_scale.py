@@ -88,15 +88,17 @@ def test_optuna_search_resumes_after_an_interruption(tmp_path, cache_dir):
     assert process.returncode == 143  # 128 + SIGTERM
     import optuna
 
-    study = optuna.load_study(study_name="default", storage=f"sqlite:///{tmp_path}/optuna.db")
+    (name,) = optuna.get_all_study_names(f"sqlite:///{tmp_path}/optuna.db")  # <experiment>-<digest of the search>
+    assert name.startswith("default-")
+    study = optuna.load_study(study_name=name, storage=f"sqlite:///{tmp_path}/optuna.db")
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert 6 <= len(complete) < 12
 
     again = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
-    study = optuna.load_study(study_name="default", storage=f"sqlite:///{tmp_path}/optuna.db")
+    study = optuna.load_study(study_name=name, storage=f"sqlite:///{tmp_path}/optuna.db")  # the same study
     assert sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials) == 12
-    assert "Pareto front of study 'default'" in again.stdout
+    assert f"Pareto front of study {name!r}" in again.stdout
     parents, _ = runs_by_kind(store)
     assert [p.info.status for p in parents] == ["KILLED", "FINISHED"]
     client = MlflowClient(store)

@@ -10,14 +10,18 @@ ships this small one, found by Hydra in the ``hydra_plugins`` namespace like any
 Swept overrides (``choice``, ``range``, ``interval``, ``tag(log, interval(...))``) are the search space;
 plain ones are fixed. Each trial is one slimlab job; the job's metrics (the task function returns them all)
 are the objectives, ``hydra.sweeper.objectives`` mapping metric to direction. The study lives in
-``storage`` (default: ``sqlite:///<launch dir>/optuna.db``) under ``study_name``: started again, the sweep
-counts the COMPLETE trials already there and runs only the rest; trials left RUNNING by an interruption
-are marked FAIL and redone. The Pareto front (``study.best_trials``) is printed and written to
-``<sweep dir>/pareto_front.json``.
+``storage`` (default: ``sqlite:///<launch dir>/optuna.db``). A search is its search space, its objectives and
+its fixed overrides (but those that only say where results go: tracking, cache_dir, resume, experiment_name);
+the study is named ``<experiment_name>-<digest of the search>`` unless ``study_name`` is given, and records the
+search it holds (user attr ``slimlab.search``): a study of another search is refused, never continued. The
+same search started again counts the COMPLETE trials already there and runs only the rest; trials left
+RUNNING by an interruption are marked FAIL and redone. The Pareto front (``study.best_trials``) is printed
+and written to ``<sweep dir>/pareto_front.json``.
 """
 
 # No `from __future__ import annotations`: Hydra's plugin scanner runs this module before it is in sys.modules,
 # where dataclasses cannot resolve string annotations (and OmegaConf needs the real types anyway).
+import hashlib
 import json
 import logging
 from dataclasses import dataclass, field
@@ -31,6 +35,9 @@ from omegaconf import DictConfig, OmegaConf
 log = logging.getLogger("slimlab")
 DIRECTIONS = ("maximize", "minimize")
 SAMPLERS = ("tpe", "nsga2", "random")
+SEARCH_ATTR = "slimlab.search"  # the study's user attr recording the search it holds
+# Overrides that say where results are kept, not what they are: changing them continues the same search.
+NOT_THE_SEARCH = ("tracking", "cache_dir", "resume", "experiment_name")
 
 
 @dataclass
@@ -43,7 +50,7 @@ class SlimlabOptunaSweeperConf:
     sampler: str = "tpe"  # tpe | nsga2 | random
     seed: int = 0
     storage: str | None = None  # None: sqlite:///<launch dir>/optuna.db
-    study_name: str | None = None  # None: the experiment name
+    study_name: str | None = None  # None: <experiment_name>-<digest of the search space, objectives, fixed overrides>
     params: dict[str, str] = field(default_factory=dict)  # the search space, as Hydra sweep overrides
 
 
@@ -73,6 +80,44 @@ def distribution(override: Any) -> Any:
             return IntDistribution(value.start, value.end, log=log_scale)
         return FloatDistribution(float(value.start), float(value.end), log=log_scale)
     raise ValueError(f"cannot search over {override.input_line!r}: use choice(...), range(...) or interval(...)")
+
+
+def _show(dist: Any) -> str:
+    """A distribution in a readable form that holds everything that defines it."""
+    from optuna.distributions import CategoricalDistribution
+
+    if isinstance(dist, CategoricalDistribution):
+        return f"choice({', '.join(map(repr, dist.choices))})"
+    kind = "int" if type(dist).__name__.startswith("Int") else "float"
+    extra = (", log" if dist.log else "") + (f", step={dist.step!r}" if dist.step not in (None, 1) else "")
+    return f"{kind}[{dist.low!r}, {dist.high!r}{extra}]"
+
+
+def search(space: dict[str, Any], fixed: list[str], objectives: dict[str, str]) -> dict[str, list[str]]:
+    """What identifies a search: its space, its objectives in order, and the fixed overrides that shape results."""
+
+    def root(override: str) -> str:
+        return override.lstrip("+~").split("=", 1)[0].split(".", 1)[0]
+
+    return {
+        "search_space": [f"{key}={_show(dist)}" for key, dist in sorted(space.items())],
+        "objectives": [f"{metric}:{direction}" for metric, direction in objectives.items()],
+        "fixed": sorted(o for o in fixed if root(o) not in NOT_THE_SEARCH),
+    }
+
+
+def search_digest(description: dict[str, list[str]]) -> str:
+    return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def _differences(stored: dict[str, list[str]], wanted: dict[str, list[str]]) -> str:
+    parts = [
+        f"{part.replace('_', ' ')} {' '.join(stored.get(part, [])) or 'none'} there, "
+        f"{' '.join(wanted[part]) or 'none'} here"
+        for part in wanted
+        if stored.get(part) != wanted[part]
+    ]
+    return "; ".join(parts)
 
 
 class SlimlabOptunaSweeper(Sweeper):
@@ -110,7 +155,52 @@ class SlimlabOptunaSweeper(Sweeper):
         except Exception as error:  # Hydra wraps the constructor's ValueError: report the ValueError itself
             cause = error.__cause__
             raise (cause if isinstance(cause, ValueError) else error) from None
-        sweeper._space_and_fixed(list(config.hydra.overrides.task), parser=None)
+        space, fixed = sweeper._space_and_fixed(list(config.hydra.overrides.task), parser=None)
+        sweeper._study(space, fixed, str(config.experiment_name), create=False)  # another search's study: refused
+
+    def _storage(self) -> str:
+        return self.storage or f"sqlite:///{Path.cwd().resolve() / 'optuna.db'}"
+
+    def _study(self, space: dict[str, Any], fixed: list[str], experiment: str, create: bool) -> Any:
+        """The study of this search, created (``create``) or None if it does not exist yet.
+
+        A study is one search: an existing study that holds another search (or whose search is unknown and
+        that has trials) is refused, naming both, rather than continued with points it was not asked for.
+        """
+        import optuna
+
+        from slimlab.errors import ConfigError
+
+        wanted = search(space, fixed, self.objectives)
+        name = self.study_name or f"{experiment}-{search_digest(wanted)}"
+        storage = self._storage()
+        if create:
+            study = optuna.create_study(
+                study_name=name,
+                storage=storage,
+                directions=[self.objectives[m] for m in self.objectives],
+                sampler=self._sampler(),
+                load_if_exists=True,
+            )
+        else:
+            if storage.startswith("sqlite:///") and not Path(storage.removeprefix("sqlite:///")).exists():
+                return None  # no study yet; looking must not create the database
+            try:
+                study = optuna.load_study(study_name=name, storage=storage)
+            except KeyError:  # Optuna's "Record does not exist."
+                return None
+        stored = study.user_attrs.get(SEARCH_ATTR)
+        if stored is None and not study.trials:  # just created (or empty): it holds this search from now on
+            if create:
+                study.set_user_attr(SEARCH_ATTR, wanted)
+            return study
+        if stored != wanted:
+            what = _differences(stored, wanted) if stored else "it records no search and has trials"
+            raise ConfigError(
+                f"hydra.sweeper.study_name={name!r} in {storage} is another search ({what}); "
+                "give another hydra.sweeper.study_name, or none for one named after this search"
+            )
+        return study
 
     def _space_and_fixed(self, arguments: list[str], parser: Any) -> tuple[dict[str, Any], list[str]]:
         """The search space (swept overrides as Optuna distributions) and the fixed overrides."""
@@ -150,15 +240,8 @@ class SlimlabOptunaSweeper(Sweeper):
         parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
         space, fixed = self._space_and_fixed(arguments, parser)
 
-        storage = self.storage or f"sqlite:///{Path.cwd().resolve() / 'optuna.db'}"
-        name = self.study_name or str(self.config.experiment_name)
-        study = optuna.create_study(
-            study_name=name,
-            storage=storage,
-            directions=[self.objectives[m] for m in self.objectives],
-            sampler=self._sampler(),
-            load_if_exists=True,
-        )
+        study = self._study(space, fixed, str(self.config.experiment_name), create=True)
+        name, storage = study.study_name, self._storage()
         # Left RUNNING by an interruption (one sweeper per study): failed, so their points are asked again.
         for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             study.tell(trial.number, state=TrialState.FAIL)

@@ -105,3 +105,21 @@ def test_a_named_study_of_another_search_is_refused_before_anything_runs(tmp_pat
     assert not (tmp_path / "mlflow.db").exists()  # refused before the sweep's parent run
     assert not (tmp_path / "multirun").exists() and not (tmp_path / "outputs").exists()
     assert all(len(study.trials) == 1 for study in studies(storage).values())
+
+
+@pytest.mark.parametrize(
+    "storage,message",
+    [
+        ("sqlite:////nonexistent-dir/optuna.db", "'sqlite:////nonexistent-dir/optuna.db': directory /nonexistent-dir "),
+        ("foo://bar", "'foo://bar' cannot be opened: Can't load plugin: sqlalchemy.dialects:foo"),
+    ],
+)
+def test_a_storage_that_cannot_be_opened_is_refused_before_anything_runs(storage, message, tmp_path):
+    sweep = ["-m", "hydra/sweeper=slimlab_optuna", "technique.prune.amount=interval(0.1, 0.5)"]
+    result = slimlab("run", *sweep, f"hydra.sweeper.storage={storage}", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+                     cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 2, result.stderr[-3000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("slimlab: error: hydra.sweeper.storage="), result.stderr[-3000:]
+    assert message in lines[0]
+    assert not (tmp_path / "mlflow.db").exists()

@@ -174,21 +174,27 @@ class SlimlabOptunaSweeper(Sweeper):
         wanted = search(space, fixed, self.objectives)
         name = self.study_name or f"{experiment}-{search_digest(wanted)}"
         storage = self._storage()
-        if create:
-            study = optuna.create_study(
-                study_name=name,
-                storage=storage,
-                directions=[self.objectives[m] for m in self.objectives],
-                sampler=self._sampler(),
-                load_if_exists=True,
-            )
-        else:
-            if storage.startswith("sqlite:///") and not Path(storage.removeprefix("sqlite:///")).exists():
+        database = Path(storage.removeprefix("sqlite:///")) if storage.startswith("sqlite:///") else None
+        if database is not None and not database.parent.is_dir():
+            raise ConfigError(f"hydra.sweeper.storage={storage!r}: directory {database.parent} does not exist")
+        try:
+            if create:
+                study = optuna.create_study(
+                    study_name=name,
+                    storage=storage,
+                    directions=[self.objectives[m] for m in self.objectives],
+                    sampler=self._sampler(),
+                    load_if_exists=True,
+                )
+            elif database is not None and not database.exists():
                 return None  # no study yet; looking must not create the database
-            try:
+            else:
                 study = optuna.load_study(study_name=name, storage=storage)
-            except KeyError:  # Optuna's "Record does not exist."
-                return None
+        except KeyError:  # Optuna's "Record does not exist." (only when looking)
+            return None
+        except Exception as error:  # the storage is the user's input: say so in one line
+            reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            raise ConfigError(f"hydra.sweeper.storage={storage!r} cannot be opened: {reason}") from error
         stored = study.user_attrs.get(SEARCH_ATTR)
         if stored is None and not study.trials:  # just created (or empty): it holds this search from now on
             if create:

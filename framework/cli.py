@@ -276,18 +276,16 @@ def _run(args: list[str]) -> int:
         terminated = isinstance(interrupt, Terminated)
         print(f"slimlab: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
         return EXIT_TERMINATED if terminated else EXIT_INTERRUPTED
-    except OSError as error:
-        # Hydra's output directory (or another file outside any run) cannot be written: the place is the input.
-        if error.filename and error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-            return _error(
-                f"cannot write {os.path.abspath(error.filename)}: {error.strerror}; run from a writable directory "
-                "or point hydra.run.dir (hydra.sweep.dir), tracking.uri and cache_dir at writable places"
-            )
-        raise
     except Exception as error:
         sweep.interrupt(status="FAILED")  # whatever stopped a started sweep, its runs do not stay RUNNING
         if is_bad_input(error):
             return _error(describe_hydra_error(error))
+        # Hydra's output directory (or another file outside any run) cannot be written: the place is the input.
+        if isinstance(error, OSError) and error.filename and error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            return _error(
+                f"cannot write {os.path.abspath(error.filename)}: {error.strerror}; run from a writable directory "
+                "or point hydra.run.dir (hydra.sweep.dir), tracking.uri and cache_dir at writable places"
+            )
         raise
 
 

@@ -12,13 +12,15 @@ import pytest
 from tests.conftest import REPO
 
 
-def test_help_piped_into_head_ends_quietly(tmp_path):
-    """``slimlab run --help | head -1``: the reader stops early; no BrokenPipeError traceback, exit 141."""
-    script = f"{shlex.quote(sys.executable)} -m slimlab run --help | head -1; echo rc=${{PIPESTATUS[0]}}"
+def test_help_piped_into_a_reader_that_stops_ends_quietly(tmp_path):
+    """``slimlab run --help | head``: the reader stops early; no BrokenPipeError traceback, exit 141.
+
+    ``true`` stops before slimlab has started (imports take a second), so every write meets a closed pipe.
+    """
+    script = f"{shlex.quote(sys.executable)} -m slimlab run --help | true; echo rc=${{PIPESTATUS[0]}}"
     result = subprocess.run(["bash", "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120)
-    assert result.stdout.splitlines()[0].startswith("slimlab run:"), result.stdout
     assert "Traceback" not in result.stderr and "BrokenPipe" not in result.stderr, result.stderr
-    assert result.stdout.splitlines()[-1] == "rc=141"  # 128 + SIGPIPE, as `git log | head` reports
+    assert result.stdout.splitlines() == ["rc=141"]  # 128 + SIGPIPE, as `git log | head` reports
 
 
 def _read_only(directory: Path, command: str) -> subprocess.CompletedProcess:

@@ -268,3 +268,18 @@ def sweep_report(client: MlflowClient, parent: str, *, out: Path | None = None, 
         for path in write_report(rows, out or Path(tmp), title):
             client.log_artifact(parent, str(path), artifact_path="report")
     return len(rows)
+
+
+def open_store(uri: str) -> MlflowClient:
+    """A client on an existing store: a report reads runs, it never creates an empty ``mlflow.db``.
+
+    Raises ValueError naming the path when an embedded sqlite store does not exist.
+    """
+    from mlflow import MlflowClient
+
+    from slimlab.tracking import sqlite_path
+
+    database = sqlite_path(uri)
+    if database is not None and not database.is_file():
+        raise ValueError(f"no tracking store at {database}; run something first (slimlab run) or pass --uri")
+    return MlflowClient(uri)

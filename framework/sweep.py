@@ -7,7 +7,9 @@ run is a child (``mlflow.parentRunId``) and each job records its outcome on the 
 ``slimlab.job.<num>`` (without tracking: a file in the sweep directory), so outcomes cross processes and
 hosts. A job that raises is recorded and the sweep goes on; ``on_multirun_end`` counts the outcomes (a job
 that recorded none counts as failed), prints the summary, logs the report to the parent and closes it
-FINISHED or FAILED. Interrupted, the running children and the parent are closed KILLED.
+FINISHED or FAILED. Interrupted, the running children and the parent are closed KILLED; killed outright
+(SIGKILL, a lost machine), they are closed KILLED by the next sweep or run on the same host
+(``tracking.close_dead_runs``: each run records its host and process).
 
 Resume: a job whose run key (``slimlab.run_key``: the resolved config, the code and files behind the baseline,
 the versions of torch, slimlab and every plugin; ``runner.run_key``) already has a FINISHED run in the experiment
@@ -139,11 +141,9 @@ class FinishedRun:
 
 def finished_run(cfg: DictConfig, run_key: str) -> FinishedRun | None:
     """A FINISHED run of the same experiment with the same run key, if there is one."""
-    from mlflow import MlflowClient
+    from slimlab.tracking import open_store, tracking_uri
 
-    from slimlab.tracking import tracking_uri
-
-    client = MlflowClient(sweep_uri() or tracking_uri(cfg))
+    client = open_store(sweep_uri() or tracking_uri(cfg))
     experiment = client.get_experiment_by_name(cfg.experiment_name)
     if experiment is None:
         return None
@@ -252,6 +252,7 @@ class SweepCallback(Callback):
     """Hydra callback (conf/config.yaml): the parent run around a multirun, and the summary after it."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from slimlab.errors import ConfigError
         from slimlab.hydra_app import BadInput
 
         global last_result
@@ -280,29 +281,40 @@ class SweepCallback(Callback):
             self._open_parent(config, jobs)
         except BaseException as error:  # Hydra would only warn and run the jobs without their parent
             interrupt(status="FAILED")
+            if isinstance(error, ConfigError):  # a store that cannot be used (read-only): bad input, one line
+                raise BadInput(str(error)) from error
             if not isinstance(error, Exception):
                 raise
             raise SweepSetupFailed(f"{type(error).__name__}: {error}") from error
 
     def _open_parent(self, config: DictConfig, jobs: list[list[str]] | None) -> None:
-        from mlflow import MlflowClient
-
-        from slimlab.tracking import experiment_id, tracking_uri
+        """Open the store (created under a lock), close this host's runs whose process is gone, open the parent."""
+        from slimlab.tracking import (
+            close_dead_runs,
+            experiment_id,
+            open_store,
+            process_tags,
+            read_only_as_config_error,
+            tracking_uri,
+        )
 
         uri = tracking_uri(config)
-        client = MlflowClient(uri)
+        client = open_store(uri)
         experiment = experiment_id(client, config.experiment_name, uri)
         overrides = " ".join(config.hydra.overrides.task)
-        parent = client.create_run(
-            experiment,
-            run_name=" ".join([f"sweep {config.experiment_name}:", *swept_overrides(config)])[:250],
-            tags={
-                "slimlab.sweep": "parent",
-                "slimlab.sweep.overrides": overrides[:5000],
-                "slimlab.sweep.sweeper": str(config.hydra.sweeper.get("_target_", "")),
-                "slimlab.sweep.launcher": str(config.hydra.launcher.get("_target_", "")),
-            },
-        )
+        with read_only_as_config_error(uri):
+            close_dead_runs(client, experiment)  # a sweep killed before this one (SIGKILL): its parent and children
+            parent = client.create_run(
+                experiment,
+                run_name=" ".join([f"sweep {config.experiment_name}:", *swept_overrides(config)])[:250],
+                tags={
+                    "slimlab.sweep": "parent",
+                    "slimlab.sweep.overrides": overrides[:5000],
+                    "slimlab.sweep.sweeper": str(config.hydra.sweeper.get("_target_", "")),
+                    "slimlab.sweep.launcher": str(config.hydra.launcher.get("_target_", "")),
+                    **process_tags(),
+                },
+            )
         run_id = parent.info.run_id
         _active.update(uri=uri, run_id=run_id)  # from here on, an interruption closes it
         last_result.parent_run_id = run_id

@@ -1,19 +1,33 @@
-"""MLflow tracking as a built-in plugin: one MLflow run per slimlab run."""
+"""MLflow tracking as a built-in plugin: one MLflow run per slimlab run.
+
+The store is refused in the plan when MLflow cannot use it (``check_config``: its scheme, a server that does not
+answer, a read-only sqlite file); a new sqlite store is created and migrated under a file lock, so runs started
+together do not race MLflow's migrations; a failed run is closed before anything else is logged; each run records
+its host and process, and the next run or sweep on that host closes as KILLED the runs whose process is gone.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import socket
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from slimlab import hookimpl
+from slimlab.errors import ConfigError
 
 if TYPE_CHECKING:
+    from mlflow import MlflowClient
     from omegaconf import DictConfig
 
     from slimlab.context import RunContext
+
+log = logging.getLogger("slimlab")
 
 BATCH_LIMIT = 100  # MLflow accepts at most 100 params per log_batch call
 
@@ -43,7 +57,7 @@ def tracking_uri(cfg: DictConfig | None = None) -> str:
 
 def sqlite_path(uri: str) -> Path | None:
     """The database file of an embedded ``sqlite:///`` store; None for any other store."""
-    return Path(uri[len("sqlite:///") :]) if uri.startswith("sqlite:///") else None
+    return Path(uri[len("sqlite:///") :].split("?", 1)[0]) if uri.startswith("sqlite:///") else None
 
 
 def artifact_location(uri: str) -> str | None:
@@ -52,18 +66,298 @@ def artifact_location(uri: str) -> str | None:
     return (database.parent / "mlartifacts").resolve().as_uri() if database else None
 
 
+@contextmanager
+def store_lock(uri: str) -> Iterator[None]:
+    """Hold an exclusive lock on an embedded sqlite store (``<db>.lock`` beside it) across processes.
+
+    MLflow creates and migrates a fresh sqlite store in whichever process opens it first, without a lock: two
+    processes opening it at once both migrate and one dies (``duplicate column name: step``). Other stores
+    (a server, PostgreSQL) do their own migrations: no lock.
+    """
+    database = sqlite_path(uri)
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: nothing to lock with
+        fcntl = None
+    if database is None or fcntl is None:
+        yield
+        return
+    database.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{database}.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file is closed, even if the process dies
+        yield
+
+
+def open_store(uri: str) -> MlflowClient:
+    """A client on ``uri``, the store created and migrated under ``store_lock`` if it is new.
+
+    MLflow opens (and creates, and migrates) a store once per process and URI and reuses it: later
+    ``MlflowClient(uri)`` calls in this process do not touch the schema again. A read-only sqlite store is
+    refused (``ConfigError``) before anything is written.
+    """
+    from mlflow import MlflowClient
+
+    refuse_read_only(uri)
+    with store_lock(uri), read_only_as_config_error(uri):
+        return MlflowClient(uri)
+
+
 def experiment_id(client: Any, name: str, uri: str, primary: str | None = None) -> str:
-    """The experiment's id, created if new, its comparison view (for task metric ``primary``) kept current."""
-    experiment = client.get_experiment_by_name(name)
-    if experiment is None:
-        experiment_id = client.create_experiment(name, artifact_location=artifact_location(uri))
-        tags: dict[str, str] = {}
-    else:
+    """The experiment's id, created if new, its comparison view (for task metric ``primary``) kept current.
+
+    Created under ``store_lock``; against a server, a process that loses the race to create it reads the
+    winner's (MLflow answers ``RESOURCE_ALREADY_EXISTS``).
+    """
+    from mlflow.exceptions import MlflowException
+
+    with store_lock(uri), read_only_as_config_error(uri):
+        experiment = client.get_experiment_by_name(name)
+        if experiment is None:
+            try:
+                client.create_experiment(name, artifact_location=artifact_location(uri))
+            except MlflowException as error:
+                if error.error_code != "RESOURCE_ALREADY_EXISTS":
+                    raise
+            experiment = client.get_experiment_by_name(name)
+            if experiment is None:  # deleted again in between: say so rather than log to nowhere
+                raise RuntimeError(f"the MLflow experiment {name!r} vanished while it was being created")
         experiment_id, tags = experiment.experiment_id, experiment.tags
-    view = comparison_view(primary or "accuracy")
-    if VIEW_TAG not in tags or (primary and tags[VIEW_TAG] != view):  # new, or this run's task metric differs
-        client.set_experiment_tag(experiment_id, VIEW_TAG, view)
+        view = comparison_view(primary or "accuracy")
+        if VIEW_TAG not in tags or (primary and tags[VIEW_TAG] != view):  # new, or this run's task metric differs
+            client.set_experiment_tag(experiment_id, VIEW_TAG, view)
     return experiment_id
+
+
+# --- a store that cannot be used: refused in the plan (check_config), one line, exit 2 ---
+
+FILE_STORE_SCHEMES = ("", "file")
+KNOWN_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql", "http", "https", "databricks", "databricks-uc", "uc", "file")
+HEALTH_TIMEOUT = 5.0  # seconds a tracking server gets to answer /health
+_answered: set[str] = set()  # servers that answered in this process (a sweep checks every job)
+
+
+def store_schemes() -> list[str]:
+    """The URI schemes MLflow has a tracking store for (its registry: built-ins and installed plugins)."""
+    try:
+        from mlflow.tracking._tracking_service.utils import _tracking_store_registry
+
+        return sorted(scheme for scheme in _tracking_store_registry._registry if scheme)
+    except Exception:  # the registry is private: MLflow's built-in schemes
+        return list(KNOWN_SCHEMES)
+
+
+def check_store(uri: str, host: bool = True) -> None:
+    """Refuse a tracking URI MLflow cannot use, a server that does not answer, a read-only sqlite store.
+
+    ``host=False`` (the runs happen on other machines) skips the server check: only they can tell.
+    """
+    from mlflow.utils.uri import get_uri_scheme
+
+    scheme = uri if uri in ("databricks", "databricks-uc", "uc") else get_uri_scheme(uri)
+    schemes = store_schemes()
+    if scheme not in schemes and scheme not in FILE_STORE_SCHEMES:
+        shown = ", ".join(f"{s}:" if s.startswith("databricks") or s == "uc" else f"{s}://" for s in schemes)
+        raise ConfigError(
+            f"tracking.uri={uri}: MLflow has no tracking store for {scheme + '://' if scheme else 'it'}; "
+            f"valid: {shown} (e.g. sqlite:///{Path.cwd() / 'mlflow.db'})"
+        )
+    if scheme in FILE_STORE_SCHEMES and os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() not in ("true", "1"):
+        raise ConfigError(
+            f"tracking.uri={uri} is a file store, which MLflow refuses unless MLFLOW_ALLOW_FILE_STORE=true; "
+            f"use a database, e.g. sqlite:///{Path.cwd() / 'mlflow.db'}"
+        )
+    if scheme in ("http", "https") and host:
+        check_server(uri)
+    refuse_read_only(uri)
+
+
+def check_server(uri: str, timeout: float = HEALTH_TIMEOUT) -> None:
+    """A tracking server must answer ``GET /health`` within ``timeout`` seconds (MLflow would retry for minutes)."""
+    import urllib.error
+    import urllib.request
+
+    if uri in _answered:
+        return
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout):
+            pass
+    except urllib.error.HTTPError:  # it answered: an error status (auth, a proxy) is for MLflow to report
+        pass
+    except (OSError, ValueError) as error:  # refused, unknown host, timed out
+        reason = getattr(error, "reason", None) or error
+        raise ConfigError(
+            f"tracking server {uri} does not answer ({reason}) at /health within {timeout:g} s; "
+            "start it (slimlab server ...) or set tracking.uri to a reachable store"
+        ) from None
+    _answered.add(uri)
+
+
+def read_only_reason(uri: str) -> str | None:
+    """Why an embedded sqlite store cannot be written (its file, or the directory that holds or will hold it)."""
+    database = sqlite_path(uri)
+    if database is None:
+        return None
+    database = database.expanduser().absolute()
+    if database.exists():
+        if not os.access(database, os.W_OK):
+            return "the file is not writable"
+        if not os.access(database.parent, os.W_OK | os.X_OK):  # sqlite writes its journal beside it
+            return f"its directory {database.parent} is not writable"
+        return None
+    folder = database.parent
+    while not folder.exists() and folder != folder.parent:  # MLflow creates the missing directories
+        folder = folder.parent
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return f"the directory {folder} is not writable, so the store cannot be created"
+    return None
+
+
+def read_only_error(uri: str, reason: str) -> ConfigError:
+    path = sqlite_path(uri)
+    return ConfigError(
+        f"the tracking store {path} is read-only: {reason}; make it writable or set tracking.uri to a writable store"
+    )
+
+
+def refuse_read_only(uri: str) -> None:
+    reason = read_only_reason(uri)
+    if reason:
+        raise read_only_error(uri, reason)
+
+
+def is_read_only(error: BaseException) -> bool:
+    """Whether sqlite refused a write because its database is read-only (wrapped by SQLAlchemy and MLflow)."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if "readonly database" in str(current) or "read-only database" in str(current):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
+@contextmanager
+def read_only_as_config_error(uri: str) -> Iterator[None]:
+    """sqlite's ``attempt to write a readonly database`` (under SQLAlchemy's autoflush message) as one line."""
+    try:
+        yield
+    except Exception as error:
+        if sqlite_path(uri) is None or not is_read_only(error):
+            raise
+        raise read_only_error(uri, read_only_reason(uri) or "sqlite refused to write to it") from None
+
+
+# --- runs whose process is gone: closed KILLED by the next run or sweep on the same host ---
+
+HOST_TAG, PID_TAG, START_TAG = "slimlab.host", "slimlab.pid", "slimlab.process_start"
+ERROR_TAG = "slimlab.error"
+
+
+def process_tags() -> dict[str, str]:
+    """Where this process runs, so a later command on the same host can tell when it is gone."""
+    return {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid()), START_TAG: process_start(os.getpid()) or ""}
+
+
+def process_start(pid: int) -> str | None:
+    """``boot/pid-namespace/start-ticks`` of process ``pid``, "" when unknown; None when there is no such process.
+
+    The start time (``/proc/<pid>/stat`` field 22) tells a reused pid from the process that held it; the boot id
+    tells a process of an earlier boot; the pid namespace tells another container on the same kernel.
+    """
+    proc = Path("/proc")
+    if (proc / "self" / "stat").exists():
+        try:
+            stat = (proc / str(pid) / "stat").read_text()
+        except (FileNotFoundError, ProcessLookupError):
+            return None
+        except OSError:
+            return ""
+        ticks = stat.rsplit(")", 1)[1].split()[19]  # fields after "pid (comm)" start at field 3
+        return f"{_read(proc / 'sys/kernel/random/boot_id')}/{_readlink(proc / 'self/ns/pid')}/{ticks}"
+    try:
+        import psutil
+    except ImportError:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        except OSError:  # it exists, owned by someone else
+            pass
+        return ""
+    try:
+        return f"//{psutil.Process(pid).create_time()}"
+    except psutil.NoSuchProcess:
+        return None
+    except psutil.Error:
+        return ""
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return ""
+
+
+def _readlink(path: Path) -> str:
+    try:
+        return os.readlink(path)
+    except OSError:
+        return ""
+
+
+def process_gone(tags: dict[str, str]) -> bool:
+    """Whether the process that recorded ``tags`` (``process_tags``) is known to be gone.
+
+    Only processes of this host can be seen: a run of another host (or of another pid namespace on this
+    kernel, such as another container) is never called gone. A host is its hostname.
+    """
+    if tags.get(HOST_TAG) != socket.gethostname():
+        return False
+    try:
+        pid = int(tags[PID_TAG])
+    except (KeyError, ValueError):
+        return False
+    recorded = tags.get(START_TAG, "")
+    boot, namespace, _ = ([*recorded.split("/", 2), "", ""])[:3]
+    my_boot, my_namespace, _ = ([*(process_start(os.getpid()) or "").split("/", 2), "", ""])[:3]
+    if boot and my_boot and boot != my_boot:
+        return True  # recorded before this machine last booted
+    if namespace and my_namespace and namespace != my_namespace:
+        return False  # another pid namespace: its pids mean nothing here
+    current = process_start(pid)
+    return current is None or bool(recorded and current and current != recorded)
+
+
+def close_dead_runs(client: MlflowClient, experiment_id: str) -> list[str]:
+    """Close as KILLED the RUNNING runs of the experiment whose process (on this host) is gone; return their ids.
+
+    A SIGKILL (or a lost machine) leaves a run RUNNING: the next run or sweep on the same host closes it, with
+    ``slimlab.error`` saying why. Runs recorded on other hosts are left alone: their processes cannot be seen
+    from here, so a run of another host stays RUNNING until a command on that host starts.
+    """
+    from slimlab.sweep import search_all
+
+    host = socket.gethostname()
+    running = search_all(
+        client, [experiment_id], f"attributes.status = 'RUNNING' and tags.`{HOST_TAG}` = '{host.replace(chr(39), '')}'"
+    )
+    closed = []
+    for run in running:
+        tags = run.data.tags
+        if not process_gone(tags):
+            continue
+        reason = f"killed: its process {tags.get(PID_TAG)} on {host} is gone (found by the next run on this host)"
+        try:
+            client.set_tag(run.info.run_id, ERROR_TAG, reason)
+            client.set_terminated(run.info.run_id, "KILLED")
+        except Exception as error:  # closed by another process meanwhile, or the store is busy: not this run's fault
+            log.warning("could not close run %s: %s: %s", run.info.run_id, type(error).__name__, error)
+            continue
+        log.warning("closed run %s as KILLED: its process %s is gone", run.info.run_id, tags.get(PID_TAG))
+        closed.append(run.info.run_id)
+    return closed
 
 
 def comparison_url(base_url: str, experiment_id: str) -> str:
@@ -84,11 +378,17 @@ def comparison_params(ctx: RunContext) -> dict[str, str]:
 
 
 class MlflowTracking:
-    """Opens the run in ``before_run``; logs and closes it in ``after_run`` or ``on_run_error``."""
+    """Checks the store in the plan; opens the run in ``before_run``; logs and closes it in ``after_run`` or
+    ``on_run_error``."""
+
+    @hookimpl
+    def check_config(self, cfg: DictConfig, host: bool) -> None:
+        """The tracking store must be one MLflow can use, answer (a server), and be writable (sqlite)."""
+        check_store(tracking_uri(cfg), host)
 
     @hookimpl
     def before_run(self, ctx: RunContext) -> None:
-        from mlflow import MlflowClient
+        """Open the store (created under a lock), close this host's runs whose process is gone, open the run."""
         from mlflow.entities import Param
 
         from slimlab import sweep
@@ -101,15 +401,22 @@ class MlflowTracking:
             tags |= {"mlflow.parentRunId": parent, "slimlab.job": str(sweep.job_number())}
         else:
             uri = tracking_uri(ctx.cfg)
-        client = MlflowClient(uri)
+        client = open_store(uri)
         experiment = experiment_id(client, ctx.cfg.experiment_name, uri, ctx.task.primary_metric)
-        run = client.create_run(experiment, run_name=ctx.run_name, tags=tags)
-        ctx.state["mlflow"] = {"uri": uri, "run_id": run.info.run_id, "experiment_id": run.info.experiment_id}
-        flat = flatten(ctx.cfg)
-        short = {k: v for k, v in comparison_params(ctx).items() if k not in flat}
-        params = [Param(k, v[:6000]) for k, v in {**short, **flat}.items()]
-        for start in range(0, len(params), BATCH_LIMIT):
-            client.log_batch(run.info.run_id, params=params[start : start + BATCH_LIMIT])
+        with read_only_as_config_error(uri):
+            close_dead_runs(client, experiment)
+            run = client.create_run(experiment, run_name=ctx.run_name, tags=tags | process_tags())
+        run_id = run.info.run_id
+        ctx.state["mlflow"] = {"uri": uri, "run_id": run_id, "experiment_id": run.info.experiment_id}
+        try:
+            flat = flatten(ctx.cfg)
+            short = {k: v for k, v in comparison_params(ctx).items() if k not in flat}
+            params = [Param(k, v[:6000]) for k, v in {**short, **flat}.items()]
+            for start in range(0, len(params), BATCH_LIMIT):
+                client.log_batch(run_id, params=params[start : start + BATCH_LIMIT])
+        except BaseException as error:  # the runner only reports errors after before_run: close the run here
+            _close(client, run_id, error, "")
+            raise
 
     @hookimpl
     def after_run(self, ctx: RunContext, metrics: dict[str, float]) -> None:
@@ -142,19 +449,36 @@ class MlflowTracking:
 
     @hookimpl
     def on_run_error(self, ctx: RunContext, error: BaseException, traceback_text: str) -> None:
+        """Close the run FAILED (KILLED when interrupted) first, then record what can be recorded.
+
+        Each step is on its own: a full disk that refuses the traceback file must not leave the run RUNNING.
+        """
         from mlflow import MlflowClient
 
         state = ctx.state.get("mlflow")
         if state is None:  # failed before the run was opened: nothing recorded, nothing to close
             return
-        client = MlflowClient(state["uri"])
-        client.log_text(state["run_id"], traceback_text, "traceback.txt")
-        client.set_tag(state["run_id"], "slimlab.error", f"{type(error).__name__}: {error}"[:5000])
-        status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
-        client.set_terminated(state["run_id"], status)
-        from slimlab import sweep
+        _close(MlflowClient(state["uri"]), state["run_id"], error, traceback_text)
 
-        sweep.record_outcome(status, state["run_id"], f"{type(error).__name__}: {error}")
+
+def _close(client: MlflowClient, run_id: str, error: BaseException, traceback_text: str) -> None:
+    """Close a failed run, then tag its error, tell the sweep and log the traceback, each step guarded."""
+    from slimlab import sweep
+
+    status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
+    reason = f"{type(error).__name__}: {error}"
+    steps = [
+        ("close the run", lambda: client.set_terminated(run_id, status)),
+        ("tag its error", lambda: client.set_tag(run_id, ERROR_TAG, reason[:5000])),
+        ("record the job's outcome", lambda: sweep.record_outcome(status, run_id, reason)),
+    ]
+    if traceback_text:
+        steps.append(("log its traceback", lambda: client.log_text(run_id, traceback_text, "traceback.txt")))
+    for what, step in steps:
+        try:
+            step()
+        except Exception as failure:  # the run's own error is what the user must see: this one is only logged
+            log.error("run %s: could not %s: %s: %s", run_id, what, type(failure).__name__, failure)
 
 
 def _overrides() -> list[str]:

@@ -1,0 +1,343 @@
+"""Faults around the MLflow store: concurrent creation, a full disk, SIGKILL, read-only or unreachable stores."""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from slimlab import tracking
+from slimlab.config import compose
+from slimlab.errors import ConfigError
+from slimlab.plugin_manager import load_plugins
+from slimlab.runner import run
+from tests.conftest import FAST, NO_MLFLOW_MODEL, SLIMLAB, free_port, slimlab
+
+TINY = ["model=mlp", "technique=[]", NO_MLFLOW_MODEL]  # the smallest real run: an MLP on digits, no technique
+
+
+def fresh_directory(tmp_path: Path) -> Path:
+    """A directory for a store: on tmpfs when there is one (the race is between processes, not disks, and
+    sqlite's fsyncs during MLflow's migrations take seconds on a disk)."""
+    shm = Path("/dev/shm")
+    if shm.is_dir() and os.access(shm, os.W_OK):
+        return Path(tempfile.mkdtemp(dir=shm, prefix="slimlab-test-"))
+    return Path(tempfile.mkdtemp(dir=tmp_path))
+
+
+@pytest.fixture(scope="session")
+def migrated(tmp_path_factory) -> Iterator[Path]:
+    """A store MLflow created and migrated once (seconds of sqlite fsyncs): each test gets a copy."""
+    directory = fresh_directory(tmp_path_factory.mktemp("migrated"))
+    MlflowClient(f"sqlite:///{directory / 'mlflow.db'}")
+    yield directory / "mlflow.db"
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture
+def store(tmp_path, migrated) -> str:
+    shutil.copy(migrated, tmp_path / "mlflow.db")
+    return f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+def all_runs(store: str) -> list:
+    client = MlflowClient(store)
+    return [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
+
+
+# --- 1. processes opening a fresh store at once ---
+
+
+def open_and_run(uris: list[str], barrier, results) -> None:
+    """One process: for each fresh store, wait for the others, then open it as the tracking plugin does."""
+    for uri in uris:
+        barrier.wait()
+        try:
+            client = tracking.open_store(uri)
+            experiment = tracking.experiment_id(client, "race", uri)
+            run_id = client.create_run(experiment).info.run_id
+            client.set_terminated(run_id, "FINISHED")
+            results.put("ok")
+        except Exception as error:
+            results.put(f"{type(error).__name__}: {error}"[:300])
+
+
+def test_processes_opening_a_fresh_store_at_once_lose_no_run(tmp_path):
+    # Without the lock every round loses runs: `duplicate column name: step`, `Online migration expected to
+    # match one row`, `table _alembic_tmp_... already exists` (each of 5 rounds of 2 processes, before the fix).
+    processes, rounds = 2, 2
+    directories = [fresh_directory(tmp_path) for _ in range(rounds)]
+    uris = [f"sqlite:///{directory / 'mlflow.db'}" for directory in directories]
+    context = multiprocessing.get_context("spawn")  # a clean interpreter, as two `slimlab run` are
+    barrier, results = context.Barrier(processes), context.Queue()
+    workers = [context.Process(target=open_and_run, args=(uris, barrier, results)) for _ in range(processes)]
+    for worker in workers:
+        worker.start()
+    outcomes = [results.get(timeout=120) for _ in range(processes * rounds)]
+    for worker in workers:
+        worker.join(timeout=30)
+    try:
+        assert outcomes == ["ok"] * (processes * rounds)
+        for uri in uris:
+            runs = all_runs(uri)
+            assert [r.info.status for r in runs] == ["FINISHED"] * processes
+            assert len({r.info.experiment_id for r in runs}) == 1  # one experiment, created once
+    finally:
+        for directory in directories:
+            shutil.rmtree(directory, ignore_errors=True)
+
+
+def test_an_experiment_created_meanwhile_by_another_process_is_used(store):
+    client = tracking.open_store(store)
+    first = tracking.experiment_id(client, "shared", store)
+    # The loser of the race asks after the winner created it: MLflow answers RESOURCE_ALREADY_EXISTS.
+    assert tracking.experiment_id(client, "shared", store) == first
+    client.create_experiment("taken")  # what another process did between our lookup and our create
+
+    class LateClient:  # our lookup ran before theirs was created
+        def __init__(self):
+            self.asked = 0
+
+        def __getattr__(self, name):
+            return getattr(client, name)
+
+        def get_experiment_by_name(self, name):
+            self.asked += 1
+            return None if self.asked == 1 else client.get_experiment_by_name(name)
+
+    assert tracking.experiment_id(LateClient(), "taken", store) == client.get_experiment_by_name("taken").experiment_id
+
+
+@pytest.mark.slow
+def test_two_runs_started_together_in_a_fresh_directory_both_finish(tmp_path, cache_dir):
+    """The issue's Done-when: 5 times, two `slimlab run` at once on a fresh directory: 10 of 10 FINISHED."""
+    args = ["run", *TINY, *FAST, f"cache_dir={cache_dir}"]
+    run(compose([*TINY, *FAST, f"cache_dir={cache_dir}", "tracking=none"]))  # cached: the runs do not train
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent)
+    statuses = []
+    for _ in range(5):
+        directory = fresh_directory(tmp_path)
+        try:
+            pair = [
+                subprocess.Popen(
+                    [*SLIMLAB, *args], cwd=directory, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+                )
+                for _ in range(2)
+            ]
+            for process in pair:
+                _, stderr = process.communicate(timeout=300)
+                assert process.returncode == 0, stderr.decode()[-3000:]
+            statuses += [r.info.status for r in all_runs(f"sqlite:///{directory / 'mlflow.db'}")]
+        finally:
+            shutil.rmtree(directory, ignore_errors=True)
+    assert statuses == ["FINISHED"] * 10
+
+
+# --- 2. an error handler that cannot write its traceback ---
+
+
+@pytest.mark.parametrize("technique", ["explode", "none"])
+def test_a_run_whose_artifacts_cannot_be_written_is_closed_failed(technique, with_plugins, overrides, store, tmp_path):
+    # A file where the artifact directory goes: every artifact write fails (as on a full disk), for root too.
+    (tmp_path / "mlartifacts").write_text("not a directory")
+    plugins = load_plugins()
+    chain = "technique=[explode]" if technique == "explode" else "technique=[]"
+    with pytest.raises((RuntimeError, OSError)) as raised:
+        run(compose([*overrides, *TINY, chain], plugins), plugins)
+    error = raised.value
+    if technique == "explode":  # the run's own error, not the one of the handler that failed to log its traceback
+        assert isinstance(error, RuntimeError) and str(error) == "boom"
+    else:  # the run's last writes (config.yaml) failed: reported like any error of the run
+        assert isinstance(error, OSError)
+    (logged,) = all_runs(store)
+    assert logged.info.status == "FAILED"
+    assert logged.data.tags["slimlab.error"] == f"{type(error).__name__}: {error}"
+
+
+# --- 3. runs whose process was killed ---
+
+
+def dead_pid() -> int:
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+def test_running_runs_whose_process_is_gone_are_closed_killed(store):
+    client = tracking.open_store(store)
+    experiment = tracking.experiment_id(client, "tests", store)
+    mine = tracking.process_tags()
+    here = socket.gethostname()
+
+    def running(**tags: str) -> str:
+        return client.create_run(experiment, tags=tags).info.run_id
+
+    dead = running(**{**mine, tracking.PID_TAG: str(dead_pid()), tracking.START_TAG: ""})
+    reused = running(**{**mine, tracking.START_TAG: mine[tracking.START_TAG][:-1] + "x"})  # our pid, not our start
+    alive = running(**mine)
+    elsewhere = running(**{**mine, tracking.HOST_TAG: here + "-elsewhere", tracking.PID_TAG: str(dead_pid())})
+    untagged = running()
+    closed = tracking.close_dead_runs(client, experiment)
+    if not mine[tracking.START_TAG]:  # no /proc nor psutil: a live pid cannot be told from a reused one
+        reused = None
+    assert set(closed) == {dead, reused} - {None}
+    for run_id in closed:
+        run_ = client.get_run(run_id)
+        assert run_.info.status == "KILLED"
+        assert "is gone" in run_.data.tags["slimlab.error"]
+    assert {client.get_run(r).info.status for r in (alive, elsewhere, untagged)} == {"RUNNING"}
+
+
+def test_a_run_records_its_process_and_closes_the_runs_of_dead_processes(overrides, store):
+    client = tracking.open_store(store)
+    experiment = tracking.experiment_id(client, "tests", store)
+    tags = {**tracking.process_tags(), tracking.PID_TAG: str(dead_pid())}
+    killed = client.create_run(experiment, tags=tags).info.run_id
+    run(compose([*overrides, *TINY]))
+    assert client.get_run(killed).info.status == "KILLED"
+    (new,) = [r for r in all_runs(store) if r.info.run_id != killed]
+    assert new.info.status == "FINISHED"
+    assert {k: new.data.tags[k] for k in tags} == tracking.process_tags()
+
+
+def wait_for(condition, process: subprocess.Popen, seconds: float = 120) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.3)
+
+
+@pytest.mark.slow
+def test_a_sweep_closes_the_parent_and_child_of_a_sigkilled_sweep(tmp_path, store, cache_dir):
+    tracking.open_store(store)  # the store exists before it is polled
+    common = [*TINY, f"tracking.uri={store}", "experiment_name=tests"]
+    command = [*SLIMLAB, "run", "-m", *common, "train.epochs=500,501", f"cache_dir={tmp_path / 'cache'}"]
+    process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: any("mlflow.parentRunId" in r.data.tags for r in all_runs(store)), process)
+        time.sleep(1)  # into the baseline's training, not inside the run's first writes
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=30)
+    finally:
+        process.kill()
+    killed = all_runs(store)
+    assert sorted(r.info.status for r in killed) == ["RUNNING", "RUNNING"]  # what SIGKILL leaves behind
+    run(compose([*common, *FAST, f"cache_dir={cache_dir}", "tracking=none"]))  # cached: the next sweep is quick
+    again = slimlab("run", "-m", *common, *FAST, f"cache_dir={cache_dir}", cwd=tmp_path)  # a sweep of one job
+    assert again.returncode == 0, again.stderr[-3000:]
+    client = MlflowClient(store)
+    for before in killed:
+        after = client.get_run(before.info.run_id)
+        assert after.info.status == "KILLED"
+        assert "is gone" in after.data.tags["slimlab.error"]
+
+
+# --- 4. stores that cannot be used: refused before any work ---
+
+
+@contextlib.contextmanager
+def read_only(path: Path):
+    """``path`` made unwritable for real: chmod, or for root (whom modes do not stop) the immutable attribute."""
+    undo = None
+    if os.geteuid() != 0:
+        mode = path.stat().st_mode
+        path.chmod(0o555 if path.is_dir() else 0o444)
+        undo = lambda: path.chmod(mode)  # noqa: E731
+    elif shutil.which("chattr") and subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode == 0:
+        undo = lambda: subprocess.run(["chattr", "-i", str(path)], check=True)  # noqa: E731
+    try:
+        if undo is None or os.access(path, os.W_OK):
+            pytest.skip(f"cannot make {path} read-only here")
+        yield path
+    finally:
+        if undo is not None:
+            undo()
+
+
+def plugin_check(uri: str, host: bool = True) -> None:
+    cfg = compose(["model=mlp", f"tracking.uri={uri}"])
+    tracking.plugin.check_config(cfg=cfg, host=host)
+
+
+@pytest.mark.parametrize("uri", ["foo://bar", "s3://bucket/runs"])
+def test_a_tracking_uri_mlflow_cannot_use_is_refused(uri):
+    with pytest.raises(ConfigError, match=r"tracking.uri=.*MLflow has no tracking store .*valid: .*sqlite://"):
+        plugin_check(uri)
+
+
+def test_a_file_store_is_refused_unless_mlflow_allows_it(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    with pytest.raises(ConfigError, match="MLFLOW_ALLOW_FILE_STORE=true"):
+        plugin_check(f"file://{tmp_path / 'mlruns'}")
+
+
+def test_an_unreachable_tracking_server_is_refused_in_seconds():
+    url = f"http://127.0.0.1:{free_port()}"  # nobody listens there
+    with pytest.raises(ConfigError, match=r"tracking server http://127.0.0.1:\d+ does not answer"):
+        plugin_check(url)
+    plugin_check(url, host=False)  # the jobs run elsewhere: only they can tell
+
+
+def test_a_writable_store_passes(store):
+    plugin_check(store)
+
+
+def test_a_read_only_store_file_is_refused(tmp_path, store):
+    tracking.open_store(store)
+    with read_only(tmp_path / "mlflow.db"):
+        with pytest.raises(ConfigError, match=r"the tracking store .*mlflow.db is read-only: the file is not writable"):
+            plugin_check(store)
+
+
+def test_a_store_in_a_read_only_directory_is_refused(tmp_path):
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    with read_only(folder):
+        with pytest.raises(ConfigError, match=r"the tracking store .*ro/new/mlflow.db is read-only: the directory"):
+            plugin_check(f"sqlite:///{folder / 'new' / 'mlflow.db'}")
+
+
+def test_a_run_on_a_read_only_store_says_so_in_one_line(tmp_path, store, cache_dir):
+    tracking.open_store(store)
+    with read_only(tmp_path / "mlflow.db"):
+        result = slimlab("run", *TINY, *FAST, f"cache_dir={cache_dir}", f"tracking.uri={store}", cwd=tmp_path)
+    assert result.returncode == 2, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("slimlab: error: the tracking store ") and "is read-only" in last, last
+    assert "Traceback" not in result.stderr and "autoflush" not in result.stderr
+
+
+def test_a_read_only_error_from_sqlite_is_one_line(tmp_path, store):
+    # The store looked writable up front but sqlite refused (e.g. a read-only mount found late): same line.
+    error = RuntimeError("(raised as a result of Query-invoked autoflush ...)")
+    error.__cause__ = OSError("(sqlite3.OperationalError) attempt to write a readonly database")
+    with pytest.raises(ConfigError, match="is read-only"), tracking.read_only_as_config_error(store):
+        raise error
+    with pytest.raises(RuntimeError), tracking.read_only_as_config_error(store):
+        raise RuntimeError("something else")
+
+
+# --- 5. a report never creates a store ---
+
+
+def test_a_report_in_an_empty_directory_creates_no_store(tmp_path):
+    from slimlab.report import open_store
+
+    database = tmp_path / "mlflow.db"
+    with pytest.raises(ValueError, match=f"no tracking store at {database}"):
+        open_store(f"sqlite:///{database}")
+    assert not database.exists()

@@ -273,7 +273,10 @@ def process_start(pid: int) -> str | None:
             return None
         except OSError:
             return ""
-        ticks = stat.rsplit(")", 1)[1].split()[19]  # fields after "pid (comm)" start at field 3
+        fields = stat.rsplit(")", 1)[1].split()  # the fields after "pid (comm)", from field 3 (the state) on
+        if fields[0] in ("Z", "X"):  # killed, not yet reaped by its parent: gone all the same
+            return None
+        ticks = fields[19]  # field 22: the start time, in clock ticks after boot
         return f"{_read(proc / 'sys/kernel/random/boot_id')}/{_readlink(proc / 'self/ns/pid')}/{ticks}"
     try:
         import psutil
@@ -286,7 +289,10 @@ def process_start(pid: int) -> str | None:
             pass
         return ""
     try:
-        return f"//{psutil.Process(pid).create_time()}"
+        process = psutil.Process(pid)
+        if process.status() == psutil.STATUS_ZOMBIE:
+            return None
+        return f"//{process.create_time()}"
     except psutil.NoSuchProcess:
         return None
     except psutil.Error:

@@ -176,6 +176,14 @@ def dead_pid() -> int:
     return process.pid
 
 
+def _state(pid: int) -> str:
+    """A process's state letter from /proc ("" without /proc)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return ""
+
+
 def test_running_runs_whose_process_is_gone_are_closed_killed(store):
     client = tracking.open_store(store)
     experiment = tracking.experiment_id(client, "tests", store)
@@ -186,14 +194,21 @@ def test_running_runs_whose_process_is_gone_are_closed_killed(store):
         return client.create_run(experiment, tags=tags).info.run_id
 
     dead = running(**{**mine, tracking.PID_TAG: str(dead_pid()), tracking.START_TAG: ""})
-    reused = running(**{**mine, tracking.START_TAG: mine[tracking.START_TAG][:-1] + "x"})  # our pid, not our start
+    start = mine[tracking.START_TAG]
+    reused = running(**{**mine, tracking.START_TAG: start[:-1] + "x"})  # our pid, not our process
+    rebooted = running(**{**mine, tracking.START_TAG: "another-boot" + start[start.find("/") :]})
+    exited = subprocess.Popen([sys.executable, "-c", "pass"])  # not waited for: a zombie until reaped
+    while exited.pid and _state(exited.pid) not in ("Z", ""):
+        time.sleep(0.05)
+    zombie = running(**{**mine, tracking.PID_TAG: str(exited.pid), tracking.START_TAG: ""})
     alive = running(**mine)
     elsewhere = running(**{**mine, tracking.HOST_TAG: here + "-elsewhere", tracking.PID_TAG: str(dead_pid())})
     untagged = running()
     closed = tracking.close_dead_runs(client, experiment)
-    if not mine[tracking.START_TAG]:  # no /proc nor psutil: a live pid cannot be told from a reused one
-        reused = None
-    assert set(closed) == {dead, reused} - {None}
+    exited.wait()
+    if not start:  # no /proc nor psutil: a live pid cannot be told from a reused one
+        reused = rebooted = None
+    assert set(closed) == {dead, reused, rebooted, zombie} - {None}
     for run_id in closed:
         run_ = client.get_run(run_id)
         assert run_.info.status == "KILLED"

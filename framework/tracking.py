@@ -146,32 +146,39 @@ def store_schemes() -> list[str]:
         return list(KNOWN_SCHEMES)
 
 
-def check_store(uri: str, host: bool = True) -> None:
+def uri_source(cfg: DictConfig | None = None) -> str:
+    """Where the tracking URI comes from, for messages: ``tracking.uri``, ``$MLFLOW_TRACKING_URI`` or the default."""
+    if cfg is not None and cfg.tracking.get("uri"):
+        return "tracking.uri"
+    return "$MLFLOW_TRACKING_URI" if os.environ.get("MLFLOW_TRACKING_URI") else "the default store"
+
+
+def check_store(uri: str, host: bool = True, key: str = "tracking.uri") -> None:
     """Refuse a tracking URI MLflow cannot use, a server that does not answer, a read-only sqlite store.
 
-    ``host=False`` (the runs happen on other machines) skips the server check: only they can tell.
+    ``key`` names where ``uri`` was set. ``host=False`` (the runs happen on other machines) skips the server
+    check: only they can tell.
     """
     from mlflow.utils.uri import get_uri_scheme
 
     scheme = uri if uri in ("databricks", "databricks-uc", "uc") else get_uri_scheme(uri)
-    schemes = store_schemes()
+    schemes = [s for s in store_schemes() if s not in FILE_STORE_SCHEMES]
+    example = f"sqlite:///{Path.cwd() / 'mlflow.db'}"
     if scheme not in schemes and scheme not in FILE_STORE_SCHEMES:
-        shown = ", ".join(f"{s}:" if s.startswith("databricks") or s == "uc" else f"{s}://" for s in schemes)
-        raise ConfigError(
-            f"tracking.uri={uri}: MLflow has no tracking store for {scheme + '://' if scheme else 'it'}; "
-            f"valid: {shown} (e.g. sqlite:///{Path.cwd() / 'mlflow.db'})"
-        )
+        shown = ", ".join(s if s.startswith("databricks") or s == "uc" else f"{s}://" for s in schemes)
+        what = f"{scheme}://" if scheme else "it"
+        raise ConfigError(f"{key}={uri}: MLflow has no tracking store for {what}; valid: {shown} (e.g. {example})")
     if scheme in FILE_STORE_SCHEMES and os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() not in ("true", "1"):
         raise ConfigError(
-            f"tracking.uri={uri} is a file store, which MLflow refuses unless MLFLOW_ALLOW_FILE_STORE=true; "
-            f"use a database, e.g. sqlite:///{Path.cwd() / 'mlflow.db'}"
+            f"{key}={uri} is a file store, which MLflow refuses unless MLFLOW_ALLOW_FILE_STORE=true; "
+            f"use a database, e.g. {example}"
         )
     if scheme in ("http", "https") and host:
-        check_server(uri)
+        check_server(uri, key=key)
     refuse_read_only(uri)
 
 
-def check_server(uri: str, timeout: float = HEALTH_TIMEOUT) -> None:
+def check_server(uri: str, timeout: float = HEALTH_TIMEOUT, key: str = "tracking.uri") -> None:
     """A tracking server must answer ``GET /health`` within ``timeout`` seconds (MLflow would retry for minutes)."""
     import urllib.error
     import urllib.request
@@ -186,7 +193,7 @@ def check_server(uri: str, timeout: float = HEALTH_TIMEOUT) -> None:
     except (OSError, ValueError) as error:  # refused, unknown host, timed out
         reason = getattr(error, "reason", None) or error
         raise ConfigError(
-            f"tracking server {uri} does not answer ({reason}) at /health within {timeout:g} s; "
+            f"tracking server {uri} ({key}) does not answer ({reason}) at /health within {timeout:g} s; "
             "start it (slimlab server ...) or set tracking.uri to a reachable store"
         ) from None
     _answered.add(uri)
@@ -390,7 +397,7 @@ class MlflowTracking:
     @hookimpl
     def check_config(self, cfg: DictConfig, host: bool) -> None:
         """The tracking store must be one MLflow can use, answer (a server), and be writable (sqlite)."""
-        check_store(tracking_uri(cfg), host)
+        check_store(tracking_uri(cfg), host, uri_source(cfg))
 
     @hookimpl
     def before_run(self, ctx: RunContext) -> None:

@@ -294,6 +294,12 @@ def test_a_tracking_uri_mlflow_cannot_use_is_refused(uri):
         plugin_check(uri)
 
 
+def test_a_bad_uri_from_the_environment_is_named_so(monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "foo://bar")
+    with pytest.raises(ConfigError, match=r"^\$MLFLOW_TRACKING_URI=foo://bar: MLflow has no tracking store"):
+        tracking.plugin.check_config(cfg=compose(["model=mlp"]), host=True)
+
+
 def test_a_file_store_is_refused_unless_mlflow_allows_it(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
     with pytest.raises(ConfigError, match="MLFLOW_ALLOW_FILE_STORE=true"):
@@ -302,7 +308,7 @@ def test_a_file_store_is_refused_unless_mlflow_allows_it(tmp_path, monkeypatch):
 
 def test_an_unreachable_tracking_server_is_refused_in_seconds():
     url = f"http://127.0.0.1:{free_port()}"  # nobody listens there
-    with pytest.raises(ConfigError, match=r"tracking server http://127.0.0.1:\d+ does not answer"):
+    with pytest.raises(ConfigError, match=r"tracking server http://127.0.0.1:\d+ \(tracking.uri\) does not answer"):
         plugin_check(url)
     plugin_check(url, host=False)  # the jobs run elsewhere: only they can tell
 

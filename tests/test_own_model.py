@@ -211,24 +211,6 @@ def test_overwriting_a_checkpoint_builds_a_new_baseline(user_dir, overrides, sto
     assert [tag.split()[1] for tag in baseline_tag(store)[2:]] == ["(trained)", "(trained)", "(cached)"]
 
 
-def test_a_cache_entry_of_other_shapes_is_set_aside_not_reshaped(overrides, cache_dir, tmp_path, caplog):
-    from slimlab.artifact import save_model
-    from slimlab.baseline import identity
-    from slimlab.identity import digest
-    from slimlab.models import LeNet
-
-    args = [*overrides, "model=lenet", "seed=11", "technique=[]"]
-    cfg = compose(args)
-    run(cfg)
-    entry = Path(cache_dir) / "baselines" / digest(identity(cfg))
-    save_model(LeNet(conv1=4), entry / "model.pt")  # what an older LeNet of another width left there
-    with caplog.at_level("WARNING", logger="slimlab"):
-        run(compose(args))
-    assert "does not fit the model" in caplog.text and "building the baseline again" in caplog.text
-    assert list(entry.parent.glob(f"{entry.name}.stale-*"))  # kept aside for inspection
-    assert (entry / "metrics.json").exists()  # and built again
-
-
 def test_editing_the_model_or_data_code_retrains_the_baseline(tmp_path, cache_dir):
     """Through the CLI, in fresh processes, as a user edits their files between runs."""
     project = tmp_path / "project"

@@ -9,6 +9,7 @@ import os
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +27,43 @@ CONFIG_PATH_ENV = "SLIMLAB_CONFIG_PATH"
 # Keys of a model node that slimlab reads itself; they are not arguments of the model's constructor.
 RESERVED_MODEL_KEYS = ("name", "checkpoint", "pretrained")
 log = logging.getLogger("slimlab")
+
+
+class Choice(str, Enum):
+    """A config option with a fixed set of values: OmegaConf refuses any other at compose time, listing them.
+
+    A ``str`` whose name is its value, so configs, comparisons (``backend == "torchao"``), dict lookups, JSON,
+    config hashes and MLflow params see the plain string, as before these options were enums.
+    """
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __repr__(self) -> str:
+        return repr(self.value)
+
+    __format__ = str.__format__
+
+    @classmethod
+    def parse(cls, value: Any, option: str) -> Choice:
+        """``value`` as a member (a schema built from a plain ``str`` too); ValueError listing the valid ones."""
+        try:
+            return cls(value)
+        except ValueError:
+            valid = ", ".join(member.value for member in cls)
+            raise ValueError(f"{option} must be one of {valid}; got {value!r}") from None
+
+
+class TrackingBackend(Choice):
+    mlflow = "mlflow"
+    none = "none"
+
+
+class Codec(Choice):
+    """How the compressed model's file is coded: the values of ``slimlab.artifact.CODECS`` (no torch import)."""
+
+    none = "none"
+    lzma = "lzma"
 
 
 @dataclass
@@ -54,7 +92,7 @@ class MeasureConfig:
 class TrackingConfig:
     """Where runs are recorded; ``backend: none`` records nothing."""
 
-    backend: str = "mlflow"
+    backend: TrackingBackend = TrackingBackend.mlflow
     uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///<launch dir>/mlflow.db
     log_model: bool = True  # the compressed model with mlflow.pytorch.log_model (signature, input example)
 
@@ -63,7 +101,7 @@ class TrackingConfig:
 class ArtifactConfig:
     """How the compressed model's file is written (the baseline stays the plain fp32 file it is compared with)."""
 
-    codec: str = "none"  # none | lzma: entropy-code the file, Deep Compression's last stage
+    codec: Codec = Codec.none  # lzma: entropy-code the file, Deep Compression's last stage
 
 
 @dataclass
@@ -108,17 +146,27 @@ def compose(
 
     ``config_dirs``: the user's config directories, searched after slimlab's conf/ and after any
     ``hydra.searchpath=[...]`` in ``overrides``; by default the ones in $SLIMLAB_CONFIG_PATH.
+    Bad input (an unknown option or key, a value of the wrong type or not among an option's choices, an
+    override Hydra cannot parse) raises ``ConfigError`` with the line ``slimlab run`` prints.
     """
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
+    from slimlab.errors import ConfigError
+    from slimlab.hydra_app import describe_hydra_error, is_bad_input
     from slimlab.plugin_manager import load_plugins
 
     extra = env_config_dirs() if config_dirs is None else source_uris(config_dirs, "config_dirs")
     overrides = with_searchpath(list(overrides), after=extra)
     register_configs(plugins or load_plugins())
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return finish_composition(hydra_compose("config", overrides=overrides, return_hydra_config=True))
+        try:
+            composed = hydra_compose("config", overrides=overrides, return_hydra_config=True)
+        except Exception as error:
+            if is_bad_input(error):
+                raise ConfigError(describe_hydra_error(error)) from error
+            raise
+        return finish_composition(composed)
 
 
 def finish_composition(cfg: DictConfig, announce: bool = True) -> DictConfig:
@@ -359,5 +407,5 @@ def flatten(cfg: DictConfig) -> dict[str, str]:
         else:
             flat[prefix] = json.dumps(node) if isinstance(node, list) else str(node)
 
-    walk(OmegaConf.to_container(cfg, resolve=True), "")
+    walk(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True), "")  # any enum (a plugin's too) by its name
     return flat

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from slimlab.config import (
@@ -20,7 +21,7 @@ from slimlab.config import (
     use_search_path,
     with_searchpath,
 )
-from slimlab.errors import ConfigError, RunFailed
+from slimlab.errors import ConfigError, PluginError, RunFailed
 
 if TYPE_CHECKING:
     from slimlab.plugin_manager import Plugins
@@ -76,6 +77,7 @@ def launch(args: list[str], disable: list[str]) -> int:
         from hydra.core.hydra_config import HydraConfig
 
         in_sweep = sweep.in_sweep()
+        fresh = _fresh_job_dir()
         try:
             job = HydraConfig.get()
             use_search_path(job.runtime.config_sources)  # model options etc. are looked up where Hydra looked
@@ -95,7 +97,9 @@ def launch(args: list[str], disable: list[str]) -> int:
             raise
         except Exception as error:
             if not in_sweep:
-                if isinstance(error, ConfigError):
+                if isinstance(error, ConfigError | PluginError):
+                    if fresh:  # refused before any work: it leaves nothing behind
+                        _remove_job_dir()
                     raise BadInput(str(error)) from error
                 raise RunFailed(f"{type(error).__name__}: {error}") from error
             reason = f"{type(error).__name__}: {error}"
@@ -109,11 +113,65 @@ def launch(args: list[str], disable: list[str]) -> int:
     sweep.last_result = None
     try:
         task()
+    except Exception as error:
+        if is_bad_input(error):  # e.g. MissingConfigException, which is also an OSError: said as bad input here
+            raise ConfigError(describe_hydra_error(error)) from error
+        raise
     finally:
         sys.argv = saved
     if sweep.last_result is not None and sweep.last_result.failed:
         return 1
     return 0
+
+
+def _job_files() -> tuple[Path, Path, set[str]]:
+    """The job's directory, the directory it was launched from and the names of the files Hydra put there."""
+    from hydra.core.hydra_config import HydraConfig
+
+    job = HydraConfig.get()
+    return Path(job.runtime.output_dir), Path(job.runtime.cwd), {".hydra", f"{job.job.name}.log"}
+
+
+def _fresh_job_dir() -> bool:
+    """Whether the job's directory holds only what Hydra just wrote: its .hydra/ and an empty log (an earlier
+    job in a reused ``hydra.run.dir`` would have logged there)."""
+    try:
+        job_dir, _, hydra_files = _job_files()
+        log_file = next(job_dir / name for name in hydra_files if name.endswith(".log"))
+        if log_file.exists() and log_file.stat().st_size > 0:
+            return False
+        return all(entry.name in hydra_files for entry in job_dir.iterdir())
+    except (OSError, ValueError):  # no job directory to speak of
+        return False
+
+
+def _remove_job_dir() -> None:
+    """Remove a refused job's directory (what Hydra wrote there, nothing else), then its parents while they
+    are empty, up to the launch directory: a refused command leaves no ``outputs/<date>/<time>/``."""
+    import logging
+    import shutil
+
+    job_dir, cwd, hydra_files = _job_files()
+    job_dir, cwd = job_dir.resolve(), cwd.resolve()
+    if cwd not in job_dir.parents or any(entry.name not in hydra_files for entry in job_dir.iterdir()):
+        return  # e.g. hydra.run.dir=. or a directory that holds other files
+    for handler in list(logging.getLogger().handlers):  # the job's log file handler, before the file goes
+        if Path(getattr(handler, "baseFilename", "/")).resolve().parent == job_dir:
+            logging.getLogger().removeHandler(handler)
+            handler.close()
+    for name in hydra_files:
+        path = job_dir / name
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        elif path.exists():
+            path.unlink()
+    for directory in [job_dir, *job_dir.parents]:
+        if directory == cwd:
+            break
+        try:
+            directory.rmdir()  # only while empty: another job's directory beside it stays
+        except OSError:
+            break
 
 
 def _hydra_flags(args: list[str]):
@@ -180,18 +238,43 @@ def app_help(overrides: list[str], plugins: Plugins) -> str:
 
 
 def technique_help(plugins: Plugins) -> str:
-    """Every registered technique with its options, types and defaults."""
+    """Every registered technique with its options, types (an enum's values: ``l1 | random``) and defaults."""
     import dataclasses
+    import typing
 
     lines = ["== Technique options ==", "Set with technique.NAME.OPTION=value once NAME is in 'technique=[...]'", ""]
     for name in plugins.registry.names():
         technique = plugins.registry[name]
         lines.append(f"{name} (plugin {technique.plugin}):")
+        try:
+            hints = typing.get_type_hints(technique.schema)
+        except Exception:  # an annotation that does not resolve: show it as written
+            hints = {}
         for field in dataclasses.fields(technique.schema):
             default = field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
-            kind = field.type if isinstance(field.type, str) else getattr(field.type, "__name__", str(field.type))
-            lines.append(f"  {field.name}: {kind} = {default!r}")
+            lines.append(f"  {field.name}: {_type_text(hints.get(field.name, field.type))} = {default!r}")
     return "\n".join(lines)
+
+
+def _type_text(hint: object) -> str:
+    """A field's type as ``--help`` shows it: ``float``, ``l1 | random``, ``list[Linear | Conv2d]``."""
+    import enum
+    import types
+    import typing
+
+    if isinstance(hint, str):
+        return hint
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        return " | ".join(str(member.value) for member in hint)
+    if isinstance(hint, type):
+        return hint.__name__
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join("None" if arg is type(None) else _type_text(arg) for arg in args)
+    if origin is not None and args:
+        inner = ", ".join(_type_text(arg) for arg in args)
+        return f"{getattr(origin, '__name__', str(origin))}[{inner}]"
+    return str(hint)
 
 
 def is_bad_input(error: BaseException) -> bool:
@@ -206,9 +289,14 @@ def describe_hydra_error(error: BaseException) -> str:
     """One line that names the bad key or value and, where known, the valid choices."""
     import dataclasses
 
-    from hydra.errors import MissingConfigException
+    from hydra.errors import MissingConfigException, OverrideParseException
     from omegaconf.errors import OmegaConfBaseException
 
+    if isinstance(error, OverrideParseException):
+        return _describe_parse_error(error)
+    invalid = _describe_invalid_choice(error.__cause__ or error)
+    if invalid:
+        return invalid
     if isinstance(error, MissingConfigException) and error.missing_cfg_file:
         group, _, option = error.missing_cfg_file.rpartition("/")
         choices = ", ".join(sorted(error.options or _group_options(group))) or "none"
@@ -235,6 +323,47 @@ def describe_hydra_error(error: BaseException) -> str:
     if "not in" in message and object_type is not None and dataclasses.is_dataclass(object_type):
         message += f"; valid keys: {', '.join(f.name for f in dataclasses.fields(object_type))}"
     return message
+
+
+def _describe_parse_error(error: BaseException) -> str:
+    """An override Hydra's grammar cannot read (``model=lénet``): which one, and how to quote it."""
+    override = str(getattr(error, "override", "") or "")
+    key, equals, value = override.partition("=")
+    strange = next((char for char in override if not char.isascii()), None)
+    if strange is not None and strange in key.lstrip("+~"):
+        return f"cannot parse the override {override!r}: a key is an ASCII name, {key.lstrip('+~')!r} is not one"
+    if strange is not None and equals:
+        quoted = f"{key}='{value}'"
+        return (
+            f"cannot parse the override {override!r}: {strange!r} is not ASCII, and a value holding such characters "
+            f'must be quoted: {quoted} (in a shell: "{quoted}")'
+        )
+    reason = str(getattr(error, "message", "") or error).strip().splitlines()[0]
+    reason = reason.removeprefix("LexerNoViableAltException: ")
+    return (
+        f"cannot parse the override {override!r}: {reason}; quote a value that holds spaces, commas, brackets, "
+        "quotes or other special characters: key='value' (https://hydra.cc/docs/advanced/override_grammar/basic/)"
+    )
+
+
+INVALID_CHOICE = re.compile(r"Invalid value '(?P<value>.*)', expected one of \[(?P<valid>.*)\]")
+
+
+def _describe_invalid_choice(error: BaseException) -> str | None:
+    """OmegaConf's refusal of a value an enum option does not have, said as slimlab says it:
+    ``technique.prune: method must be one of l1, random; got 'l2'`` (the form of a technique schema's own checks)."""
+    from omegaconf.errors import ValidationError
+
+    if not isinstance(error, ValidationError):
+        return None
+    message = str(getattr(error, "msg", "") or "").strip()
+    match = INVALID_CHOICE.match(message.splitlines()[0]) if message else None
+    key = re.sub(r"\[\d+\]$", "", str(getattr(error, "full_key", "") or ""))
+    if match is None or not key:
+        return None
+    parent, _, option = key.rpartition(".")
+    where = f"{parent}: {option}" if parent.startswith("technique.") else key
+    return f"{where} must be one of {match['valid']}; got {match['value']!r}"
 
 
 def _group_options(group: str) -> list[str]:

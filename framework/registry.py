@@ -36,6 +36,8 @@ class Register(Protocol):
         max_speedup: Callable[[Any], float | None] | None = None,
         key_params: Iterable[str] | None = None,
         serialization_format: str | Callable[[Any], str] = "pt2",
+        module_options: Iterable[str] | None = None,
+        keeps_module_names: bool | Callable[[Any], bool] = False,
     ) -> None: ...
 
 
@@ -53,6 +55,8 @@ class Technique:
     max_speedup: Callable[[Any], float | None] | None = None  # the physical bound of the speedup it can give
     key_params: tuple[str, ...] | None = None  # the fields that matter when comparing runs; None: every scalar
     serialization_format: str | Callable[[Any], str] = "pt2"  # how MLflow saves its output: pt2 or pickle
+    module_options: tuple[str, ...] = ()  # fields that name modules of the model it gets (a list, or dict keys)
+    keeps_module_names: bool | Callable[[Any], bool] = False  # its output has the module names of its input
 
     def describe(self, config: Any) -> str:
         return self.label(config) if self.label else self.name
@@ -81,11 +85,32 @@ class Step:
         names = self.technique.key_params
         if names is None:  # every scalar field: lists and nested settings do not fit a table column
             names = tuple(f.name for f in dataclasses.fields(self.config) if _is_scalar(getattr(self.config, f.name)))
-        return {f"{self.name}.{name}": getattr(self.config, name) for name in names}
+        return {f"{self.name}.{name}": _plain(getattr(self.config, name)) for name in names}
+
+    def named_modules(self) -> dict[str, list[str]]:
+        """``{"<option>": [module names]}`` for the options that name modules of the model this step gets."""
+        named = {}
+        for option in self.technique.module_options:
+            value = getattr(self.config, option)
+            names = list(value) if isinstance(value, dict | list | tuple) else [] if value is None else [value]
+            if names:
+                named[option] = [str(name) for name in names]
+        return named
+
+    def keeps_module_names(self) -> bool:
+        keeps = self.technique.keeps_module_names
+        return bool(keeps(self.config) if callable(keeps) else keeps)
 
     def serialization_format(self) -> str:
         chosen = self.technique.serialization_format
         return chosen(self.config) if callable(chosen) else chosen
+
+
+def _plain(value: Any) -> Any:
+    """An enum option as its plain value (``"torchao"``, not ``Backend.torchao``), for MLflow params."""
+    import enum
+
+    return value.value if isinstance(value, enum.Enum) else value
 
 
 def _is_scalar(value: Any) -> bool:
@@ -140,6 +165,8 @@ class TechniqueRegistry:
             max_speedup=None,
             key_params=None,
             serialization_format="pt2",
+            module_options=None,
+            keeps_module_names=False,
         ) -> None:
             if name in self._techniques:
                 owner = self._techniques[name].plugin
@@ -147,12 +174,13 @@ class TechniqueRegistry:
             if not dataclasses.is_dataclass(schema):
                 raise PluginError(f"plugin {plugin!r}: the schema of technique {name!r} must be a dataclass")
             fields = {f.name for f in dataclasses.fields(schema)}
-            unknown = sorted(set(key_params or ()) - fields)
-            if unknown:
-                raise PluginError(
-                    f"plugin {plugin!r}: key_params {unknown} of technique {name!r} are not fields of its schema "
-                    f"(fields: {', '.join(sorted(fields))})"
-                )
+            for kwarg, given in (("key_params", key_params), ("module_options", module_options)):
+                unknown = sorted(set(given or ()) - fields)
+                if unknown:
+                    raise PluginError(
+                        f"plugin {plugin!r}: {kwarg} {unknown} of technique {name!r} are not fields of its schema "
+                        f"(fields: {', '.join(sorted(fields))})"
+                    )
             if not callable(serialization_format) and serialization_format not in SERIALIZATION_FORMATS:
                 raise PluginError(
                     f"plugin {plugin!r}: serialization_format {serialization_format!r} of technique {name!r}; "
@@ -161,8 +189,9 @@ class TechniqueRegistry:
             follow = None if followed_by is None else frozenset(followed_by)
             keys = None if key_params is None else tuple(key_params)
             self._techniques[name] = Technique(
-                name, schema, apply, plugin, label, follow, check, max_speedup, keys, serialization_format
-            )
+                name, schema, apply, plugin, label, follow, check, max_speedup, keys, serialization_format,
+                tuple(module_options or ()), keeps_module_names,
+            )  # fmt: skip
 
         return register
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
 import subprocess
 import tempfile
 import traceback
@@ -14,11 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from slimlab.config import CONFIG_DIR, config_hash
 from slimlab.context import RunContext
-from slimlab.errors import ConfigError
+from slimlab.errors import ConfigError, PluginError
 from slimlab.plugin_manager import Plugins, load_plugins
 from slimlab.registry import Step, speedup_bound
 
@@ -104,16 +105,20 @@ class Plan:
     left_out: frozenset[str]
 
 
-def plan(cfg: DictConfig, plugins: Plugins, host: bool = True, given: Iterable[str] = ()) -> Plan:
+def plan(cfg: DictConfig, plugins: Plugins, host: bool = True, given: Iterable[str] = (), model: Any = None) -> Plan:
     """Check everything that can be checked before a run starts; raise ConfigError with the reason.
 
     Cheap and free of side effects: nothing is recorded for a config it refuses. ``host=False`` leaves out
-    what depends on the machine (devices, capability probes), for configs that will run on another one.
-    ``given``: the groups (``model``, ``data``) handed in as objects (the Python API), not built from config.
+    what depends on the machine (devices, capability probes, the cache directory), for configs that will run
+    on another one. ``given``: the groups (``model``, ``data``) handed in as objects (the Python API), not
+    built from config; ``model``: the model handed in, if any (module names are checked against it).
+    Last, every plugin's ``check_config`` hook (a plugin's bug there is a ``PluginError`` naming it).
     """
     from slimlab.artifact import CODECS
 
+    given = set(given)
     check_values(cfg)
+    _check_disabled(cfg.plugins.disable, plugins)
     steps = plugins.registry.pipeline(cfg, disabled=cfg.plugins.disable, probe=host)
     if cfg.artifact.codec not in CODECS:
         raise ConfigError(f"unknown artifact.codec {cfg.artifact.codec!r}; valid: {', '.join(CODECS)}")
@@ -126,8 +131,148 @@ def plan(cfg: DictConfig, plugins: Plugins, host: bool = True, given: Iterable[s
     checkpoint = cfg.model.get("checkpoint")
     if checkpoint and not Path(checkpoint).expanduser().is_file():
         raise ConfigError(f"model.checkpoint={checkpoint}: no such file")
+    if "data" not in given:
+        _check_test_fraction(cfg.data)
+    if host and "model" not in given:  # a model handed in has no baseline to cache
+        _check_cache_dir(cfg.cache_dir)
+    if model is not None or "model" not in given:
+        _check_module_names(cfg, steps, model)
+    device = resolve_device(cfg.device.name) if host else cfg.device.name
     left_out = frozenset(cfg.plugins.disable) | {p for b, p in TRACKING_PLUGINS.items() if b != backend}
-    return Plan(steps, resolve_device(cfg.device.name) if host else cfg.device.name, left_out)
+    check_config(plugins.hooks_without(left_out), cfg, host)
+    return Plan(steps, device, left_out)
+
+
+def check_config(hooks: Any, cfg: DictConfig, host: bool) -> None:
+    """The plugins' ``check_config`` hook: a ``ConfigError`` is the user's, anything else a plugin's bug."""
+    caller = hooks.check_config
+    try:
+        caller(cfg=cfg, host=host)
+    except (ConfigError, PluginError):
+        raise
+    except Exception as error:
+        # Which plugin: the implementation whose frame the traceback passes through.
+        owners = {impl.function.__code__: impl.plugin_name for impl in caller.get_hookimpls()}
+        frame, name = error.__traceback__, None
+        while frame is not None and name is None:
+            name, frame = owners.get(frame.tb_frame.f_code), frame.tb_next
+        if name is None:
+            raise
+        reason = (str(error).strip().splitlines() or [""])[0]
+        raise PluginError(f"plugin {name}'s check_config raised {type(error).__name__}: {reason}") from error
+
+
+def _check_disabled(disable: Iterable[str], plugins: Plugins) -> None:
+    installed = sorted({info.name for info in plugins.infos})
+    unknown = [name for name in disable if name not in installed]
+    if unknown:
+        raise ConfigError(
+            f"plugins.disable=[{','.join(disable)}]: no installed plugin is named {', '.join(map(repr, unknown))}; "
+            f"installed plugins: {', '.join(installed)}"
+        )
+
+
+def _check_test_fraction(data: DictConfig) -> None:
+    """``data.test_fraction``, in any data option that has one: the share of rows held out for testing."""
+    value = data.get("test_fraction") if OmegaConf.is_dict(data) else None
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < 1:
+        raise ConfigError(f"data.test_fraction={value!r}: the share of rows held out for testing must be in (0, 1)")
+
+
+def _check_cache_dir(value: str) -> None:
+    """``cache_dir`` must be a directory slimlab can create and write; finding out leaves nothing behind."""
+    path = Path(str(value)).expanduser().absolute()
+    existing = path
+    while not existing.exists():  # the nearest existing ancestor: the cache is created under it
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"cache_dir={value}: {existing} is a file, not a directory; give a directory")
+    if not _writable(existing):
+        where = "" if existing == path else f" (it does not exist, and {existing} is not writable)"
+        raise ConfigError(f"cache_dir={value}: cannot write there{where}; give a writable directory")
+
+
+def _writable(directory: Path) -> bool:
+    """Whether files can be created in ``directory``: asked, then tried with a directory removed at once (root
+    passes ``os.access`` on /proc, where nothing can be created)."""
+    import tempfile
+
+    if not os.access(directory, os.W_OK | os.X_OK):
+        return False
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".slimlab-write-check-", dir=directory))
+    except OSError:
+        return False
+    return True
+
+
+_module_names: dict[str, list[str] | None] = {}  # a model config's module names, built once per process
+
+
+def module_names(node: DictConfig) -> list[str] | None:
+    """The module names of the model ``node`` builds (``""`` is the model); None if it cannot be built here.
+
+    Built on the meta device where the model allows it (no memory, no weights), without its checkpoint
+    (weights do not change names), leaving the random state as it was.
+    """
+    import torch
+
+    from slimlab.baseline import build_model
+    from slimlab.config import RESERVED_MODEL_KEYS
+
+    node = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else dict(node)
+    plain = {k: v for k, v in node.items() if k not in RESERVED_MODEL_KEYS}
+    key = json.dumps(plain, sort_keys=True, default=str)
+    if key not in _module_names:
+        built = None
+        with torch.random.fork_rng(devices=[]):
+            for device in ("meta", "cpu"):
+                try:
+                    with torch.device(device):
+                        built = build_model(plain)
+                    break
+                except Exception as error:  # the run builds it again and reports what is wrong
+                    log.debug("module names: building the model on %s failed: %s", device, error)
+        _module_names[key] = None if built is None else [name for name, _ in built.named_modules()]
+    return _module_names[key]
+
+
+def _check_module_names(cfg: DictConfig, steps: list[Step], model: Any = None) -> None:
+    """Options that name modules (``prune.layers``, ``place.device_map``) must name modules of the model.
+
+    A step is checked while every step before it keeps the module names (a distilled student or a compiled
+    model has others): the names it gets are then the built model's.
+    """
+    wanted = []
+    for step in steps:
+        if step.named_modules():
+            wanted.append(step)
+        if not step.keeps_module_names():
+            break
+    if not wanted:
+        return
+    names = [name for name, _ in model.named_modules()] if model is not None else module_names(cfg.model)
+    if names is None:
+        return
+    valid = set(names)
+    for step in wanted:
+        for option, listed in step.named_modules().items():
+            unknown = [name for name in listed if name not in valid]
+            if unknown:
+                import difflib
+
+                shown = [n for n in names if n]
+                close = [n for u in unknown for n in difflib.get_close_matches(u, shown, n=3)]
+                shown = list(dict.fromkeys([*close, *shown]))
+                more = f", ... ({len(names) - 1} in all)" if len(shown) > 12 else ""
+                owner = "the given model" if model is not None else f"model {cfg.model.get('name', '')}".rstrip()
+                what = "is not a module" if len(unknown) == 1 else "are not modules"
+                raise ConfigError(
+                    f"technique.{step.name}.{option}: {', '.join(map(repr, unknown))} {what} of {owner}; "
+                    f"its modules: {', '.join(shown[:12])}{more}"
+                )
 
 
 # (key, lowest valid value, what it is): a value below is refused before any work
@@ -208,7 +353,7 @@ def run_metrics(
     """
     plugins = plugins or load_plugins(cfg.plugins.disable)
     given = {name for name, value in (("model", model), ("data", data)) if value is not None}
-    checked = plan(cfg, plugins, given=given)
+    checked = plan(cfg, plugins, given=given, model=model)
     steps, hooks = checked.steps, plugins.hooks_without(checked.left_out)
     if data is None:
         data = _build_data(cfg)

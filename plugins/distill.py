@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from slimlab import hookimpl
+from slimlab.config import Choice
 
 if TYPE_CHECKING:
     import torch
@@ -37,8 +38,13 @@ if TYPE_CHECKING:
 
     from slimlab.context import RunContext
 
-LOSSES = ("auto", "kl", "mse")
 log = logging.getLogger("slimlab")
+
+
+class Loss(Choice):
+    auto = "auto"
+    kl = "kl"
+    mse = "mse"
 
 
 def model_options() -> list[str]:
@@ -62,7 +68,7 @@ class DistillConfig:
 
     teacher: str | None = None  # a model option (conf/model/); None: the run's baseline
     student: str | None = None  # a model option, built fresh; None: the incoming model (e.g. pruned)
-    loss: str = "auto"  # auto: kl for classification, mse otherwise
+    loss: Loss = Loss.auto  # auto: kl for classification, mse otherwise
     alpha: float = 0.5  # weight of the teacher term; 1 - alpha goes to the label loss
     temperature: float = 4.0  # softens both distributions (kl only)
     epochs: int = 10
@@ -71,8 +77,7 @@ class DistillConfig:
     control: bool = False  # also train the scratch twin, report scratch_<metric> and distill_gain; no-op with scratch
 
     def __post_init__(self) -> None:
-        if self.loss not in LOSSES:
-            raise ValueError(f"loss must be one of {', '.join(LOSSES)}; got {self.loss!r}")
+        self.loss = Loss.parse(self.loss, "loss")  # a plain str when built from a dict
         if not 0 <= self.alpha <= 1:
             raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
         if not self.temperature > 0:
@@ -291,4 +296,6 @@ def label(config: DistillConfig) -> str:
 @hookimpl
 def register_techniques(register) -> None:
     key_params = ("teacher", "student", "loss", "alpha", "temperature", "epochs", "scratch")
-    register("distill", DistillConfig, apply, label=label, key_params=key_params)
+    # A fresh student has its own modules; the incoming model trained as the student keeps its names.
+    keeps = lambda config: config.student is None  # noqa: E731
+    register("distill", DistillConfig, apply, label=label, key_params=key_params, keeps_module_names=keeps)

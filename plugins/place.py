@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from slimlab import hookimpl
+from slimlab.config import Choice
 
 if TYPE_CHECKING:
     from torch import nn
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
 DEVICES = "auto, cpu, cuda, cuda:N, mps"
 MAP_DEVICES = "cpu, disk, cuda, cuda:N, mps"
 DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+Dtype = Choice("Dtype", [(name, name) for name in DTYPES], module=__name__)
 _DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 _MAP_DEVICE = re.compile(r"cpu|disk|mps|cuda(:\d+)?|\d+")  # a bare number is a CUDA index, as in accelerate
 _BUDGET_KEY = re.compile(r"cpu|mps|cuda(:\d+)?|\d+")
@@ -69,7 +71,7 @@ class PlaceConfig:
     """
 
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
-    dtype: str = "float32"  # float32 | bfloat16 | float16: weights and activations
+    dtype: Dtype = Dtype.float32  # of weights and activations
     threads: int | None = None  # intra-op CPU threads while the placed model runs; None leaves them as they are
     compile: bool = False  # torch.compile; the first (compiling) call is timed as compile_time_s
     device_map: dict[str, str] = field(default_factory=dict)  # module name -> cpu | disk | cuda[:N] | mps
@@ -78,8 +80,7 @@ class PlaceConfig:
     def __post_init__(self) -> None:
         if not _DEVICE.fullmatch(str(self.device)):
             raise ValueError(f"device must be one of {DEVICES}; got {self.device!r}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}; got {self.dtype!r}")
+        self.dtype = Dtype.parse(self.dtype, "dtype")  # a plain str when built from a dict
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be >= 1 or null (leave as is); got {self.threads}")
         bad = {name: device for name, device in self.device_map.items() if not _MAP_DEVICE.fullmatch(str(device))}
@@ -382,7 +383,7 @@ def apply(model: nn.Module, config: PlaceConfig, ctx: RunContext) -> nn.Module:
     dtype = getattr(torch, config.dtype)
     model = model.eval().to(dtype=dtype)  # cast where the weights are, before they move
     ctx.tags["slimlab.place.device"] = main
-    ctx.tags["slimlab.place.dtype"] = config.dtype
+    ctx.tags["slimlab.place.dtype"] = str(config.dtype)
     if config.threads is not None:
         ctx.tags["slimlab.place.threads"] = str(config.threads)
     if config.splits:
@@ -433,4 +434,4 @@ def label(config: PlaceConfig) -> str:
 @hookimpl
 def register_techniques(register) -> None:
     # Placement is the deployment step: whatever compresses the model comes before it.
-    register("place", PlaceConfig, apply, label=label, followed_by=(), check=probe)
+    register("place", PlaceConfig, apply, label=label, followed_by=(), check=probe, module_options=("device_map",))

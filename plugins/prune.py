@@ -13,17 +13,39 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from slimlab import hookimpl
+from slimlab.config import Choice
 
 if TYPE_CHECKING:
     from torch import nn
 
     from slimlab.context import RunContext
 
-SCOPES = ("global", "layer")
-METHODS = ("l1", "random")  # random is the control: is magnitude any better than chance?
-STRUCTURES = ("unstructured", "channels")
-SCHEDULES = ("oneshot", "gradual")
-MODULE_TYPES = ("Linear", "Conv2d")
+
+class Method(Choice):
+    l1 = "l1"
+    random = "random"  # the control: is magnitude any better than chance?
+
+
+class Structure(Choice):
+    unstructured = "unstructured"
+    channels = "channels"
+
+
+# "global" is a keyword, so no class body can name a member after it; OmegaConf looks members up by name.
+Scope = Choice("Scope", [("global", "global"), ("layer", "layer")], module=__name__)
+
+
+class Schedule(Choice):
+    oneshot = "oneshot"
+    gradual = "gradual"
+
+
+class ModuleType(Choice):
+    Linear = "Linear"
+    Conv2d = "Conv2d"
+
+
+MODULE_TYPES = tuple(ModuleType)
 
 
 @dataclass
@@ -31,34 +53,31 @@ class PruneConfig:
     """What to prune, how much, and how to recover."""
 
     amount: float = 0.5  # fraction of weights (unstructured) or of channels (structured) removed
-    method: str = "l1"
-    structure: str = "unstructured"
-    scope: str = "global"  # global: one threshold across layers; layer: `amount` in each layer
-    schedule: str = "oneshot"  # gradual: Zhu & Gupta's cubic ramp over `steps`, fine-tuning between steps
+    method: Method = Method.l1
+    structure: Structure = Structure.unstructured
+    scope: Scope = Scope["global"]  # global: one threshold across layers; layer: `amount` in each layer
+    schedule: Schedule = Schedule.oneshot  # gradual: Zhu & Gupta's cubic ramp over `steps`, fine-tuning between
     steps: int = 4  # gradual only
     fine_tune_epochs: int = 0  # in total; gradual spreads them over the steps
-    lr: float = 1e-3
-    module_types: list[str] = field(default_factory=lambda: list(MODULE_TYPES))
+    lr: float = 1e-3  # of the fine-tuning
+    module_types: list[ModuleType] = field(default_factory=lambda: list(MODULE_TYPES))
     layers: list[str] = field(default_factory=list)  # module names; empty: every layer of module_types
 
     def __post_init__(self) -> None:
+        # Built from a plain dict (not through OmegaConf), the choices are still strings.
+        self.method = Method.parse(self.method, "method")
+        self.structure = Structure.parse(self.structure, "structure")
+        self.scope = Scope.parse(self.scope, "scope")
+        self.schedule = Schedule.parse(self.schedule, "schedule")
+        self.module_types = [ModuleType.parse(name, "module_types") for name in self.module_types]
         if not 0 <= self.amount < 1:
             raise ValueError(f"amount must be in [0, 1), got {self.amount}")
-        for name, value, valid in (
-            ("method", self.method, METHODS),
-            ("structure", self.structure, STRUCTURES),
-            ("scope", self.scope, SCOPES),
-            ("schedule", self.schedule, SCHEDULES),
-        ):
-            if value not in valid:
-                raise ValueError(f"{name} must be one of {', '.join(valid)}; got {value!r}")
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
         if self.fine_tune_epochs < 0:
             raise ValueError(f"fine_tune_epochs must be >= 0, got {self.fine_tune_epochs}")
-        unknown = sorted(set(self.module_types) - set(MODULE_TYPES))
-        if unknown:
-            raise ValueError(f"module_types may contain {', '.join(MODULE_TYPES)}; got {', '.join(unknown)}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
 
 
 def cubic_schedule(final: float, steps: int) -> list[float]:
@@ -172,4 +191,7 @@ def label(config: PruneConfig) -> str:
 @hookimpl
 def register_techniques(register) -> None:
     key_params = ("amount", "method", "structure", "scope", "schedule", "fine_tune_epochs")
-    register("prune", PruneConfig, apply, label=label, key_params=key_params)
+    register(
+        "prune", PruneConfig, apply, label=label, key_params=key_params,
+        module_options=("layers",), keeps_module_names=True,  # channels are removed in place, names stay
+    )  # fmt: skip

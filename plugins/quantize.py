@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from slimlab import hookimpl
+from slimlab.config import Choice
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -54,7 +55,21 @@ LABELS = {
     ("eager", "dynamic"): "eager-dyn",
     ("eager", "static"): "eager-static",
 }
-GRANULARITIES = ("per_channel", "per_tensor")
+# An enum built from BACKENDS (its members' names are their values: OmegaConf looks members up by name). The
+# scheme stays a str: which schemes are valid depends on the backend, and __post_init__ says which.
+Backend = Choice("Backend", [(name, name) for name in BACKENDS], module=__name__)
+
+
+class Granularity(Choice):
+    per_channel = "per_channel"
+    per_tensor = "per_tensor"
+
+
+class Target(Choice):
+    Linear = "Linear"
+    Conv2d = "Conv2d"
+
+
 STATIC_TARGETS = ("Linear", "Conv2d")  # static schemes also quantize convolutions
 # Schemes that are not per-channel/per-tensor int8 or float8: int4 is group-wise, 2:4 is sparsity.
 NO_GRANULARITY = ("int4_weight_only", "sparse_2_4")
@@ -73,22 +88,24 @@ class QuantizeConfig:
     pt2e static compiled, eager dynamic uncompiled.
     """
 
-    backend: str = "torchao"  # torchao | pt2e | eager
+    backend: Backend = Backend.torchao
     scheme: str | None = None  # per backend, see BACKENDS; None: the backend's first scheme
-    targets: list[str] = field(default_factory=lambda: ["Linear"])  # module types; static schemes: also Conv2d
+    targets: list[Target] = field(default_factory=lambda: [Target.Linear])  # static schemes: also Conv2d
     keep_float: list[str] = field(default_factory=list)  # module names left in float (sensitive layers)
-    granularity: str = "per_channel"  # weight scales: per_channel | per_tensor
+    granularity: Granularity = Granularity.per_channel  # of the weight scales
     embeddings: bool = False  # also int8 nn.Embedding weights (torchao, eager)
     calibration_batches: int = 16  # training minibatches that calibrate the observers (static schemes)
     compile: bool | None = None  # lower with torch.compile; None: pt2e yes, torchao no; eager cannot
     freezing: bool = True  # inductor freezing when compiling: folds and prepacks the int8 weights
 
     def __post_init__(self) -> None:
-        if self.backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {self.backend!r}")
+        # Built from a plain dict (not through OmegaConf), the choices are still strings.
+        self.backend = Backend.parse(self.backend, "backend")
         schemes = BACKENDS[self.backend]
         if self.scheme is None:
             self.scheme = schemes[0]
+        self.targets = [Target.parse(target, "targets") for target in self.targets]
+        self.granularity = Granularity.parse(self.granularity, "granularity")
         if self.scheme not in schemes:
             raise ValueError(
                 f"scheme {self.scheme!r} is not one of backend {self.backend!r}'s schemes: {', '.join(schemes)}"
@@ -100,8 +117,6 @@ class QuantizeConfig:
                 f"targets for {self.backend} {self.scheme} must be a non-empty list of {', '.join(allowed)}; "
                 f"got {list(self.targets)}"
             )
-        if self.granularity not in GRANULARITIES:
-            raise ValueError(f"granularity must be one of {', '.join(GRANULARITIES)}; got {self.granularity!r}")
         if self.granularity != "per_channel" and self.scheme in NO_GRANULARITY:
             raise ValueError(f"granularity applies to int8 and float8 schemes, not {self.scheme} (keep per_channel)")
         if self.embeddings and self.backend == "pt2e":
@@ -674,6 +689,16 @@ def label(config: QuantizeConfig) -> str:
     return f"quantize({','.join(parts)})"
 
 
+def keeps_module_names(config: QuantizeConfig) -> bool:
+    """Whether the quantized model has the module names of its input (a later ``place.device_map`` can use them).
+
+    torchao swaps weights and eager dynamic swaps modules in place; eager static wraps the model
+    (``QuantWrapper``), pt2e exports a graph and compiling wraps the result.
+    """
+    in_place = config.backend == "torchao" or (config.backend == "eager" and config.scheme == "dynamic")
+    return in_place and not config.compile
+
+
 def max_speedup(config: QuantizeConfig) -> float | None:
     """8-bit values are 4x narrower than fp32 (4x is also the VNNI int8 peak); int4 8x; 2:4 halves int8's work.
 
@@ -699,4 +724,6 @@ def register_techniques(register) -> None:
         key_params=("backend", "scheme", "granularity", "embeddings", "compile"),
         # torch.export cannot hold torch.ao's quantized modules (packed params); pt2e's graph cannot be pickled
         serialization_format=lambda config: "pickle" if config.backend == "eager" else "pt2",
+        module_options=("keep_float",),
+        keeps_module_names=keeps_module_names,
     )

@@ -115,6 +115,15 @@ EXAMPLE_PLUGIN = """
 
 
     @hookimpl
+    def check_config(cfg, host):
+        from slimlab import ConfigError
+
+        CALLS.append(("check_config", host))
+        if "zero_small" in cfg.technique and cfg.technique.zero_small.threshold > 1:  # a plugin's own limit
+            raise ConfigError(f"technique.zero_small.threshold={cfg.technique.zero_small.threshold}: at most 1")
+
+
+    @hookimpl
     def before_run(ctx):
         CALLS.append(("before_run", ctx.run_name))
 

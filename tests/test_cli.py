@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import logging
+import os
 import subprocess
+import sys
 
 import pytest
 from mlflow import MlflowClient
 
-from tests.conftest import FAST, SLIMLAB, free_port, slimlab, wait_until_healthy
+from tests.conftest import FAST, SLIMLAB, free_port, slimlab, wait_until_healthy, write_plugin
 
+# Each refused before any work: exit 2, one line naming the key and what is valid, nothing recorded or created.
 BAD_INPUT = [
     (["technique.prune.amount=1.5"], r"technique.prune: amount must be in [0, 1), got 1.5"),
     (["technique.prune.amout=0.3"], "Key 'amout' not in 'PruneConfig'; valid keys: amount, method,"),
@@ -24,7 +28,7 @@ BAD_INPUT = [
     (["experiment=nope"], "unknown experiment 'nope'; valid experiment options:"),
     (["technique=[quantize,prune]"], "'prune' cannot follow 'quantize'"),
     (["plugins.disable=[prune]"], "(disabled plugins: prune)"),
-    (["artifact.codec=zip"], "unknown artifact.codec 'zip'; valid: none, lzma"),
+    (["artifact.codec=zip"], "artifact.codec must be one of none, lzma; got 'zip'"),
     # with +, the prefix the README teaches for keys a yaml lacks: refused too, not ignored
     (["+technique.prune.amout=0.3", "technique=[prune]"], "technique.prune has no option amout; its options: amount,"),
     (["+foo=1"], "unknown key(s) foo; the top-level keys are artifact, cache_dir,"),
@@ -35,7 +39,46 @@ BAD_INPUT = [
     (["seed=-1"], "seed=-1: the seed must be an integer >= 0"),
     (["experiment_name="], "experiment_name is empty"),
     (["technique=[prune,distill,prune]"], "technique=[prune,distill,prune]: prune appears more than once"),
+    (["measure.threads=0"], "measure.threads=0: threads while timing must be an integer >= 1"),
+    (["train.batch_size=0"], "train.batch_size=0: rows per training batch must be an integer >= 1"),
+    (["data.test_fraction=1.5"], "data.test_fraction=1.5: the share of rows held out for testing must be in (0, 1)"),
+    (["data=regression", "data.test_fraction=0"], "data.test_fraction=0: the share of rows held out for testing"),
+    (["cache_dir=/proc/forbidden"], "cache_dir=/proc/forbidden: cannot write there (it does not exist, and /proc is"),
+    (["cache_dir=notes.txt"], "notes.txt is a file, not a directory; give a directory"),  # the test writes it
+    (["technique.prune.lr=-1"], "technique.prune: lr must be > 0, got -1.0"),
+    (
+        ["technique.prune.layers=[nope]"],
+        "technique.prune.layers: 'nope' is not a module of model lenet; its modules: conv1, conv2, fc1, fc2",
+    ),
+    (
+        ["technique=[place]", "+technique.place.device_map={fc1:cpu,nope:disk}"],
+        "technique.place.device_map: 'nope' is not a module of model lenet; its modules: conv1, conv2, fc1, fc2",
+    ),
+    (["technique.quantize.keep_float=[fc9]"], "technique.quantize.keep_float: 'fc9' is not a module of model lenet"),
+    (
+        ["plugins.disable=[nope]"],
+        "plugins.disable=[nope]: no installed plugin is named 'nope'; installed plugins: distill, mlflow, place, ",
+    ),
+    # choice options are enums: refused while composing, with their values (the form of the schemas' own checks)
+    (["technique.prune.method=l2"], "technique.prune: method must be one of l1, random; got 'l2'"),
+    (["technique.quantize.backend=tensorrt"], "technique.quantize: backend must be one of torchao, pt2e, eager; got"),
+    (
+        ["technique.quantize.targets=[Linear,Foo]"],
+        "technique.quantize: targets must be one of Linear, Conv2d; got 'Foo'",
+    ),
+    (["technique=[place]", "technique.place.dtype=int8"], "technique.place: dtype must be one of float32, bfloat16,"),
+    (["tracking.backend=wandb"], "tracking.backend must be one of mlflow, none; got 'wandb'"),
+    # what Hydra's override grammar cannot read: which override, and how to quote it
+    (
+        ["model=lénet"],
+        """cannot parse the override 'model=lénet': 'é' is not ASCII, and a value holding such \
+characters must be quoted: model='lénet' (in a shell: "model='lénet'")""",
+    ),
+    (["technique.prune.amount=0,5é"], "must be quoted: technique.prune.amount='0,5é'"),
+    (["a=b=c"], "cannot parse the override 'a=b=c': mismatched input '=' expecting <EOF>; quote a value"),
 ]
+# These also as a user runs them, in a process of their own (about 3 s each); all of them run in-process below.
+SUBPROCESS = ["+foo=1", "technique.prune.layers=[nope]", "cache_dir=/proc/forbidden", "model=lénet", "seed=-1"]
 
 
 def all_runs(store: str) -> list:
@@ -43,14 +86,100 @@ def all_runs(store: str) -> list:
     return [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
 
 
-@pytest.mark.parametrize("args,message", BAD_INPUT, ids=[a[0] for a, _ in BAD_INPUT])
-def test_bad_input_exits_2_with_one_line_and_records_nothing(args, message, tmp_path, store):
+@pytest.fixture
+def slimlab_here(tmp_path, monkeypatch):
+    """``slimlab ...`` through ``cli.main`` in this process, launched from ``tmp_path``: (exit code, stdout, stderr).
+
+    The same function the console script calls, without a process start (about 3 s) per case; what a launch
+    changes in the process (plugins loaded once, the import path, Hydra's logging) is put back afterwards.
+    """
+    from hydra.core.config_store import ConfigStore
+
+    from slimlab import hydra_app
+    from slimlab.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(hydra_app, "_plugins", None)  # plugins.disable applies when the plugins load
+    # A process registers the loaded plugins' technique schemas once; a disabled plugin's must not linger.
+    store = ConfigStore.instance()
+    monkeypatch.setattr(store, "repo", {group: node for group, node in store.repo.items() if group != "technique"})
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    for name in ("PYTHONPATH", "HYDRA_FULL_ERROR"):  # set by a launch; recorded here so that they are restored
+        monkeypatch.setenv(name, os.environ.get(name, ""))
+        if not os.environ[name]:
+            monkeypatch.delenv(name)
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+
+    yield lambda *args: main(list(args))
+    for handler in root.handlers:
+        if handler not in handlers:
+            handler.close()
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+def assert_refused(code: int, stderr: str, message: str, tmp_path) -> None:
+    """Exit 2, one ``slimlab: error:`` line holding ``message``, no traceback, no store, no outputs/ folder."""
+    assert code == 2, stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("slimlab: error: "), stderr
+    assert message in lines[0], lines[0]
+    assert "Traceback" not in stderr
+    assert not (tmp_path / "outputs").exists(), list((tmp_path / "outputs").rglob("*"))
+    assert not (tmp_path / "multirun").exists()
+    assert not (tmp_path / ".slimlab").exists()  # no cache entry, nothing trained
+
+
+@pytest.mark.parametrize("args,message", BAD_INPUT, ids=[" ".join(a) for a, _ in BAD_INPUT])
+def test_bad_input_exits_2_with_one_line_and_records_nothing(args, message, tmp_path, slimlab_here, capsys):
+    (tmp_path / "notes.txt").write_text("a file where a directory is wanted")
+    store = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
+    code = slimlab_here("run", *args, f"tracking.uri={store}")
+    assert_refused(code, capsys.readouterr().err, message, tmp_path)
+    assert not (tmp_path / "store").exists()
+
+
+@pytest.mark.parametrize("args,message", [case for case in BAD_INPUT if case[0][0] in SUBPROCESS], ids=SUBPROCESS)
+def test_bad_input_in_a_process_of_its_own(args, message, tmp_path, store):
     result = slimlab("run", *args, f"tracking.uri={store}", cwd=tmp_path)
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("slimlab: error: "), result.stderr
-    assert message in lines[0]
-    assert not (tmp_path / "mlflow.db").exists() or all_runs(store) == []
+    assert_refused(result.returncode, result.stderr, message, tmp_path)
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_a_refused_sweep_leaves_nothing(tmp_path, slimlab_here, capsys, store):
+    code = slimlab_here("run", "-m", "technique.prune.lr=0.1,-1", f"tracking.uri={store}")
+    assert_refused(
+        code, capsys.readouterr().err, "job 1 (technique.prune.lr=-1): technique.prune: lr must be > 0", tmp_path
+    )
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_a_refused_run_keeps_a_run_dir_that_held_other_files(tmp_path, slimlab_here, capsys):
+    """Only what Hydra wrote for the refused job goes: a reused ``hydra.run.dir`` keeps its files."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    code = slimlab_here("run", "seed=-1", "hydra.run.dir=mine")
+    assert code == 2 and "seed=-1" in capsys.readouterr().err
+    assert (mine / "notes.txt").read_text() == "mine"
+
+
+def test_a_crashing_check_config_names_its_plugin(tmp_path, slimlab_here, capsys, monkeypatch):
+    source = """
+from slimlab import hookimpl
+
+@hookimpl
+def check_config(cfg):
+    return look_up(cfg)
+
+def look_up(cfg):
+    return {}["tracking"]
+"""
+    site = write_plugin(tmp_path / "site", "slimlab-crashy", "slimlab_crashy", source, {"crashy": "slimlab_crashy"})
+    monkeypatch.syspath_prepend(str(site))
+    code = slimlab_here("run", "tracking=none")
+    assert_refused(code, capsys.readouterr().err, "plugin crashy's check_config raised KeyError: 'tracking'", tmp_path)
 
 
 def test_unknown_command_exits_2(tmp_path):

@@ -158,3 +158,75 @@ def test_experiment_settings_for_unselected_techniques_are_ignored(overrides, st
     run(cfg)
     _, logged = only_run(store)
     assert logged.data.tags["slimlab.techniques"] == "prune"  # ...but not run
+
+
+def test_module_names_are_checked_against_the_model_each_step_gets(overrides):
+    """``prune.layers``, ``place.device_map``, ``quantize.keep_float`` name modules: checked in the plan, while
+    the steps before keep the model's module names (a distilled student or a compiled model has others)."""
+    from torch import nn
+
+    from slimlab.errors import ConfigError
+    from slimlab.runner import plan
+
+    plugins = load_plugins()
+
+    def planned(*args: str, **kwargs):
+        return plan(compose([*overrides, *args], plugins), plugins, host=False, **kwargs)
+
+    state = torch.get_rng_state()
+    with pytest.raises(ConfigError, match=r"^technique.prune.layers: 'fc3' is not a module of model lenet; its "):
+        planned("technique=[prune]", "technique.prune.layers=[conv1,fc3]")
+    assert torch.equal(torch.get_rng_state(), state)  # the model built to read its names drew no random numbers
+    with pytest.raises(ConfigError, match="technique.place.device_map: 'conv9' is not a module of model lenet"):
+        planned(
+            "technique=[prune,quantize,place]", "technique.place.device=cpu", "+technique.place.device_map={conv9:cpu}"
+        )
+    # after a fresh student, or a compiled model, the names are not the built model's: the run checks them
+    planned("technique=[distill,prune]", "technique.distill.student=mlp", "technique.prune.layers=[net.0]")
+    planned("technique=[quantize,place]", "technique.quantize.compile=true", "+technique.place.device_map={x:cpu}")
+    # a model handed in (the Python API) is the one checked
+    given = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    planned("technique=[prune]", "technique.prune.layers=[0,2]", given=["model"], model=given)
+    with pytest.raises(ConfigError, match=r"'fc1' is not a module of the given model; its modules: 0, 1, 2$"):
+        planned("technique=[prune]", "technique.prune.layers=[fc1]", given=["model"], model=given)
+
+
+def test_cache_dir_is_checked_without_creating_it(overrides, tmp_path):
+    from slimlab.errors import ConfigError
+    from slimlab.runner import plan
+
+    plugins = load_plugins()
+    cache = tmp_path / "not" / "yet"
+    plan(compose([*overrides, f"cache_dir={cache}"], plugins), plugins)
+    assert not (tmp_path / "not").exists() and sorted(p.name for p in tmp_path.iterdir()) == []
+    with pytest.raises(ConfigError, match=r"^cache_dir=/proc/slimlab/cache: cannot write there"):
+        plan(compose([*overrides, "cache_dir=/proc/slimlab/cache"], plugins), plugins)
+    plan(compose([*overrides, "cache_dir=/proc/slimlab/cache"], plugins), plugins, host=False)  # another machine's
+
+
+def test_choice_options_are_enums_logged_as_their_plain_values(overrides):
+    """An enum option composes, hashes and is logged as the string it always was (existing runs still match)."""
+    import hashlib
+    import json
+
+    from omegaconf import OmegaConf
+
+    from slimlab.config import config_hash, flatten
+    from slimlab.plugins.prune import Method
+    from slimlab.runner import RUN_KEYS, plan
+
+    plugins = load_plugins()
+    cfg = compose([*overrides, "technique.prune.method=random", "technique.quantize.backend=eager"], plugins)
+    assert isinstance(cfg.technique.prune.method, Method) and cfg.technique.prune.method == "random"
+    flat = flatten(cfg)
+    assert (flat["technique.prune.method"], flat["technique.prune.scope"]) == ("random", "global")
+    assert (flat["technique.quantize.backend"], flat["technique.prune.module_types"]) == (
+        "eager",
+        '["Linear", "Conv2d"]',
+    )
+    # the hash of the plain strings, as before these options were enums
+    plain = {key: OmegaConf.to_container(cfg[key], resolve=True, enum_to_str=True) for key in RUN_KEYS if key != "seed"}
+    plain = json.dumps({**plain, "seed": cfg.seed}, sort_keys=True, default=str).encode()
+    assert config_hash(cfg, RUN_KEYS) == hashlib.sha256(plain).hexdigest()[:16]
+    params = {k: v for step in plan(cfg, plugins, host=False).steps for k, v in step.key_params().items()}
+    assert params["prune.method"] == "random" and type(params["quantize.backend"]) is str

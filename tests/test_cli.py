@@ -201,6 +201,9 @@ def test_help_lists_groups_and_every_technique_option(plugin_site, tmp_path):
     assert f"technique: distill, explode, place, prune, prune_90, quantize, {presets}, zero_small" in out  # plugins too
     assert "zero_small (plugin example):\n  threshold: float = 0.01" in out
     assert "amount: float = 0.5" in out
+    # choice options list their values
+    assert "method: l1 | random = 'l1'" in out and "backend: torchao | pt2e | eager = 'torchao'" in out
+    assert "module_types: list[Linear | Conv2d] = ['Linear', 'Conv2d']" in out
 
 
 def test_cfg_job_and_info(tmp_path):

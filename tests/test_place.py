@@ -216,11 +216,10 @@ def test_bad_input_refused_with_what_is_valid(overrides, tmp_path, override, mes
     assert not (tmp_path / "mlflow.db").exists()
 
 
-def test_unknown_module_in_device_map_fails_the_run_naming_the_modules(overrides, store):
-    with pytest.raises(ValueError, match="device_map names no module 'conv9' of this model; modules: 'conv1'"):
+def test_unknown_module_in_device_map_is_refused_before_the_run(overrides, store):
+    with pytest.raises(ConfigError, match="technique.place.device_map: 'conv9' is not a module of model lenet"):
         place(overrides, "technique.place.device=cpu", "+technique.place.device_map={conv9:disk}")
-    _, logged = only_run(store)
-    assert logged.info.status == "FAILED"
+    assert not Path(store.removeprefix("sqlite:///")).exists()  # refused in the plan: nothing recorded
 
 
 def test_seed_heterogeneous_experiment(overrides, store):

@@ -121,7 +121,7 @@ def test_keep_float_leaves_sensitive_layers_in_float(options, overrides, store, 
 
 
 def test_keep_float_must_name_a_module(overrides):
-    with pytest.raises(ValueError, match=r"keep_float names no module of the model: \['fc3'\]"):
+    with pytest.raises(ConfigError, match="technique.quantize.keep_float: 'fc3' is not a module of model lenet"):
         run(compose([*overrides, "tracking=none", *quantize("keep_float=[fc3]")]))
 
 

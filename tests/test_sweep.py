@@ -13,8 +13,21 @@ from mlflow import MlflowClient
 from slimlab.report import Row, pareto_front
 from tests.conftest import FAST, NO_MLFLOW_MODEL, SLIMLAB, slimlab
 
-# Six jobs; the last names a layer LeNet does not have, which only pruning itself finds out: it fails while running.
+# Six jobs; the last names a module that pruning cannot prune, which only pruning itself finds out (the plan checks
+# that the names are modules of the model): it fails while running.
 LAYERS = "technique.prune.layers=[],[fc1],[conv1],[conv2],[fc2],[nope]"
+# LeNet with a module named `nope` that is no Linear/Conv2d layer
+LENET_WITH_NOPE = """
+from torch import nn
+
+from slimlab.models import LeNet
+
+
+class LeNetWithNope(LeNet):
+    def __init__(self):
+        super().__init__()
+        self.nope = nn.Identity()
+"""
 
 
 def runs_by_kind(store: str) -> tuple[list, list]:
@@ -32,7 +45,9 @@ def outcomes(run) -> dict[int, dict]:
 
 @pytest.mark.slow
 def test_sweep_isolates_a_failing_job_resumes_and_reports(tmp_path, cache_dir, store):
+    (tmp_path / "lenet_with_nope.py").write_text(LENET_WITH_NOPE)
     common = ["-m", "technique=[prune]", *FAST, NO_MLFLOW_MODEL, f"cache_dir={cache_dir}", f"tracking.uri={store}"]
+    common.append("model._target_=lenet_with_nope.LeNetWithNope")
     first = slimlab("run", *common, LAYERS, cwd=tmp_path)
     assert first.returncode == 1, first.stderr[-3000:]
     assert "sweep: 5 finished, 1 failed, 0 skipped of 6 jobs" in first.stdout

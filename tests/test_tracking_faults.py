@@ -332,14 +332,27 @@ def test_a_store_in_a_read_only_directory_is_refused(tmp_path):
             plugin_check(f"sqlite:///{folder / 'new' / 'mlflow.db'}")
 
 
-def test_a_run_on_a_read_only_store_says_so_in_one_line(tmp_path, store, cache_dir):
-    tracking.open_store(store)
-    with read_only(tmp_path / "mlflow.db"):
-        result = slimlab("run", *TINY, *FAST, f"cache_dir={cache_dir}", f"tracking.uri={store}", cwd=tmp_path)
+@pytest.mark.parametrize("case", ["read-only", "unknown scheme", "no server", "no server, sweep"])
+def test_a_run_on_a_store_it_cannot_use_is_refused_in_one_line_before_any_work(case, tmp_path, store):
+    url = f"http://127.0.0.1:{free_port()}"  # nobody listens there
+    uri = {"read-only": store, "unknown scheme": "foo://bar"}.get(case, url)
+    expected = {
+        "read-only": f"slimlab: error: the tracking store {tmp_path / 'mlflow.db'} is read-only: ",
+        "unknown scheme": "slimlab: error: tracking.uri=foo://bar: MLflow has no tracking store for foo://; valid: ",
+        "no server": f"slimlab: error: tracking server {url} (tracking.uri) does not answer (",
+        "no server, sweep": f"slimlab: error: job 0 (seed=0): tracking server {url} (tracking.uri) does not answer (",
+    }[case]
+    sweep = ["-m", "seed=0,1"] if case.endswith("sweep") else []
+    fresh_cache = tmp_path / "cache"  # nothing may be trained for a refused run
+    args = ["run", *sweep, *TINY, *FAST, f"cache_dir={fresh_cache}", f"tracking.uri={uri}"]
+    with read_only(tmp_path / "mlflow.db") if case == "read-only" else contextlib.nullcontext():
+        # Without the check, a missing server is retried for minutes: the timeout fails the test instead.
+        result = slimlab(*args, cwd=tmp_path, timeout=90)
     assert result.returncode == 2, result.stderr[-3000:]
-    last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("slimlab: error: the tracking store ") and "is read-only" in last, last
-    assert "Traceback" not in result.stderr and "autoflush" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(expected), result.stderr[-3000:]
+    assert "autoflush" not in result.stderr
+    assert not fresh_cache.exists() and not (tmp_path / "outputs").exists() and not (tmp_path / "multirun").exists()
 
 
 def test_a_read_only_error_from_sqlite_is_one_line(tmp_path, store):

@@ -75,6 +75,9 @@ class TrainConfig:
     batch_size: int = 64
     seed: int = SI("${seed}")
     fine_tune_pretrained: bool = False  # also train a model that comes with weights (else it is the baseline as is)
+    # Threads while training: float sums split per thread, so a fixed count gives the same bytes in any process
+    # (a sweep's worker, a bigger machine). 1 never oversubscribes parallel jobs; raise it for one big run.
+    threads: int = 1
 
 
 @dataclass

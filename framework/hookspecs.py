@@ -31,7 +31,7 @@ def register_techniques(register: Register) -> None:
 
     ``register`` is called as
     ``register(name, schema, apply, *, label=None, followed_by=None, check=None, max_speedup=None,
-    key_params=None, serialization_format="pt2")``:
+    key_params=None, serialization_format="pt2", module_options=None, keeps_module_names=False)``:
 
     - ``name``: the technique's option in the ``technique`` config group and
       its key in the composed config (``technique.<name>.<field>``).
@@ -60,6 +60,11 @@ def register_techniques(register: Register) -> None:
       e.g. ``torch.ao`` quantized ones, which torch.export cannot hold), or a
       function of the config returning one. A pipeline with any ``pickle``
       step is saved as ``pickle``.
+    - ``module_options`` (API 2.1): the schema's fields that name modules of the model (a list of names, or
+      a dict keyed by them, e.g. ``layers``); the plan refuses a name the model does not have, before any work.
+    - ``keeps_module_names`` (API 2.1): whether the model this technique returns has its input's module names
+      (``True``, or a function of the config), so a later step's ``module_options`` can be checked against the
+      configured model too. ``False`` (the default) stops those checks at this step.
 
     Returns nothing. Registering a name twice is a ``PluginError``.
     """

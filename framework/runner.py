@@ -279,6 +279,7 @@ def _check_module_names(cfg: DictConfig, steps: list[Step], model: Any = None) -
 LOWER_BOUNDS = (
     ("train.epochs", 0, "epochs of baseline training"),
     ("train.batch_size", 1, "rows per training batch"),
+    ("train.threads", 1, "threads while training"),
     ("measure.batch_size", 1, "rows per timed batch"),
     ("measure.eval_batch_size", 1, "rows per scoring batch"),
     ("measure.warmup", 0, "untimed calls before timing"),

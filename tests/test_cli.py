@@ -41,6 +41,7 @@ BAD_INPUT = [
     (["technique=[prune,distill,prune]"], "technique=[prune,distill,prune]: prune appears more than once"),
     (["measure.threads=0"], "measure.threads=0: threads while timing must be an integer >= 1"),
     (["train.batch_size=0"], "train.batch_size=0: rows per training batch must be an integer >= 1"),
+    (["train.threads=0"], "train.threads=0: threads while training must be an integer >= 1"),
     (["data.test_fraction=1.5"], "data.test_fraction=1.5: the share of rows held out for testing must be in (0, 1)"),
     (["data=regression", "data.test_fraction=0"], "data.test_fraction=0: the share of rows held out for testing"),
     (["cache_dir=/proc/forbidden"], "cache_dir=/proc/forbidden: cannot write there (it does not exist, and /proc is"),

@@ -97,12 +97,13 @@ def report_command(args: list[str]) -> int:
         return _error("give --sweep or --experiment, not both")
     from pathlib import Path
 
-    from mlflow import MlflowClient
-
     from slimlab import report
     from slimlab.tracking import tracking_uri
 
-    client = MlflowClient(options.uri or tracking_uri())
+    try:
+        client = report.open_store(options.uri or tracking_uri())
+    except ValueError as error:  # nothing recorded there yet: say so, do not create an empty store
+        return _error(str(error))
     try:
         if options.experiment:
             rows = report.rows_of(report.experiment_runs(client, options.experiment))

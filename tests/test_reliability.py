@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, slimlab
 
 
 def test_help_piped_into_a_reader_that_stops_ends_quietly(tmp_path):
@@ -43,3 +43,12 @@ def test_read_only_working_directory_is_one_line_exit_2(tmp_path):
     assert len(lines) == 1 and lines[0].startswith(f"slimlab: error: cannot write {work}/outputs: Read-only"), lines
     assert "Traceback" not in result.stderr
     assert list(work.iterdir()) == []
+
+
+def test_report_in_an_empty_directory_creates_no_store(tmp_path):
+    result = slimlab("report", cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    missing = tmp_path / "mlflow.db"
+    expected = f"slimlab: error: no tracking store at {missing}; run something first (slimlab run) or pass --uri"
+    assert result.stderr.strip().splitlines() == [expected]
+    assert list(tmp_path.iterdir()) == []

@@ -110,11 +110,11 @@ def _misfit(state: dict[str, Any], model: nn.Module) -> str:
 
 def build_model(node: Any) -> nn.Module:
     """Build a model config: call its ``_target_`` with its arguments, then load ``checkpoint`` if set."""
-    from hydra.utils import instantiate
+    from slimlab.config import call_target
 
     node = _plain(node)
     arguments = {k: v for k, v in node.items() if k not in RESERVED_MODEL_KEYS}
-    model = instantiate(arguments, _convert_="all")
+    model = call_target(arguments, "model", _convert_="all")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model._target_={node.get('_target_')} returned {type(model).__name__}, not a torch nn.Module")
     if node.get("checkpoint"):

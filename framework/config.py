@@ -412,3 +412,23 @@ def flatten(cfg: DictConfig) -> dict[str, str]:
 
     walk(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True), "")  # any enum (a plugin's too) by its name
     return flat
+
+
+def call_target(node: Any, key: str, **kwargs: Any) -> Any:
+    """Call a config node's ``_target_`` with its arguments (Hydra's ``instantiate``).
+
+    What the user's callable raises comes out as itself, noted with the key, rather than inside Hydra's
+    ``InstantiationException``, whose first line only says "Error in call to target": a failed job's
+    one-line reason then names the real error.
+    """
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as error:
+        cause = error.__cause__
+        if cause is None:  # Hydra's own complaint (e.g. an argument it cannot pass): its message is the reason
+            raise
+        cause.add_note(f"(while calling {key}._target_={node.get('_target_')})")
+        raise cause from None

@@ -85,11 +85,10 @@ def _tags(plugins: Plugins, steps: list[Step], hash_: str) -> dict[str, str]:
 
 
 def _build_data(cfg: DictConfig):
-    from hydra.utils import instantiate
-
+    from slimlab.config import call_target
     from slimlab.data import check_data
 
-    built = instantiate({k: v for k, v in cfg.data.items() if k != "name"})
+    built = call_target({k: v for k, v in cfg.data.items() if k != "name"}, "data")
     try:
         return check_data(built, cfg.data.get("_target_"))
     except TypeError as error:  # the callable ran, but what it returned is not slimlab's Data: the user's input

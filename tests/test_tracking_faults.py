@@ -365,13 +365,4 @@ def test_a_read_only_error_from_sqlite_is_one_line(tmp_path, store):
         raise RuntimeError("something else")
 
 
-# --- 5. a report never creates a store ---
-
-
-def test_a_report_in_an_empty_directory_creates_no_store(tmp_path):
-    from slimlab.report import open_store
-
-    database = tmp_path / "mlflow.db"
-    with pytest.raises(ValueError, match=f"no tracking store at {database}"):
-        open_store(f"sqlite:///{database}")
-    assert not database.exists()
+# 5. a report never creates a store: tests/test_reliability.py (through the command line)

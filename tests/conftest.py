@@ -33,9 +33,15 @@ def store(tmp_path) -> str:
     return f"sqlite:///{tmp_path / 'mlflow.db'}"
 
 
+# What a test that checks the logged MLflow model adds to `overrides`.
+LOG_MODEL = "tracking.log_model=true"
+
+
 @pytest.fixture
 def overrides(cache_dir, store) -> list[str]:
-    return [*FAST, f"cache_dir={cache_dir}", f"tracking.uri={store}", "experiment_name=tests"]
+    """A fast run tracked in the test's own store; without the MLflow model (torch.export: seconds per run),
+    which the tests of the logged model turn back on with ``LOG_MODEL``."""
+    return [*FAST, f"cache_dir={cache_dir}", f"tracking.uri={store}", "experiment_name=tests", NO_MLFLOW_MODEL]
 
 
 def slimlab(*args: str, cwd: Path, env: dict[str, str] | None = None, timeout: int = 300):

@@ -15,6 +15,7 @@ from slimlab.config import compose
 from slimlab.logged_model import LOAD_NOTE, portable, tensor_interface, using_tracking_uri
 from slimlab.plugin_manager import load_plugins
 from slimlab.runner import run_metrics
+from tests.conftest import LOG_MODEL
 
 
 class RecordOutputs:
@@ -50,7 +51,7 @@ def test_logged_model_loads_back_with_the_same_outputs(case, overrides, store):
     plugins = load_plugins()
     recorder = RecordOutputs()
     plugins.manager.register(recorder, name="record-outputs")
-    run_metrics(compose([*overrides, "model=lenet", "data=digits", *options]), plugins)
+    run_metrics(compose([*overrides, LOG_MODEL, "model=lenet", "data=digits", *options]), plugins)
     # the logged form computes what the run's model computed
     torch.testing.assert_close(recorder.logged, recorder.deployed, rtol=0, atol=0)
 

@@ -21,7 +21,7 @@ from slimlab.models import SentenceEmbedding as MiniLM
 from slimlab.models import select_layers
 from slimlab.runner import run
 from slimlab.tasks import Classification, Embedding, Scored, embedding_fidelity
-from tests.conftest import REPO
+from tests.conftest import LOG_MODEL, REPO
 
 FIDELITY = {"cosine_to_baseline", "cosine_to_baseline_min", "similarity_spearman", "nn_agreement"}
 EMBEDDING_METRICS = FIDELITY | {
@@ -211,7 +211,7 @@ def test_classification_scores_accuracy_and_agreement():
 def test_tiny_minilm_run_logs_fidelity_not_accuracy(overrides, store, few, tmp_path):
     """A 2-layer MiniLM on a dozen sentences, pruned and fine-tuned on the baseline's embeddings."""
     args = [
-        *overrides, "model=minilm", "model.num_layers=2", "data=sentences", f"data.path={few}",
+        *overrides, LOG_MODEL, "model=minilm", "model.num_layers=2", "data=sentences", f"data.path={few}",
         "data.test_fraction=0.5", "technique=[prune]", "technique.prune.amount=0.3",
         "technique.prune.module_types=[Linear]", "technique.prune.fine_tune_epochs=1", "technique.prune.lr=1e-5",
     ]  # fmt: skip

@@ -171,19 +171,25 @@ def save_model(
     ``compact=False`` stores every tensor dense: the size the model would
     take without sparse storage (logged as ``dense_size_bytes``).
     ``codec="lzma"`` entropy-codes the file (see the module docstring).
+    A deployable module with a ``slimlab_artifact_bytes()`` method (a model in another runtime's format, e.g. an
+    ONNX Runtime session) is saved as the bytes it returns.
     """
     if codec not in CODECS:
         raise ValueError(f"artifact codec must be one of {', '.join(CODECS)}; got {codec!r}")
     model = deployable(model)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    state_dict = model.state_dict()
-    state = {name: _encode_entry(t, compact) for name, t in state_dict.items()}
-    # Module versions tell torch.ao's loaders which layout the state is in.
-    versions = {prefix: dict(info) for prefix, info in getattr(state_dict, "_metadata", {}).items()}
-    buffer = io.BytesIO()
-    torch.save({"format": FORMAT, "metadata": metadata or {}, "versions": versions, "state": state}, buffer)
-    encoded = buffer.getvalue()
+    own_format = getattr(model, "slimlab_artifact_bytes", None)
+    if callable(own_format):  # a model that is not a state dict (an ONNX Runtime session): its own file's bytes
+        encoded = own_format()
+    else:
+        state_dict = model.state_dict()
+        state = {name: _encode_entry(t, compact) for name, t in state_dict.items()}
+        # Module versions tell torch.ao's loaders which layout the state is in.
+        versions = {prefix: dict(info) for prefix, info in getattr(state_dict, "_metadata", {}).items()}
+        buffer = io.BytesIO()
+        torch.save({"format": FORMAT, "metadata": metadata or {}, "versions": versions, "state": state}, buffer)
+        encoded = buffer.getvalue()
     if codec == "lzma":
         encoded = lzma.compress(encoded, preset=9 | lzma.PRESET_EXTREME)
     path.write_bytes(encoded)

@@ -132,8 +132,7 @@ def experiment_id(client: Any, name: str, uri: str, primary: str | None = None) 
 
 FILE_STORE_SCHEMES = ("", "file")
 KNOWN_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql", "http", "https", "databricks", "databricks-uc", "uc", "file")
-HEALTH_TIMEOUT = 5.0  # seconds a tracking server gets to answer /health
-_answered: set[str] = set()  # servers that answered in this process (a sweep checks every job)
+HEALTH_TIMEOUT = 5.0  # seconds a tracking server gets to answer /health (an answer takes milliseconds)
 
 
 def store_schemes() -> list[str]:
@@ -183,8 +182,6 @@ def check_server(uri: str, timeout: float = HEALTH_TIMEOUT, key: str = "tracking
     import urllib.error
     import urllib.request
 
-    if uri in _answered:
-        return
     try:
         with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout):
             pass
@@ -196,7 +193,6 @@ def check_server(uri: str, timeout: float = HEALTH_TIMEOUT, key: str = "tracking
             f"tracking server {uri} ({key}) does not answer ({reason}) at /health within {timeout:g} s; "
             "start it (slimlab server ...) or set tracking.uri to a reachable store"
         ) from None
-    _answered.add(uri)
 
 
 def read_only_reason(uri: str) -> str | None:

@@ -289,11 +289,11 @@ class SweepCallback(Callback):
 
     def _open_parent(self, config: DictConfig, jobs: list[list[str]] | None) -> None:
         """Open the store (created under a lock), close this host's runs whose process is gone, open the parent."""
+        from slimlab.liveness import process_tags
         from slimlab.tracking import (
             close_dead_runs,
             experiment_id,
             open_store,
-            process_tags,
             read_only_as_config_error,
             tracking_uri,
         )

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from slimlab import tracking
+from slimlab import liveness, tracking
 from slimlab.config import compose
 from slimlab.errors import ConfigError
 from slimlab.plugin_manager import load_plugins
@@ -187,22 +187,22 @@ def _state(pid: int) -> str:
 def test_running_runs_whose_process_is_gone_are_closed_killed(store):
     client = tracking.open_store(store)
     experiment = tracking.experiment_id(client, "tests", store)
-    mine = tracking.process_tags()
+    mine = liveness.process_tags()
     here = socket.gethostname()
 
     def running(**tags: str) -> str:
         return client.create_run(experiment, tags=tags).info.run_id
 
-    dead = running(**{**mine, tracking.PID_TAG: str(dead_pid()), tracking.START_TAG: ""})
-    start = mine[tracking.START_TAG]
-    reused = running(**{**mine, tracking.START_TAG: start[:-1] + "x"})  # our pid, not our process
-    rebooted = running(**{**mine, tracking.START_TAG: "another-boot" + start[start.find("/") :]})
+    dead = running(**{**mine, liveness.PID_TAG: str(dead_pid()), liveness.START_TAG: ""})
+    start = mine[liveness.START_TAG]
+    reused = running(**{**mine, liveness.START_TAG: start[:-1] + "x"})  # our pid, not our process
+    rebooted = running(**{**mine, liveness.START_TAG: "another-boot" + start[start.find("/") :]})
     exited = subprocess.Popen([sys.executable, "-c", "pass"])  # not waited for: a zombie until reaped
     while exited.pid and _state(exited.pid) not in ("Z", ""):
         time.sleep(0.05)
-    zombie = running(**{**mine, tracking.PID_TAG: str(exited.pid), tracking.START_TAG: ""})
+    zombie = running(**{**mine, liveness.PID_TAG: str(exited.pid), liveness.START_TAG: ""})
     alive = running(**mine)
-    elsewhere = running(**{**mine, tracking.HOST_TAG: here + "-elsewhere", tracking.PID_TAG: str(dead_pid())})
+    elsewhere = running(**{**mine, liveness.HOST_TAG: here + "-elsewhere", liveness.PID_TAG: str(dead_pid())})
     untagged = running()
     closed = tracking.close_dead_runs(client, experiment)
     exited.wait()
@@ -219,13 +219,13 @@ def test_running_runs_whose_process_is_gone_are_closed_killed(store):
 def test_a_run_records_its_process_and_closes_the_runs_of_dead_processes(overrides, store):
     client = tracking.open_store(store)
     experiment = tracking.experiment_id(client, "tests", store)
-    tags = {**tracking.process_tags(), tracking.PID_TAG: str(dead_pid())}
+    tags = {**liveness.process_tags(), liveness.PID_TAG: str(dead_pid())}
     killed = client.create_run(experiment, tags=tags).info.run_id
     run(compose([*overrides, *TINY]))
     assert client.get_run(killed).info.status == "KILLED"
     (new,) = [r for r in all_runs(store) if r.info.run_id != killed]
     assert new.info.status == "FINISHED"
-    assert {k: new.data.tags[k] for k in tags} == tracking.process_tags()
+    assert {k: new.data.tags[k] for k in tags} == liveness.process_tags()
 
 
 def wait_for(condition, process: subprocess.Popen, seconds: float = 120) -> None:

@@ -34,7 +34,8 @@ PLAIN = {
     "measure_batch": 64,
     "warmup": 3,
     "repeats": 20,
-    "threads": 1,
+    "threads": 1,  # while timing
+    "train_threads": 1,  # while training and fine-tuning: slimlab's train.threads default (same bytes anywhere)
 }
 
 
@@ -73,6 +74,7 @@ def plain_job(out_dir: Path) -> dict[str, float]:
     def accuracy(net) -> float:
         return (net(test_x).argmax(1) == test_y).float().mean().item()
 
+    torch.set_num_threads(p["train_threads"])  # the same work as slimlab's: as many threads
     train(p["epochs"])
     baseline_accuracy = accuracy(model)
     torch.save(model.state_dict(), out_dir / "baseline.pt")

@@ -6,6 +6,10 @@ Quantized tensors are stored as their integer values plus scales and zero
 points: torchao's tensor subclasses through their ``__tensor_flatten__``
 parts, ``torch.ao`` quantized tensors through ``int_repr()``; the integers are
 encoded the same way, so pruned-then-quantized weights stay compact.
+Sub-byte integers that torchao keeps one per int8 (an int4 weight's ``qdata``,
+whose subclass declares ``target_dtype=torch.int4``) are bit-packed: int4 takes
+half a byte, so the file shrinks as the weights did. A tensor whose elements
+are all equal (the zero points of symmetric quantization) is stored as one value.
 The file holds only tensors, numbers, dtypes, strings, lists and dicts:
 nothing that runs code on load. ``size_bytes`` is the size of this very file.
 
@@ -47,24 +51,84 @@ def _unpack(packed: torch.Tensor, numel: int) -> torch.Tensor:
     return bits.flatten()[:numel]
 
 
-def encode_tensor(tensor: torch.Tensor, compact: bool = True) -> torch.Tensor | dict[str, Any]:
-    """Dense, or ``{"mask", "values", "shape"}`` when that takes fewer bytes."""
+def _pack_bits(values: torch.Tensor, bits: int, low: int) -> dict[str, Any]:
+    """Integers in ``[low, low + 2**bits)`` as ``bits`` bit planes, 8 values a byte each: ``bits`` bits a value."""
+    unsigned = (values.flatten().to(torch.int16) - low).to(torch.uint8)
+    planes = torch.stack([_pack(unsigned.bitwise_right_shift(bit).bitwise_and(1)) for bit in range(bits)])
+    return {"bits": bits, "low": low, "dtype": values.dtype, "shape": list(values.shape), "planes": planes}
+
+
+def _unpack_bits(stored: dict[str, Any]) -> torch.Tensor:
+    numel = 1
+    for dim in stored["shape"]:
+        numel *= dim
+    unsigned = torch.zeros(numel, dtype=torch.int16)
+    for bit, plane in enumerate(stored["planes"]):
+        unsigned |= _unpack(plane, numel).to(torch.int16) << bit
+    return (unsigned + stored["low"]).to(stored["dtype"]).view(stored["shape"])
+
+
+def narrow_range(dtype: Any) -> tuple[int, int] | None:
+    """``(bits, lowest value)`` of a sub-byte integer dtype (``torch.int1``..``uint7``), else None."""
+    name = str(dtype).removeprefix("torch.")
+    for prefix, signed in (("uint", False), ("int", True)):
+        digits = name.removeprefix(prefix)
+        if name.startswith(prefix) and digits.isdigit() and 1 <= int(digits) <= 7:
+            bits = int(digits)
+            return bits, -(2 ** (bits - 1)) if signed else 0
+    return None
+
+
+def _constant(tensor: torch.Tensor) -> bool:
+    """Every element has the same bytes (bitwise: -0.0 is not 0.0)."""
+    raw = tensor.flatten().view(torch.uint8).view(tensor.numel(), -1)
+    return bool((raw == raw[0]).all())
+
+
+def encode_tensor(
+    tensor: torch.Tensor, compact: bool = True, narrow: tuple[int, int] | None = None
+) -> torch.Tensor | dict[str, Any]:
+    """Dense, ``{"mask", "values", "shape"}`` or ``{"fill", "shape"}``, whichever takes fewer bytes.
+
+    ``narrow=(bits, low)``: the integers are known to be ``bits`` wide (torchao keeps int4 in int8); if every value
+    lies in ``[low, low + 2**bits)`` they are bit-packed (dense or as the non-zero values). Exact either way.
+    """
     tensor = tensor.detach().cpu().contiguous()
+    if narrow is not None:
+        bits, low = narrow
+        if (
+            tensor.is_floating_point()
+            or tensor.numel() == 0
+            or not (low <= int(tensor.min()) and int(tensor.max()) < low + 2**bits)
+        ):
+            narrow = None  # not what the attributes promised: stored as it is, never clipped
     if not compact:
-        return tensor
+        return _pack_bits(tensor, *narrow) if narrow else tensor
+    if tensor.numel() >= 64 and _constant(tensor):
+        return {"shape": list(tensor.shape), "fill": tensor.flatten()[:1].clone()}  # e.g. symmetric zero points
     nonzero = tensor.ne(0)
     count = int(nonzero.sum())
-    dense_bytes = tensor.numel() * tensor.element_size()
-    sparse_bytes = (tensor.numel() + 7) // 8 + count * tensor.element_size()
+    bits = narrow[0] if narrow else tensor.element_size() * 8
+    dense_bytes = (tensor.numel() * bits + 7) // 8
+    sparse_bytes = (tensor.numel() + 7) // 8 + (count * bits + 7) // 8
     if tensor.numel() < 64 or sparse_bytes >= dense_bytes:
-        return tensor
-    return {"shape": list(tensor.shape), "mask": _pack(nonzero), "values": tensor[nonzero].clone()}
+        return _pack_bits(tensor, *narrow) if narrow else tensor
+    values = tensor[nonzero].clone()
+    return {
+        "shape": list(tensor.shape),
+        "mask": _pack(nonzero),
+        "values": _pack_bits(values, *narrow) if narrow else values,
+    }
 
 
 def decode_tensor(stored: torch.Tensor | dict[str, Any]) -> torch.Tensor:
     if isinstance(stored, torch.Tensor):
         return stored
-    values = stored["values"]
+    if "planes" in stored:
+        return _unpack_bits(stored)
+    if "fill" in stored:
+        return stored["fill"].expand(stored["shape"]).clone()
+    values = decode_tensor(stored["values"])
     numel = 1
     for dim in stored["shape"]:
         numel *= dim
@@ -94,10 +158,17 @@ def _encode_entry(tensor: Any, compact: bool = True) -> Any:
         return encode_tensor(tensor, compact)
     names, context = tensor.__tensor_flatten__()
     cls = type(tensor)
+    # torchao keeps sub-byte integers one per int8 and says so in target_dtype (IntxUnpackedToInt8Tensor:
+    # qdata, and the zero points of asymmetric mappings): encode_tensor packs the int8 parts that fit.
+    narrow = narrow_range(getattr(tensor, "target_dtype", None))
     return {
         "subclass": f"{cls.__module__}:{cls.__qualname__}",
         "context": context,
-        "inner": {name: encode_tensor(getattr(tensor, name), compact) for name in names},
+        "inner": {
+            name: encode_tensor(part, compact, narrow if part.dtype == torch.int8 else None)
+            for name in names
+            for part in [getattr(tensor, name)]
+        },
         "size": list(tensor.shape),
         "stride": list(tensor.stride()),
     }

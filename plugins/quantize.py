@@ -1,8 +1,10 @@
 """Quantization with three backends: torchao's ``quantize_`` (default), PT2E static int8, eager ``torch.ao``.
 
 - ``torchao``: weights quantized in place as torchao tensor subclasses (int8 weight-only, int8 dynamic
-  activations; int4, float8 and 2:4 sparsity where the hardware has kernels), optionally lowered with
-  ``torch.compile``.
+  activations; group-wise int4 weights, alone or with int8 dynamic activations; float8 and 2:4 sparsity where
+  the hardware has kernels), optionally lowered with ``torch.compile``. Or any torchao config given as
+  ``config: {_target_: torchao.quantization.<Config>, ...}`` (see :func:`build_ao_config`), ``FqnToConfig``
+  for per-layer recipes.
 - ``pt2e``: static post-training quantization: ``torch.export`` with a dynamic batch dimension,
   ``prepare_pt2e`` with torchao's ``X86InductorQuantizer``, observers calibrated on training batches,
   ``convert_pt2e``, lowered with ``torch.compile`` (inductor freezing: int8 oneDNN kernels).
@@ -41,7 +43,7 @@ log = logging.getLogger("slimlab")
 
 # backend -> its schemes, the first one being the default
 BACKENDS: dict[str, tuple[str, ...]] = {
-    "torchao": ("int8_weight_only", "int8_dynamic", "int4_weight_only", "float8", "sparse_2_4"),
+    "torchao": ("int8_weight_only", "int8_dynamic", "int4_weight_only", "int8_dynamic_int4", "float8", "sparse_2_4"),
     "pt2e": ("static",),
     "eager": ("dynamic", "static"),
 }
@@ -49,6 +51,7 @@ LABELS = {
     ("torchao", "int8_weight_only"): "int8-wo",
     ("torchao", "int8_dynamic"): "int8-dyn",
     ("torchao", "int4_weight_only"): "int4-wo",
+    ("torchao", "int8_dynamic_int4"): "int8-dyn-int4",
     ("torchao", "float8"): "fp8-dyn",
     ("torchao", "sparse_2_4"): "sparse-2:4",
     ("pt2e", "static"): "pt2e-static",
@@ -71,13 +74,19 @@ class Target(Choice):
 
 
 STATIC_TARGETS = ("Linear", "Conv2d")  # static schemes also quantize convolutions
+# int4 weights in int8 storage, group-wise along each row (torchao IntxUnpackedToInt8Tensor; dequantized at each
+# call on this CPU: smaller, not faster). int8_dynamic_int4 also fake-quantizes the activations per token.
+INT4_SCHEMES = ("int4_weight_only", "int8_dynamic_int4")
+DEFAULT_GROUP_SIZE = 32
 # Schemes that are not per-channel/per-tensor int8 or float8: int4 is group-wise, 2:4 is sparsity.
-NO_GRANULARITY = ("int4_weight_only", "sparse_2_4")
+NO_GRANULARITY = (*INT4_SCHEMES, "sparse_2_4")
 ACTIVATION_QPARAMS = "slimlab_activation_qparams"  # pt2e: the graph's activation scales, kept in the state dict
 
 
-def valid_targets(scheme: str) -> tuple[str, ...]:
-    return STATIC_TARGETS if scheme == "static" else ("Linear",)
+def valid_targets(scheme: str | None) -> tuple[str, ...]:
+    """Static schemes, int4 weight-only (torchao's IntxWeightOnlyConfig takes conv weights) and a torchao config
+    (``scheme`` None) may also quantize convolutions; the others only Linear layers."""
+    return STATIC_TARGETS if scheme in ("static", "int4_weight_only", None) else ("Linear",)
 
 
 @dataclass
@@ -85,7 +94,8 @@ class QuantizeConfig:
     """Which backend quantizes what, and how.
 
     ``scheme`` and ``compile`` default to the backend's choice: torchao int8_weight_only uncompiled,
-    pt2e static compiled, eager dynamic uncompiled.
+    pt2e static compiled, eager dynamic uncompiled. ``config`` (a torchao config as a ``_target_`` node) takes
+    the place of ``scheme``.
     """
 
     backend: Backend = Backend.torchao
@@ -93,20 +103,29 @@ class QuantizeConfig:
     targets: list[Target] = field(default_factory=lambda: [Target.Linear])  # static schemes: also Conv2d
     keep_float: list[str] = field(default_factory=list)  # module names left in float (sensitive layers)
     granularity: Granularity = Granularity.per_channel  # of the weight scales
-    embeddings: bool = False  # also int8 nn.Embedding weights (torchao, eager)
+    embeddings: bool = False  # also nn.Embedding weights: int8 per row (torchao, eager), int4 group-wise (int4)
+    # int4 schemes: weights per group of this many along each row (a power of two; None: 32). A layer whose rows
+    # are not a multiple of it gets one group per row, named in the tag slimlab.quantize.per_row.
+    group_size: int | None = None
     calibration_batches: int = 16  # training minibatches that calibrate the observers (static schemes)
     compile: bool | None = None  # lower with torch.compile; None: pt2e yes, torchao no; eager cannot
     freezing: bool = True  # inductor freezing when compiling: folds and prepacks the int8 weights
+    # Any torchao config, applied with quantize_ to the targeted layers (and embeddings=true: nn.Embedding), e.g.
+    # {_target_: torchao.quantization.IntxWeightOnlyConfig, weight_dtype: int4,
+    #  granularity: {_target_: torchao.quantization.PerGroup, group_size: 64}}; FqnToConfig picks per layer.
+    config: Any = None
 
     def __post_init__(self) -> None:
         # Built from a plain dict (not through OmegaConf), the choices are still strings.
         self.backend = Backend.parse(self.backend, "backend")
         schemes = BACKENDS[self.backend]
-        if self.scheme is None:
+        if self.config is not None:
+            self._check_ao_config()
+        elif self.scheme is None:
             self.scheme = schemes[0]
         self.targets = [Target.parse(target, "targets") for target in self.targets]
         self.granularity = Granularity.parse(self.granularity, "granularity")
-        if self.scheme not in schemes:
+        if self.scheme not in (*schemes, None):
             raise ValueError(
                 f"scheme {self.scheme!r} is not one of backend {self.backend!r}'s schemes: {', '.join(schemes)}"
             )
@@ -119,6 +138,13 @@ class QuantizeConfig:
             )
         if self.granularity != "per_channel" and self.scheme in NO_GRANULARITY:
             raise ValueError(f"granularity applies to int8 and float8 schemes, not {self.scheme} (keep per_channel)")
+        if self.scheme in INT4_SCHEMES:
+            if self.group_size is None:
+                self.group_size = DEFAULT_GROUP_SIZE
+            if isinstance(self.group_size, bool) or self.group_size < 1 or self.group_size & (self.group_size - 1):
+                raise ValueError(f"group_size must be a positive power of two (32, 64, 128...), got {self.group_size}")
+        elif self.group_size is not None:
+            raise ValueError(f"group_size applies to int4 schemes ({', '.join(INT4_SCHEMES)}), not {self.scheme}")
         if self.embeddings and self.backend == "pt2e":
             raise ValueError("embeddings=true is not supported by backend pt2e (X86InductorQuantizer); use torchao")
         if self.embeddings and self.backend == "eager" and self.granularity != "per_channel":
@@ -130,6 +156,25 @@ class QuantizeConfig:
         if self.compile and self.backend == "eager":
             raise ValueError("compile=true is not supported by backend eager (torch.ao quantized modules)")
 
+    def _check_ao_config(self) -> None:
+        """``config`` replaces scheme, granularity and group_size; it must build into a torchao config."""
+        if self.backend != "torchao":
+            raise ValueError(f"config is a torchao config: it needs backend=torchao, not {self.backend}")
+        for option, value, default in (
+            ("scheme", self.scheme, None),
+            ("granularity", self.granularity, "per_channel"),
+            ("group_size", self.group_size, None),
+        ):
+            if value != default:
+                raise ValueError(f"{option}={value} and config are exclusive: the torchao config says how to quantize")
+        recipe = build_ao_config(self.config)
+        if type(recipe).__name__ == "FqnToConfig":
+            if self.keep_float or self.embeddings or list(self.targets) != ["Linear"]:
+                raise ValueError(
+                    "with FqnToConfig the config picks the layers: leave targets, keep_float and embeddings "
+                    "at their defaults (map a layer to null to keep it float)"
+                )
+
 
 def _import_torchao():
     # torchao tries to load its CUDA kernels on import and logs each failure;
@@ -139,6 +184,133 @@ def _import_torchao():
     import torchao.quantization
 
     return torchao.quantization
+
+
+# --- torchao configs from YAML -------------------------------------------------------------------------------------
+
+
+def _types_in(hint: Any) -> list[Any]:
+    """The classes a type hint admits (``Optional[torch.dtype]`` -> ``[torch.dtype, NoneType]``)."""
+    import typing
+
+    args = typing.get_args(hint)
+    return [t for arg in args for t in _types_in(arg)] if args else [hint]
+
+
+def _from_yaml(value: Any, hint: Any, key: str) -> Any:
+    """A string where torchao wants a ``torch.dtype`` or an enum member: ``int4`` -> ``torch.int4``, ``symmetric`` ->
+    ``MappingType.SYMMETRIC``, ``unpacked_to_int8`` -> ``IntxPackingFormat.UNPACKED_TO_INT8``."""
+    import enum
+
+    import torch
+
+    if not isinstance(value, str):
+        return value
+    types = _types_in(hint)
+    if torch.dtype in types:
+        dtype = getattr(torch, value.removeprefix("torch."), None)
+        if not isinstance(dtype, torch.dtype):
+            raise ValueError(f"{key}={value!r} is not a torch dtype (e.g. int4, int8, bfloat16, float32)")
+        return dtype
+    for kind in types:
+        if isinstance(kind, type) and issubclass(kind, enum.Enum):
+            for member in kind:
+                if value.upper() == member.name or value == member.value:
+                    return member
+            valid = ", ".join(member.name.lower() for member in kind)
+            raise ValueError(f"{key}={value!r} is not a {kind.__name__}; valid: {valid}")
+    return value
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+
+
+def _build(node: Any, key: str) -> Any:
+    """Call every ``_target_`` in ``node``, innermost first, converting strings its arguments' type hints ask for."""
+    import typing
+
+    from hydra.utils import get_object
+
+    if isinstance(node, list | tuple):
+        return [_build(item, f"{key}[{i}]") for i, item in enumerate(node)]
+    if not isinstance(node, dict):
+        return node
+    if "_target_" not in node:
+        return {name: _build(value, f"{key}.{name}") for name, value in node.items()}
+    target = node["_target_"]
+    try:
+        factory = get_object(str(target))
+    except Exception as error:  # Hydra's message names the module it could not import
+        raise ValueError(f"{key}._target_={target!r} cannot be imported ({_first_line(error)})") from None
+    if not callable(factory):
+        raise ValueError(f"{key}._target_={target!r} is not a class or function")
+    hints: dict[str, Any] = {}
+    for annotated in (factory, getattr(factory, "__init__", None)) if isinstance(factory, type) else (factory,):
+        try:  # a dataclass's fields, a class's __init__ or a function's parameters
+            hints |= typing.get_type_hints(annotated)
+        except Exception:  # unresolvable annotations: the arguments go as written
+            pass
+    arguments = {
+        name: _from_yaml(_build(value, f"{key}.{name}"), hints.get(name), f"{key}.{name}")
+        for name, value in node.items()
+        if name != "_target_"
+    }
+    try:
+        return factory(**arguments)
+    except (TypeError, ValueError, AssertionError, AttributeError) as error:  # torchao validates with asserts
+        raise ValueError(f"{key}: {target} refuses these arguments: {_first_line(error)}") from None
+
+
+def build_ao_config(spec: Any) -> Any:
+    """The torchao config a ``config:`` node describes; ValueError (one line, naming the key) if it cannot be one.
+
+    ``spec`` is a mapping with ``_target_`` (Hydra's convention) whose arguments may nest more ``_target_`` nodes
+    (``granularity: {_target_: torchao.quantization.PerGroup, group_size: 32}``); strings become torch dtypes or
+    torchao enum members where the config's type hints ask for them (``weight_dtype: int4``, ``mapping_type:
+    asymmetric``). ``FqnToConfig(fqn_to_config={name or "re:regex": config or null})`` quantizes per layer.
+    """
+    from omegaconf import OmegaConf
+
+    if OmegaConf.is_config(spec):
+        spec = OmegaConf.to_container(spec, resolve=True)
+    if not isinstance(spec, dict) or "_target_" not in spec:
+        raise ValueError(
+            "config must be a torchao config node {_target_: torchao.quantization.<Config>, <argument>: ...}; "
+            f"got {spec!r}"
+        )
+    _import_torchao()
+    from torchao.core.config import AOBaseConfig
+
+    recipe = _build(spec, "config")
+    if not isinstance(recipe, AOBaseConfig):
+        raise ValueError(f"config._target_={spec['_target_']!r} is not a torchao config (AOBaseConfig)")
+    return recipe
+
+
+def _ao_recipes(recipe: Any) -> list[Any]:
+    """The configs that quantize something: ``recipe`` itself, or each layer's config of an FqnToConfig."""
+    if type(recipe).__name__ == "FqnToConfig":
+        return [config for config in recipe.fqn_to_config.values() if config is not None]
+    return [recipe]
+
+
+def describe_ao_config(recipe: Any) -> str:
+    """``IntxWeightOnlyConfig,int4,g32``: the config's class, weight dtype and granularity, for run names."""
+    parts = [type(recipe).__name__]
+    dtype = getattr(recipe, "weight_dtype", None)
+    if dtype is not None:
+        parts.append(str(dtype).removeprefix("torch."))
+    granularity = getattr(recipe, "granularity", None) or getattr(recipe, "weight_granularity", None)
+    kind = type(granularity).__name__
+    if kind == "PerGroup":
+        parts.append(f"g{granularity.group_size}")
+    elif kind in ("PerAxis", "PerRow"):
+        parts.append("per-row")
+    elif kind == "PerTensor":
+        parts.append("per-tensor")
+    return ",".join(parts)
 
 
 # --- capability probe ---------------------------------------------------------------------------------------------
@@ -159,7 +331,7 @@ def probe(backend: str, scheme: str, granularity: str, device: str = "cpu") -> s
     try:
         if backend == "torchao":
             tiny = nn.Sequential(nn.Linear(256, 256)).to(device)
-            _torchao_quantize(tiny, scheme, granularity, _selector(("Linear",), ()))
+            _torchao_quantize(tiny, scheme, granularity, _selector(("Linear",), ()), DEFAULT_GROUP_SIZE)
             with torch.inference_mode():
                 tiny(torch.randn(8, 256, device=device))
         elif backend == "eager":
@@ -189,11 +361,45 @@ def probe(backend: str, scheme: str, granularity: str, device: str = "cpu") -> s
     return None
 
 
+@functools.lru_cache
+def probe_config(spec: str, device: str = "cpu") -> str | None:
+    """Why the torchao config ``spec`` (JSON) cannot run here, or None: each config it holds quantizes and runs a
+    Linear(768, 64) (768: a multiple of every group size up to 256, and of 3, 6, 12...)."""
+    import json
+
+    import torch
+    from torch import nn
+
+    quantization = _import_torchao()
+    try:
+        for recipe in _ao_recipes(build_ao_config(json.loads(spec))):
+            tiny = nn.Sequential(nn.Linear(768, 64)).to(device)
+            quantization.quantize_(tiny, recipe)
+            with torch.inference_mode():
+                tiny(torch.randn(8, 768, device=device))
+    except Exception as error:  # the reason is the point: report whatever the library raised
+        return _first_line(error)
+    return None
+
+
 def check(config: QuantizeConfig) -> None:
     """Refuse, before any work, a scheme this machine cannot run: never a silent fallback."""
+    if config.config is not None:
+        import json
+
+        reason = probe_config(json.dumps(_plain_spec(config.config), sort_keys=True), _probe_device())
+        if reason:
+            raise ValueError(f"config {describe_ao_config(build_ao_config(config.config))} cannot run here: {reason}")
+        return
     reason = probe(config.backend, config.scheme, config.granularity, _probe_device())
     if reason:
         raise ValueError(f"backend {config.backend} scheme {config.scheme} cannot run on this machine: {reason}")
+
+
+def _plain_spec(spec: Any) -> Any:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(spec, resolve=True) if OmegaConf.is_config(spec) else spec
 
 
 # --- shared helpers -----------------------------------------------------------------------------------------------
@@ -291,10 +497,58 @@ def _compile(model: nn.Module, config: QuantizeConfig, ctx: RunContext, *, dynam
 # --- torchao ------------------------------------------------------------------------------------------------------
 
 
-def _torchao_quantize(model: nn.Module, scheme: str, granularity: str, selected) -> None:
+def _row_width(module: nn.Module) -> int:
+    """The length of a weight row that int4 groups split: Linear in_features, Conv2d in_channels/groups,
+    Embedding embedding_dim (torchao groups conv weights along dim 1, the rest along the last dim)."""
+    return module.weight.shape[1]
+
+
+def _int4(model: nn.Module, selected, group_size: int, make) -> dict[str, list[str]]:
+    """Quantize the ``selected`` modules with ``make(granularity)``, ``PerGroup(group_size)`` where it fits.
+
+    A module whose rows are not a multiple of ``group_size`` gets one group per row (``PerAxis(0)``: int4 still,
+    with a coarser scale); one whose rows are a single value (a conv with one input channel) stays float: a scale
+    per weight would outweigh the weight, and torchao cannot build it. Returns those modules' names by case.
+    """
+    quantization = _import_torchao()
+    widths = {n: _row_width(m) for n, m in model.named_modules() if selected(m, n)}
+    notes = {
+        "per_row": [n for n, width in widths.items() if width % group_size and width > 1],
+        "float": [n for n, width in widths.items() if width == 1],
+    }
+    grouped = [n for n, width in widths.items() if width % group_size == 0]
+    for names, granularity in (
+        (grouped, quantization.PerGroup(group_size)),
+        (notes["per_row"], quantization.PerAxis(0)),
+    ):
+        if names:
+            quantization.quantize_(model, make(granularity), filter_fn=lambda _, name, names=names: name in names)
+    return notes
+
+
+def _torchao_quantize(
+    model: nn.Module, scheme: str, granularity: str, selected, group_size: int | None
+) -> dict[str, list[str]]:
+    """Quantize the ``selected`` layers with a named scheme; for int4, the layers quantized per row or left float."""
     import torch
 
     quantization = _import_torchao()
+    if scheme == "int4_weight_only":  # IntxWeightOnlyConfig: Int4WeightOnlyConfig needs kernels CPUs lack (mslk)
+        return _int4(
+            model,
+            selected,
+            group_size,
+            lambda groups: quantization.IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=groups),
+        )
+    if scheme == "int8_dynamic_int4":
+        return _int4(
+            model,
+            selected,
+            group_size,
+            lambda groups: quantization.Int8DynamicActivationIntxWeightConfig(
+                weight_dtype=torch.int4, weight_granularity=groups
+            ),
+        )
     row_or_tensor = quantization.PerRow() if granularity == "per_channel" else quantization.PerTensor()
     # set_inductor_config=False: torchao would otherwise change process-wide inductor settings.
     if scheme == "int8_weight_only":
@@ -303,8 +557,6 @@ def _torchao_quantize(model: nn.Module, scheme: str, granularity: str, selected)
         recipe = quantization.Int8DynamicActivationInt8WeightConfig(
             granularity=row_or_tensor, set_inductor_config=False
         )
-    elif scheme == "int4_weight_only":
-        recipe = quantization.Int4WeightOnlyConfig(set_inductor_config=False)
     elif scheme == "float8":
         recipe = quantization.Float8DynamicActivationFloat8WeightConfig(
             granularity=row_or_tensor, set_inductor_config=False
@@ -320,22 +572,93 @@ def _torchao_quantize(model: nn.Module, scheme: str, granularity: str, selected)
                     module.weight.copy_(groups.scatter(1, smallest, 0).reshape(module.weight.shape))
         recipe = SemiSparseWeightConfig()
     quantization.quantize_(model, recipe, filter_fn=selected)
+    return {}
+
+
+def _quantized_weights(model: nn.Module) -> int:
+    """How many parameters are tensor subclasses (what torchao's quantize_ makes of a weight)."""
+    import torch
+    from torch import nn
+
+    plain = (torch.Tensor, nn.Parameter)
+    return sum(1 for p in model.parameters() if type(p) not in plain and hasattr(p, "__tensor_flatten__"))
+
+
+def _check_groups_fit(model: nn.Module, selected, recipe: Any) -> None:
+    """A group-wise config must divide the rows of every layer it gets; torchao's own assert names no layer."""
+    granularity = getattr(recipe, "granularity", None) or getattr(recipe, "weight_granularity", None)
+    if type(granularity).__name__ != "PerGroup":
+        return
+    size = granularity.group_size
+    misfits = {
+        name: _row_width(module)
+        for name, module in model.named_modules()
+        if selected(module, name) and getattr(module, "weight", None) is not None and module.weight.dim() >= 2
+        if _row_width(module) % size
+    }
+    if misfits:
+        rows = ", ".join(f"{name} ({width})" for name, width in misfits.items())
+        raise ValueError(
+            f"the config's PerGroup({size}) does not divide the rows of {rows}: keep them float "
+            f"(keep_float=[{','.join(misfits)}]), pick a group size that divides them, or use "
+            "scheme=int4_weight_only, which gives such layers one group per row"
+        )
+
+
+def _apply_ao_config(model: nn.Module, config: QuantizeConfig) -> None:
+    """quantize_ with the user's torchao config: on the targeted layers (and embeddings), or per FqnToConfig."""
+    quantization = _import_torchao()
+    recipe = build_ao_config(config.config)
+    if type(recipe).__name__ == "FqnToConfig":
+        quantization.quantize_(model, recipe, filter_fn=None)  # quantize_ refuses a filter with FqnToConfig
+    else:
+        _targets_present(model, config)
+        selected = _selector(config.targets, config.keep_float)
+        _check_groups_fit(model, selected, recipe)
+        quantization.quantize_(model, recipe, filter_fn=selected)
+        if config.embeddings:
+            quantization.quantize_(model, recipe, filter_fn=_selector(["Embedding"], config.keep_float))
+    if not _quantized_weights(model):
+        raise ValueError(f"the torchao config {describe_ao_config(recipe)} quantized no layer of this model")
 
 
 def _apply_torchao(model: nn.Module, config: QuantizeConfig, ctx: RunContext) -> nn.Module:
-    _targets_present(model, config)
-    _torchao_quantize(model, config.scheme, config.granularity, _selector(config.targets, config.keep_float))
-    if config.embeddings:
-        import torch
+    import torch
 
-        quantization = _import_torchao()
-        axis = quantization.PerAxis(0) if config.granularity == "per_channel" else quantization.PerTensor()
-        embedding = _selector(["Embedding"], config.keep_float)
-        if not any(embedding(module, name) for name, module in model.named_modules()):
-            raise ValueError("embeddings=true but the model has no nn.Embedding outside keep_float")
-        quantization.quantize_(
-            model, quantization.IntxWeightOnlyConfig(weight_dtype=torch.int8, granularity=axis), filter_fn=embedding
-        )
+    quantization = _import_torchao()
+    embedding = _selector(["Embedding"], config.keep_float)
+    if config.embeddings and not any(embedding(module, name) for name, module in model.named_modules()):
+        raise ValueError("embeddings=true but the model has no nn.Embedding outside keep_float")
+    if config.config is not None:
+        _apply_ao_config(model, config)
+    else:
+        _targets_present(model, config)
+        selected = _selector(config.targets, config.keep_float)
+        notes = _torchao_quantize(model, config.scheme, config.granularity, selected, config.group_size)
+        if config.embeddings and config.scheme in INT4_SCHEMES:  # weight-only: an embedding takes indices
+            more = _int4(
+                model,
+                embedding,
+                config.group_size,
+                lambda groups: quantization.IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=groups),
+            )
+            notes = {case: notes[case] + more[case] for case in notes}
+        elif config.embeddings:
+            axis = quantization.PerAxis(0) if config.granularity == "per_channel" else quantization.PerTensor()
+            quantization.quantize_(
+                model, quantization.IntxWeightOnlyConfig(weight_dtype=torch.int8, granularity=axis), filter_fn=embedding
+            )
+        if notes.get("per_row"):  # rows not a multiple of group_size: one group per row (a coarser scale)
+            ctx.tags["slimlab.quantize.per_row"] = ", ".join(notes["per_row"])
+        if notes.get("float"):
+            ctx.tags["slimlab.quantize.left_float"] = ", ".join(notes["float"])
+        if config.scheme in INT4_SCHEMES:
+            if not _quantized_weights(model):
+                raise ValueError(f"no layer of this model could be quantized to int4 (left float: {notes['float']})")
+            ctx.tags["slimlab.quantize.kernel"] = (
+                "int4 values stored in int8 and dequantized to float at every call (torchao IntxUnpackedToInt8Tensor; "
+                "no int4 kernel on this CPU): a smaller file, not a faster model"
+            )
     if config.compile:
         return _compile(model, config, ctx, dynamic=None)
     return model
@@ -675,7 +998,12 @@ def rebuild(model: nn.Module, config: QuantizeConfig, example: Any) -> nn.Module
 
 
 def label(config: QuantizeConfig) -> str:
-    parts = [LABELS[(config.backend, config.scheme)]]
+    if config.config is not None:
+        parts = [describe_ao_config(build_ao_config(config.config))]
+    else:
+        parts = [LABELS[(config.backend, config.scheme)]]
+    if config.group_size is not None:
+        parts.append(f"g{config.group_size}")
     if config.granularity == "per_tensor":
         parts.append("per-tensor")
     if config.embeddings:
@@ -703,11 +1031,56 @@ def max_speedup(config: QuantizeConfig) -> float | None:
     """8-bit values are 4x narrower than fp32 (4x is also the VNNI int8 peak); int4 8x; 2:4 halves int8's work.
 
     None when compiled: the baseline runs in eager mode, and what torch.compile saves besides the arithmetic
-    (Python and dispatch overhead, fused elementwise ops) has no fixed bound.
+    (Python and dispatch overhead, fused elementwise ops) has no fixed bound. None for a torchao config too:
+    what it can give depends on the config (int2 weights, float8...).
     """
-    if config.compile:
+    if config.compile or config.config is not None:
         return None
-    return {"int4_weight_only": 8.0, "sparse_2_4": 8.0}.get(config.scheme, 4.0)
+    return {"int4_weight_only": 8.0, "int8_dynamic_int4": 8.0, "sparse_2_4": 8.0}.get(config.scheme, 4.0)
+
+
+@hookimpl
+def check_config(cfg, host: bool) -> None:
+    """A group-wise torchao ``config`` must divide the rows of the layers it gets: checked before any work on the
+    model built on the meta device, when quantize is the first step (after another, the shapes may differ)."""
+    from omegaconf import OmegaConf
+
+    from slimlab.errors import ConfigError
+
+    techniques = cfg.get("technique") or {}
+    if not techniques or next(iter(techniques)) != "quantize" or techniques.quantize.get("config") is None:
+        return
+    try:
+        config = OmegaConf.to_object(techniques.quantize)
+        recipe = build_ao_config(config.config)
+    except (ValueError, TypeError):  # the pipeline has refused it already
+        return
+    if type(recipe).__name__ == "FqnToConfig":
+        return
+    model = _meta_model(cfg.model)
+    if model is None:
+        return
+    try:
+        _check_groups_fit(model, _selector(config.targets, config.keep_float), recipe)
+    except ValueError as error:
+        raise ConfigError(f"technique.quantize.config: {error}") from None
+
+
+def _meta_model(node) -> nn.Module | None:
+    """The model a config builds, on the meta device (shapes, no weights), or None if it cannot be built so."""
+    import torch
+    from omegaconf import OmegaConf
+
+    from slimlab.baseline import build_model
+
+    plain = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else dict(node)
+    plain.pop("checkpoint", None)  # weights do not change shapes
+    try:
+        with torch.random.fork_rng(devices=[]), torch.device("meta"):
+            return build_model(plain)
+    except Exception as error:  # the run builds it again and says what is wrong
+        log.debug("quantize: building the model on the meta device failed: %s", error)
+        return None
 
 
 @hookimpl
@@ -721,7 +1094,7 @@ def register_techniques(register) -> None:
         followed_by=("place",),
         check=check,
         max_speedup=max_speedup,
-        key_params=("backend", "scheme", "granularity", "embeddings", "compile"),
+        key_params=("backend", "scheme", "granularity", "group_size", "embeddings", "compile"),
         # torch.export cannot hold torch.ao's quantized modules (packed params); pt2e's graph cannot be pickled
         serialization_format=lambda config: "pickle" if config.backend == "eager" else "pt2",
         module_options=("keep_float",),

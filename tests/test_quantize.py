@@ -172,8 +172,7 @@ def test_eager_backend_warns_that_torch_ao_is_deprecated(overrides):
     assert not again  # once per process
 
 
-UNSUPPORTED = {  # scheme: can this machine run it (independently of the probe)
-    "int4_weight_only": torch.cuda.is_available(),
+UNSUPPORTED = {  # scheme: can this machine run it (independently of the probe); int4: tests/test_int4.py
     "float8": torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9),
     "sparse_2_4": torch.cuda.is_available(),
 }

@@ -5,6 +5,10 @@ This is the model to deploy, beside the run's measured artifact (``model.pt``, t
 loads without slimlab; ``pickle``: any module, e.g. ``torch.ao`` quantized ones). A pipeline whose model
 cannot be saved in the declared format (torch.export cannot trace it; a pt2e graph cannot be pickled) is logged
 in the other one, and the run's ``slimlab.model_format`` tag says why.
+
+A model deployed in ONNX Runtime (``technique=[...,onnx]``: a module with ``slimlab_onnx_model()``) is logged
+with ``mlflow.onnx.log_model`` instead (format ``onnx``), loadable with ``mlflow.onnx.load_model`` or as a
+pyfunc; its ``.onnx`` file is the same bytes as the measured artifact.
 """
 
 from __future__ import annotations
@@ -36,8 +40,11 @@ def log_compressed_model(uri: str, run_id: str, ctx: RunContext) -> str:
     from mlflow.models import infer_signature
 
     from slimlab import batches
+    from slimlab.artifact import deployable
     from slimlab.registry import serialization_format
 
+    if callable(getattr(deployable(ctx.model), "slimlab_onnx_model", None)):
+        return log_onnx_model(uri, run_id, ctx)
     inputs = batches.to_device(ctx.example_inputs(EXAMPLE_ROWS), "cpu")
     model = tensor_interface(portable(ctx.model), inputs)
     args = batches.as_args(inputs)[0] if not isinstance(inputs, dict) else tuple(inputs.values())
@@ -81,6 +88,41 @@ def log_compressed_model(uri: str, run_id: str, ctx: RunContext) -> str:
         fmt = f"{other} ({declared} failed: {reason})"
         info = log_as(other)
     ctx.tags["slimlab.model_format"] = fmt
+    ctx.tags["slimlab.model_uri"] = info.model_uri
+    return info.model_uri
+
+
+def log_onnx_model(uri: str, run_id: str, ctx: RunContext) -> str:
+    """Log ``ctx.model``, an ONNX Runtime module, with ``mlflow.onnx.log_model``; return the model's URI.
+
+    Its inputs are the ONNX graph's, by name (one input: an array), as ``mlflow.onnx``'s pyfunc takes them;
+    the model is one file (no external data: the measured artifact's bytes).
+    """
+    import mlflow.onnx
+    from mlflow.models import infer_signature
+
+    from slimlab import batches
+    from slimlab.artifact import deployable
+
+    model = deployable(ctx.model)
+    inputs = batches.to_device(ctx.example_inputs(EXAMPLE_ROWS), "cpu")
+    values = list(inputs.values()) if isinstance(inputs, dict) else batches.as_args(inputs)[0]
+    arrays = {name: value.numpy() for name, value in zip(model.names, values, strict=True)}
+    with torch.inference_mode():
+        output = batches.call(model, inputs).numpy()
+    example = next(iter(arrays.values())) if len(arrays) == 1 else arrays
+    dists = ("onnx", "onnxruntime")
+    with using_tracking_uri(uri), mlflow.start_run(run_id=run_id):
+        info = mlflow.onnx.log_model(
+            model.slimlab_onnx_model(),
+            name=NAME,
+            signature=infer_signature(example, output),
+            input_example=example,
+            pip_requirements=[f"{dist}=={metadata.version(dist).split('+')[0]}" for dist in dists],
+            save_as_external_data=False,
+            onnx_execution_providers=["CPUExecutionProvider"],  # its default lists CUDA first, and warns without
+        )
+    ctx.tags["slimlab.model_format"] = "onnx"
     ctx.tags["slimlab.model_uri"] = info.model_uri
     return info.model_uri
 

@@ -202,6 +202,15 @@ def test_int4_artifact_reloads_with_identical_outputs(scheme, store, tmp_path):
         assert torch.equal(reloaded(x), result.model(x))
 
 
+@pytest.mark.slow
+def test_int4_compiled_says_where_the_dequantization_goes(overrides, store):
+    run(compose([*overrides, "technique=[quantize_int4]", "technique.quantize.compile=true"]))
+    _, logged = only_run(store)
+    assert logged.info.status == "FINISHED" and logged.info.run_name == "lenet quantize(int4-wo,g32,compiled)"
+    assert logged.data.metrics["compression_ratio"] >= 6 and logged.data.metrics["compile_time_s"] > 0
+    assert "inside the torch.compile'd graph" in logged.data.tags[KERNEL_TAG]
+
+
 def test_int8_dynamic_int4_runs_on_lenet(overrides, store):
     run(compose([*overrides, "technique=[quantize_int8_int4]"]))
     _, logged = only_run(store)

@@ -37,7 +37,8 @@ def artifact(client: MlflowClient, run, path: str, tmp_path: Path) -> Path:
 
 
 def cosine(a, b) -> float:
-    return torch.nn.functional.cosine_similarity(torch.as_tensor(a), torch.as_tensor(b)).min().item()
+    """Mean row-wise cosine similarity, as the run's cosine_to_baseline."""
+    return torch.nn.functional.cosine_similarity(torch.as_tensor(a), torch.as_tensor(b)).mean().item()
 
 
 def test_fp32_run_is_measured_on_onnx_runtime_and_logged_with_mlflow_onnx(overrides, store, tmp_path):
@@ -137,6 +138,30 @@ def test_presets_and_bench_variants_compose():
         assert step("experiment=bench_minilm_int8", f"technique={variant}").name == "onnx"
 
 
+class TwoInputs(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+        return self.linear(x) + shift
+
+
+def test_positional_inputs_are_named_and_any_batch_runs():
+    model, inputs = TwoInputs().eval(), (torch.randn(3, 4), torch.randn(3, 2))
+    exported, exporter, _ = onnx_plugin.export(model, inputs, "auto")
+    names = onnx_plugin.input_names(inputs)
+    assert exporter == "dynamo" and names == ["input_0", "input_1"]
+    deployed = onnx_plugin.runtime_class()(exported, names, 1, onnx_plugin.weight_names(model, exported))
+    with torch.inference_mode():
+        for rows in (1, 5):
+            x, shift = torch.randn(rows, 4), torch.randn(rows, 2)
+            torch.testing.assert_close(deployed(x, shift), model(x, shift))
+    assert [name for name, _ in deployed.named_parameters()] == ["linear.weight", "linear.bias"]
+    # timed interleaved with torch: its threads must not spin on after a call, stealing the next model's cores
+    assert deployed.session.get_session_options().get_session_config_entry("session.force_spinning_stop") == "1"
+
+
 class Branchy(torch.nn.Module):
     """A data-dependent branch: torch.export (dynamo) refuses it, the TorchScript tracer records one path."""
 
@@ -148,10 +173,11 @@ class Branchy(torch.nn.Module):
         return self.linear(x) if x.sum() > 0 else -self.linear(x)
 
 
-def test_export_falls_back_to_torchscript_and_says_why():
+def test_export_falls_back_to_torchscript_and_says_why(capfd):
     model, x = Branchy().eval(), torch.ones(3, 4)
     exported, exporter, reason = onnx_plugin.export(model, x, "auto")
     assert exporter == "torchscript" and reason.startswith("GuardOnDataDependentSymNode: ")  # torch.export's
+    assert "GraphModule" not in capfd.readouterr().err  # the failed attempt's partial graphs are not printed
     deployed = onnx_plugin.runtime_class()(exported, ["input"], 1, {})
     with torch.inference_mode():
         torch.testing.assert_close(deployed(x), model(x))
@@ -168,16 +194,17 @@ def few(tmp_path) -> Path:
 
 
 @pytest.mark.slow  # about 10 s each: a MiniLM exported, evaluated and timed
-@pytest.mark.parametrize("scheme,bound", [("none", 0.995), ("dynamic", 0.95)])
-def test_minilm_artifact_loads_with_mlflow_onnx_and_matches_the_fp32_model(scheme, bound, overrides, store, few):
-    """Issue 14's Done-when: cosine >= 0.995 to the fp32 model for the variants that meet it (fp32; ORT's int8
-    dynamic on MiniLM gives about 0.96 per tensor, 0.99 per channel: below, measured here against a looser bound)."""
+@pytest.mark.parametrize("technique", ["onnx", "onnx_int8_pc"])
+def test_minilm_artifact_loads_with_mlflow_onnx_and_matches_the_fp32_model(technique, overrides, store, few):
+    """Issue 14's Done-when: mean cosine >= 0.995 to the fp32 model, for the variants that meet it: fp32, and on this
+    2-layer MiniLM ORT's int8 dynamic with per-channel scales (about 0.996; per tensor, ORT's default, gives 0.96;
+    on the 6-layer model per-channel gives 0.993, below)."""
     from slimlab.datasets import sentences
     from slimlab.models import SentenceEmbedding
 
     args = [
         *overrides, LOG_MODEL, "model=minilm", "model.num_layers=2", "data=sentences", f"data.path={few}",
-        "data.test_fraction=0.5", "technique=[onnx]", f"technique.onnx.quantize={scheme}",
+        "data.test_fraction=0.5", f"technique=[{technique}]",
     ]  # fmt: skip
     primary, metrics = run_metrics(compose(args))
     _, run = only_run(store)
@@ -193,5 +220,5 @@ def test_minilm_artifact_loads_with_mlflow_onnx_and_matches_the_fp32_model(schem
     for batch in (inputs, {name: value[:1, :6] for name, value in inputs.items()}):
         (served,) = session.run(None, {name: value.numpy() for name, value in batch.items()})
         with torch.inference_mode():
-            assert cosine(served, torch_model(**batch)) >= bound
-    assert metrics["cosine_to_baseline"] >= bound
+            assert cosine(served, torch_model(**batch)) >= 0.995
+    assert metrics["cosine_to_baseline"] >= 0.995

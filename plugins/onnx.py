@@ -288,8 +288,9 @@ def _export_torchscript(wrapped: nn.Module, args: tuple[Any, ...], names: list[s
 # --- ONNX Runtime's quantization ----------------------------------------------------------------------------------
 
 
-def quantize(model_bytes: bytes, config: OnnxConfig, names: list[str], ctx: RunContext) -> bytes:
-    """The model quantized by ONNX Runtime: int8 weights (dynamic), or int8 weights and activations (static)."""
+def quantize(model_bytes: bytes, config: OnnxConfig, names: list[str], ctx: RunContext | None) -> bytes:
+    """The model quantized by ONNX Runtime: int8 weights (dynamic), or int8 weights and activations (static,
+    calibrated on ``ctx``'s batches)."""
     import tempfile
     from pathlib import Path
 
@@ -301,7 +302,8 @@ def quantize(model_bytes: bytes, config: OnnxConfig, names: list[str], ctx: RunC
         quantize_static,
     )
 
-    with tempfile.TemporaryDirectory(prefix="slimlab-onnx-") as tmp, _quiet_root_logger():
+    # its quantizer logs advice (run its pre-processing, which fails on dynamo's graphs) on the root logger
+    with tempfile.TemporaryDirectory(prefix="slimlab-onnx-") as tmp, _logs_at({"": logging.ERROR}):
         source, target = Path(tmp) / "model.onnx", Path(tmp) / "quantized.onnx"
         source.write_bytes(model_bytes)
         per_channel = config.granularity == "per_channel"
@@ -324,17 +326,6 @@ def quantize(model_bytes: bytes, config: OnnxConfig, names: list[str], ctx: RunC
                 op_types_to_quantize=STATIC_OPS, extra_options={"MatMulConstBOnly": True}, **common,
             )  # fmt: skip
         return target.read_bytes()
-
-
-class _quiet_root_logger:
-    """ONNX Runtime's quantizer logs advice (run its pre-processing) on the root logger at WARNING."""
-
-    def __enter__(self) -> None:
-        self.level = logging.getLogger().level
-        logging.getLogger().setLevel(logging.ERROR)
-
-    def __exit__(self, *exc: object) -> None:
-        logging.getLogger().setLevel(self.level)
 
 
 # --- the deployed module ------------------------------------------------------------------------------------------

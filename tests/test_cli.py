@@ -24,7 +24,8 @@ BAD_INPUT = [
     ),
     (
         ["technique=[prun]"],
-        "unknown technique 'prun'; valid technique options: distill, place, prune, prune_90, quantize",
+        "unknown technique 'prun'; valid technique options: distill, onnx, onnx_int8, onnx_int8_pc, onnx_static, "
+        "place, prune,",
     ),
     (["experiment=nope"], "unknown experiment 'nope'; valid experiment options:"),
     (["technique=[quantize,prune]"], "'prune' cannot follow 'quantize'"),
@@ -59,7 +60,8 @@ BAD_INPUT = [
     (["technique.quantize.keep_float=[fc9]"], "technique.quantize.keep_float: 'fc9' is not a module of model lenet"),
     (
         ["plugins.disable=[nope]"],
-        "plugins.disable=[nope]: no installed plugin is named 'nope'; installed plugins: distill, mlflow, place, ",
+        "plugins.disable=[nope]: no installed plugin is named 'nope'; installed plugins: distill, mlflow, onnx, "
+        "place, ",
     ),
     # choice options are enums: refused while composing, with their values (the form of the schemas' own checks)
     (["technique.prune.method=l2"], "technique.prune: method must be one of l1, random; got 'l2'"),
@@ -199,8 +201,10 @@ def test_help_lists_groups_and_every_technique_option(plugin_site, tmp_path):
         "tracking: mlflow, none",
     ):
         assert line in out
-    presets = "quantize_ao, quantize_ao_emb, quantize_legacy, quantize_pt2e"
-    assert f"technique: distill, explode, place, prune, prune_90, quantize, {presets}, zero_small" in out  # plugins too
+    onnx = "onnx, onnx_int8, onnx_int8_pc, onnx_static"
+    presets = "quantize_ao, quantize_ao_config, quantize_ao_emb, quantize_int4, quantize_int4_emb, quantize_int8_int4, "
+    presets += "quantize_legacy, quantize_pt2e"
+    assert f"technique: distill, explode, {onnx}, place, prune, prune_90, quantize, {presets}, zero_small" in out
     assert "zero_small (plugin example):\n  threshold: float = 0.01" in out
     assert "amount: float = 0.5" in out
     # choice options list their values

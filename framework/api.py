@@ -109,7 +109,9 @@ def _apply(cfg: Any, options: Mapping[str, Any], techniques: set[str]) -> None:
     from slimlab.errors import ConfigError
 
     def walk(prefix: str, value: Any) -> None:
-        if isinstance(value, Mapping):
+        # Into a section of the config key by key (each checked); a mapping for an option that is unset or
+        # free-form (technique.quantize.config: a torchao config node) is set whole.
+        if isinstance(value, Mapping) and OmegaConf.is_dict(OmegaConf.select(cfg, prefix, default=None)):
             for key, item in value.items():
                 walk(f"{prefix}.{key}", item)
             return

@@ -103,3 +103,17 @@ def test_an_unknown_technique_is_named(notebook):
     registered = r"unknown technique\(s\) \['prune_harder'\]; registered: distill, onnx, place"
     with pytest.raises(ConfigError, match=registered):
         slimlab.compress(model, data, ["prune_harder"])
+
+
+def test_a_torchao_config_is_an_option_like_any_other(notebook, tmp_path, monkeypatch):
+    """A free-form option (a torchao config node) is set whole, not key by key into a field that is unset."""
+    monkeypatch.chdir(tmp_path)
+    model, data = notebook
+    config = {
+        "_target_": "torchao.quantization.IntxWeightOnlyConfig",
+        "weight_dtype": "int4",
+        "granularity": {"_target_": "torchao.quantization.PerGroup", "group_size": 16},  # 784 = 49 * 16
+    }
+    result = slimlab.compress(model, data, ["quantize"], quantize={"config": config}, tracking=False)
+    assert result.metrics["compression_ratio"] > 4  # int4 weights bit-packed, a float scale per 16 of them
+    assert result.metrics["accuracy_drop"] < 0.05

@@ -60,6 +60,7 @@ def test_overhead_plain_script_mirrors_the_experiment():
         "warmup": cfg.measure.warmup,
         "repeats": cfg.measure.repeats,
         "threads": cfg.measure.threads,
+        "train_threads": cfg.train.threads,
     }
     assert cfg.train.lr == prune.lr  # the plain script uses one learning rate for both
 

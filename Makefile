@@ -30,11 +30,15 @@ install: $(VENV)/.installed
 demo: install
 	$(BIN)/slimlab run experiment=quickstart
 
+# One test worker per core, at most four (each holds torch and a model); a file's tests stay on one worker, which
+# shares its module fixtures. No test asserts a timing, so they may share the cores.
+PYTEST_WORKERS ?= -n auto --maxprocesses 4 --dist loadfile
+
 test: install
-	$(BIN)/pytest
+	$(BIN)/pytest $(PYTEST_WORKERS)
 
 test-fast: install
-	$(BIN)/pytest -m "not slow" -x
+	$(BIN)/pytest $(PYTEST_WORKERS) -m "not slow" -x
 
 # Each workload is a sweep defined in its experiment file; all go to the MLflow experiment `bench`.
 # About 20 minutes on 2 cores. BENCHMARKS.md keeps the newest run of each variant.

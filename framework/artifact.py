@@ -230,6 +230,11 @@ def deployable(model: nn.Module) -> nn.Module:
     return model
 
 
+def artifact_name(model: nn.Module) -> str:
+    """The model file's name: ``model.pt``, or ``model`` + the deployable's ``slimlab_artifact_suffix`` (``.onnx``)."""
+    return "model" + getattr(deployable(model), "slimlab_artifact_suffix", ".pt")
+
+
 def save_model(
     model: nn.Module,
     path: Path,

@@ -416,7 +416,7 @@ def run_key(cfg: DictConfig, plugins: Plugins, found: dict[str, Any] | None = No
 def _run_pipeline(
     ctx: RunContext, steps: list[Step], hooks, given_model: Any = None, found: dict[str, Any] | None = None
 ) -> dict[str, float]:
-    from slimlab.artifact import save_model
+    from slimlab.artifact import artifact_name, save_model
     from slimlab.baseline import get_baseline
     from slimlab.measure import count_parameters, layer_sparsity, machine_tags, measure_latency, peak_memory_mb
     from slimlab.training import score_baseline
@@ -429,7 +429,7 @@ def _run_pipeline(
     ctx.references = baseline.references or score_baseline(baseline.model, ctx.data, task, ctx.device, eval_batch)[1]
     primary = task.primary_metric
     model = copy.deepcopy(baseline.model)
-    model_path = ctx.output_dir / "model.pt"
+    model_path = ctx.output_dir / artifact_name(model)
     metadata = {"techniques": [s.name for s in steps]}
     codec = ctx.cfg.artifact.codec
 
@@ -441,6 +441,8 @@ def _run_pipeline(
         params, nonzero = count_parameters(model)
         # The last stage's file is the run's model artifact: saved once.
         last = index == len(steps)
+        if last:  # named for what it holds: model.pt, or model.onnx for an ONNX Runtime session
+            model_path = ctx.output_dir / artifact_name(model)
         stage_path = model_path if last else ctx.output_dir / "stages" / f"{index}-{step.name}.pt"
         stage = {
             "stage": index,

@@ -452,6 +452,8 @@ def runtime_class() -> type:
             outputs = self.session.run(None, _feeds(self.names, args))
             return torch.from_numpy(outputs[0])
 
+        slimlab_artifact_suffix = ".onnx"  # the run's model file is model.onnx
+
         def slimlab_artifact_bytes(self) -> bytes:
             return self.model_bytes
 

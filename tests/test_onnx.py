@@ -52,7 +52,7 @@ def test_fp32_run_is_measured_on_onnx_runtime_and_logged_with_mlflow_onnx(overri
     assert metrics["params"] == metrics["nonzero_params"] == LENET_PARAMS
     assert metrics["ort_latency_ms"] > 0 and metrics["ort_speedup"] > 0
     # size_bytes is the very .onnx file logged as the run's model artifact, and the MLflow model is that file
-    measured = artifact(client, run, "model.pt", tmp_path).read_bytes()
+    measured = artifact(client, run, "model.onnx", tmp_path).read_bytes()
     assert metrics["size_bytes"] == run.data.metrics["size_bytes"] == len(measured)
     assert tags["slimlab.model_format"] == "onnx"
     with using_tracking_uri(store):

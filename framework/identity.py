@@ -198,6 +198,19 @@ def fingerprint(nodes: dict[str, Any], checkpoint: str | None = None) -> dict[st
     return found
 
 
+# Libraries the built-in techniques compute with: a new version can change a run's size, speed or fidelity.
+RUNTIMES = ("torchao", "onnxruntime", "onnx", "onnxscript", "torch-pruning", "transformers", "accelerate")
+
+
+def techniques_fingerprint(nodes: Any) -> dict[str, Any]:
+    """The code behind the techniques' options (a torchao config's ``_target_``) and the runtime libraries'
+    versions: what a run's result depends on beyond its config and its baseline."""
+    return {
+        "code": [module_digest(name) for name in sorted({_module_of(t) for t in _targets(nodes)})],
+        "runtimes": {name: _version(name) for name in RUNTIMES},
+    }
+
+
 def _version(distribution: str) -> str:
     try:
         return metadata.version(distribution)

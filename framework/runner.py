@@ -396,16 +396,19 @@ def run_metrics(
 
 
 def run_key(cfg: DictConfig, plugins: Plugins, found: dict[str, Any] | None = None) -> str:
-    """The identity of a run's result: its config, the baseline's identity (code, files, versions) and the
-    version (and local source) of every loaded plugin. Sweeps resume on it (the tag ``slimlab.run_key``)."""
+    """The identity of a run's result: its config, the baseline's identity (code, files, versions), the code behind
+    the techniques' options and the versions of the libraries they compute with, and the version (and local
+    source) of every loaded plugin. Sweeps resume on it (the tag ``slimlab.run_key``)."""
     from slimlab.baseline import identity
-    from slimlab.identity import digest, module_digest
+    from slimlab.identity import digest, module_digest, techniques_fingerprint
 
     loaded = sorted((i for i in plugins.infos if i.status == "loaded"), key=lambda i: i.name)
+    techniques = OmegaConf.to_container(cfg.get("technique") or {}, resolve=True)
     return digest(
         {
             "config": config_hash(cfg, RUN_KEYS),
             "baseline": digest(found or identity(cfg)),
+            "techniques": techniques_fingerprint(techniques),
             "plugins": [
                 f"{i.name} {i.distribution}=={i.version} {module_digest(i.value.split(':')[0])}" for i in loaded
             ],

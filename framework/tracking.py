@@ -173,6 +173,8 @@ def check_store(uri: str, host: bool = True, key: str = "tracking.uri") -> None:
             f"{key}={uri} is a file store, which MLflow refuses unless MLFLOW_ALLOW_FILE_STORE=true; "
             f"use a database, e.g. {example}"
         )
+    if scheme == "sqlite" and uri.split("?", 1)[0].removeprefix("sqlite://").lstrip("/") in ("", ":memory:"):
+        raise ConfigError(f"{key}={uri} is an in-memory sqlite store: the runs would vanish; e.g. {example}")
     if scheme in ("http", "https") and host:
         check_server(uri, key=key)
     refuse_read_only(uri)
@@ -180,15 +182,22 @@ def check_store(uri: str, host: bool = True, key: str = "tracking.uri") -> None:
 
 def check_server(uri: str, timeout: float = HEALTH_TIMEOUT, key: str = "tracking.uri") -> None:
     """A tracking server must answer ``GET /health`` within ``timeout`` seconds (MLflow would retry for minutes)."""
+    import http.client
     import urllib.error
     import urllib.request
 
     try:
         with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout):
             pass
-    except urllib.error.HTTPError:  # it answered: an error status (auth, a proxy) is for MLflow to report
-        pass
-    except (OSError, ValueError) as error:  # refused, unknown host, timed out
+    except urllib.error.HTTPError as error:
+        if error.code in (401, 403):  # an auth layer in front of a live server: MLflow reports what it needs
+            return
+        # 404: not an MLflow server; 5xx: a proxy whose server is down. MLflow would retry for minutes.
+        raise ConfigError(
+            f"tracking server {uri} ({key}) answers /health with HTTP {error.code} {error.reason}: not a running "
+            "MLflow server; start it (slimlab server ...) or set tracking.uri to a reachable store"
+        ) from None
+    except (OSError, ValueError, http.client.HTTPException) as error:  # refused, unknown host, timed out, bad URL
         reason = getattr(error, "reason", None) or error
         raise ConfigError(
             f"tracking server {uri} ({key}) does not answer ({reason}) at /health within {timeout:g} s; "

@@ -1054,6 +1054,8 @@ def check_config(cfg, host: bool) -> None:
     techniques = cfg.get("technique") or {}
     if not techniques or next(iter(techniques)) != "quantize" or techniques.quantize.get("config") is None:
         return
+    if OmegaConf.get_type(techniques.quantize) is not QuantizeConfig:  # set by an experiment, not in the pipeline
+        return
     try:
         config = OmegaConf.to_object(techniques.quantize)
         recipe = build_ao_config(config.config)

@@ -360,3 +360,11 @@ def test_a_bad_config_exits_2_with_one_line(tmp_path):
     assert lines == [lines[-1]] and lines[0].startswith("slimlab: error: technique.quantize: config._target_=")
     assert "Traceback" not in result.stderr and not (tmp_path / "mlflow.db").exists()
     assert not (tmp_path / "outputs").exists()
+
+
+def test_a_quantize_node_outside_the_pipeline_is_not_checked():
+    """An experiment may set technique.quantize.config for a list that leaves quantize out: ignored, not refused."""
+    from slimlab.plugins import quantize as quantize_plugin
+
+    config = "{_target_:torchao.quantization.IntxWeightOnlyConfig,weight_dtype:int4}"
+    quantize_plugin.check_config(cfg=compose(["technique=[]", f"+technique.quantize.config={config}"]), host=True)

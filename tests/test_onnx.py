@@ -16,6 +16,7 @@ import torch
 from mlflow import MlflowClient
 
 from slimlab.config import compose
+from slimlab.errors import ConfigError
 from slimlab.logged_model import using_tracking_uri
 from slimlab.plugins import onnx as onnx_plugin
 from slimlab.runner import run_metrics
@@ -107,6 +108,21 @@ def test_without_onnxruntime_it_says_what_to_install(slimlab_here, tmp_path, sto
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as if not installed: find_spec finds nothing
     code = slimlab_here("run", "technique=[onnx]", f"tracking.uri={store}")
     assert_refused(code, capsys.readouterr().err, "onnxruntime not installed: pip install slimlab[onnx]", tmp_path)
+
+
+def test_a_coded_artifact_is_refused_since_the_file_must_load_as_onnx(slimlab_here, tmp_path, store, capsys):  # noqa: F811
+    code = slimlab_here("run", "technique=[onnx]", "artifact.codec=lzma", f"tracking.uri={store}")
+    assert_refused(code, capsys.readouterr().err, "artifact.codec=lzma cannot code an ONNX model file", tmp_path)
+
+
+def test_an_onnx_node_outside_the_pipeline_is_not_checked():
+    """An experiment may set options of a technique its list leaves out: they are ignored, not refused."""
+    from slimlab.plugins import onnx as onnx_plugin
+
+    left_out = compose(["technique=[]", "artifact.codec=lzma", "+technique.onnx.quantize=dynamic"])
+    onnx_plugin.check_config(cfg=left_out, host=True)
+    with pytest.raises(ConfigError, match="artifact.codec=lzma cannot code an ONNX model file"):
+        onnx_plugin.check_config(cfg=compose(["technique=[onnx]", "artifact.codec=lzma"]), host=True)
 
 
 def test_presets_and_bench_variants_compose():

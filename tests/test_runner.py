@@ -230,3 +230,20 @@ def test_choice_options_are_enums_logged_as_their_plain_values(overrides):
     assert config_hash(cfg, RUN_KEYS) == hashlib.sha256(plain).hexdigest()[:16]
     params = {k: v for step in plan(cfg, plugins, host=False).steps for k, v in step.key_params().items()}
     assert params["prune.method"] == "random" and type(params["quantize.backend"]) is str
+
+
+def test_the_run_key_covers_the_techniques_code_and_runtime_versions(monkeypatch):
+    """Upgrading torchao or onnxruntime, or editing the code a torchao config names, must not let a sweep resume."""
+    from importlib import metadata
+
+    from slimlab import identity
+    from slimlab.runner import run_key
+
+    plugins = load_plugins()
+    cfg = compose(["technique=[quantize]"], plugins)
+    found = identity.techniques_fingerprint({"quantize": {"config": {"_target_": "torchao.quantization.PerRow"}}})
+    assert f"torchao=={metadata.version('torchao')}" in found["code"][0]
+    assert found["runtimes"]["onnxruntime"] == metadata.version("onnxruntime")
+    before = run_key(cfg, plugins, found={"baseline": "fixed"})
+    monkeypatch.setattr(identity, "_version", lambda name: "99.0" if name == "torchao" else metadata.version(name))
+    assert run_key(cfg, plugins, found={"baseline": "fixed"}) != before

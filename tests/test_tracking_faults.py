@@ -313,6 +313,34 @@ def test_an_unreachable_tracking_server_is_refused_in_seconds():
     plugin_check(url, host=False)  # the jobs run elsewhere: only they can tell
 
 
+@pytest.mark.parametrize("status", [404, 503])
+def test_a_server_that_answers_with_an_error_is_refused(status):
+    """A proxy whose MLflow is down (5xx), or a host that is no MLflow server (404): MLflow would retry for minutes."""
+    import http.server
+    import threading
+
+    class Answer(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - the http.server API
+            self.send_error(status)
+
+        def log_message(self, *args):  # quiet
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Answer)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(ConfigError, match=rf"answers /health with HTTP {status} .*not a running MLflow server"):
+            plugin_check(f"http://127.0.0.1:{server.server_port}")
+    finally:
+        server.shutdown()
+
+
+@pytest.mark.parametrize("uri", ["sqlite:///", "sqlite:///:memory:"])
+def test_an_in_memory_sqlite_store_is_refused(uri):
+    with pytest.raises(ConfigError, match="in-memory sqlite store: the runs would vanish"):
+        plugin_check(uri)
+
+
 def test_a_writable_store_passes(store):
     plugin_check(store)
 

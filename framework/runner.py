@@ -403,7 +403,8 @@ def run_key(cfg: DictConfig, plugins: Plugins, found: dict[str, Any] | None = No
     from slimlab.identity import digest, module_digest, techniques_fingerprint
 
     loaded = sorted((i for i in plugins.infos if i.status == "loaded"), key=lambda i: i.name)
-    techniques = OmegaConf.to_container(cfg.get("technique") or {}, resolve=True)
+    node = cfg.get("technique")
+    techniques = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else {}
     return digest(
         {
             "config": config_hash(cfg, RUN_KEYS),

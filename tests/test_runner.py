@@ -247,3 +247,10 @@ def test_the_run_key_covers_the_techniques_code_and_runtime_versions(monkeypatch
     before = run_key(cfg, plugins, found={"baseline": "fixed"})
     monkeypatch.setattr(identity, "_version", lambda name: "99.0" if name == "torchao" else metadata.version(name))
     assert run_key(cfg, plugins, found={"baseline": "fixed"}) != before
+
+
+def test_a_run_without_techniques_has_a_run_key():
+    from slimlab.runner import run_key
+
+    plugins = load_plugins()
+    assert run_key(compose(["technique=[]"], plugins), plugins, found={"baseline": "fixed"})

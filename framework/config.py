@@ -54,6 +54,13 @@ class Choice(str, Enum):
             raise ValueError(f"{option} must be one of {valid}; got {value!r}") from None
 
 
+class LayerType(Choice):
+    """The layer types techniques compress (prune's ``module_types``, quantize's ``targets``)."""
+
+    Linear = "Linear"
+    Conv2d = "Conv2d"
+
+
 class TrackingBackend(Choice):
     mlflow = "mlflow"
     none = "none"

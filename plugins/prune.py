@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from slimlab import hookimpl
-from slimlab.config import Choice
+from slimlab.config import Choice, LayerType
 
 if TYPE_CHECKING:
     from torch import nn
@@ -40,12 +40,7 @@ class Schedule(Choice):
     gradual = "gradual"
 
 
-class ModuleType(Choice):
-    Linear = "Linear"
-    Conv2d = "Conv2d"
-
-
-MODULE_TYPES = tuple(ModuleType)
+MODULE_TYPES = tuple(LayerType)
 
 
 @dataclass
@@ -60,7 +55,7 @@ class PruneConfig:
     steps: int = 4  # gradual only
     fine_tune_epochs: int = 0  # in total; gradual spreads them over the steps
     lr: float = 1e-3  # of the fine-tuning
-    module_types: list[ModuleType] = field(default_factory=lambda: list(MODULE_TYPES))
+    module_types: list[LayerType] = field(default_factory=lambda: list(MODULE_TYPES))
     layers: list[str] = field(default_factory=list)  # module names; empty: every layer of module_types
 
     def __post_init__(self) -> None:
@@ -69,7 +64,7 @@ class PruneConfig:
         self.structure = Structure.parse(self.structure, "structure")
         self.scope = Scope.parse(self.scope, "scope")
         self.schedule = Schedule.parse(self.schedule, "schedule")
-        self.module_types = [ModuleType.parse(name, "module_types") for name in self.module_types]
+        self.module_types = [LayerType.parse(name, "module_types") for name in self.module_types]
         if not 0 <= self.amount < 1:
             raise ValueError(f"amount must be in [0, 1), got {self.amount}")
         if self.steps < 1:

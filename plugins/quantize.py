@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from slimlab import hookimpl
-from slimlab.config import Choice
+from slimlab.config import Choice, LayerType
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -68,11 +68,6 @@ class Granularity(Choice):
     per_tensor = "per_tensor"
 
 
-class Target(Choice):
-    Linear = "Linear"
-    Conv2d = "Conv2d"
-
-
 STATIC_TARGETS = ("Linear", "Conv2d")  # static schemes also quantize convolutions
 # int4 weights in int8 storage, group-wise along each row (torchao IntxUnpackedToInt8Tensor; dequantized at each
 # call on this CPU: smaller, not faster). int8_dynamic_int4 also fake-quantizes the activations per token.
@@ -100,7 +95,7 @@ class QuantizeConfig:
 
     backend: Backend = Backend.torchao
     scheme: str | None = None  # per backend, see BACKENDS; None: the backend's first scheme
-    targets: list[Target] = field(default_factory=lambda: [Target.Linear])  # static schemes: also Conv2d
+    targets: list[LayerType] = field(default_factory=lambda: [LayerType.Linear])  # static schemes: also Conv2d
     keep_float: list[str] = field(default_factory=list)  # module names left in float (sensitive layers)
     granularity: Granularity = Granularity.per_channel  # of the weight scales
     embeddings: bool = False  # also nn.Embedding weights: int8 per row (torchao, eager), int4 group-wise (int4)
@@ -123,7 +118,7 @@ class QuantizeConfig:
             self._check_ao_config()
         elif self.scheme is None:
             self.scheme = schemes[0]
-        self.targets = [Target.parse(target, "targets") for target in self.targets]
+        self.targets = [LayerType.parse(target, "targets") for target in self.targets]
         self.granularity = Granularity.parse(self.granularity, "granularity")
         if self.scheme not in (*schemes, None):
             raise ValueError(

@@ -502,6 +502,12 @@ def _run_pipeline(
     metrics.update(scores)  # the task's further metrics (agreement with the baseline, fidelity)
     _check_speedup(metrics["speedup"], steps)
     ctx.tags.update(machine_tags(measure.threads))
+    if steps and metrics["speedup"] < 1:  # said in the run, not left for a reader to notice in a column
+        ctx.tags["slimlab.slower"] = (
+            f"{metrics['speedup']:.2f}x: the compressed model is slower than the baseline on this machine "
+            f"({ctx.tags['slimlab.cpu']}, {measure.threads} thread(s))"
+        )
+        log.warning("the compressed model is slower than the baseline here: %.2fx speedup", metrics["speedup"])
     metrics.update(peak_memory_mb())
     for extra in [ctx.metrics, *hooks.evaluate(model=model, ctx=ctx)]:
         for name, value in (extra or {}).items():

@@ -300,9 +300,16 @@ def _export_torchscript(wrapped: nn.Module, args: tuple[Any, ...], names: list[s
 # --- ONNX Runtime's quantization ----------------------------------------------------------------------------------
 
 
-def quantize(model_bytes: bytes, config: OnnxConfig, names: list[str], ctx: RunContext | None) -> bytes:
+def quantize(
+    model_bytes: bytes,
+    config: OnnxConfig,
+    names: list[str],
+    ctx: RunContext | None,
+    op_types: list[str] | None = None,
+) -> bytes:
     """The model quantized by ONNX Runtime: int8 weights (dynamic), or int8 weights and activations (static,
-    calibrated on ``ctx``'s batches)."""
+    calibrated on ``ctx``'s batches). ``op_types``: the ONNX ops to quantize (default: the quantizer's own for
+    dynamic, every op type it can quantize; STATIC_OPS for static)."""
     import tempfile
     from pathlib import Path
 
@@ -321,7 +328,7 @@ def quantize(model_bytes: bytes, config: OnnxConfig, names: list[str], ctx: RunC
         per_channel = config.granularity == "per_channel"
         common = dict(per_channel=per_channel, reduce_range=config.reduce_range, weight_type=QuantType.QInt8)
         if config.quantize == "dynamic":
-            quantize_dynamic(source, target, **common)
+            quantize_dynamic(source, target, op_types_to_quantize=op_types, **common)
         else:
 
             class Batches(CalibrationDataReader):
@@ -335,7 +342,7 @@ def quantize(model_bytes: bytes, config: OnnxConfig, names: list[str], ctx: RunC
             # gave MiniLM a cosine of 0.39 to fp32; matmuls of two activations (attention) stay float too.
             quantize_static(
                 source, target, Batches(), quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8,
-                op_types_to_quantize=STATIC_OPS, extra_options={"MatMulConstBOnly": True}, **common,
+                op_types_to_quantize=op_types or STATIC_OPS, extra_options={"MatMulConstBOnly": True}, **common,
             )  # fmt: skip
         return target.read_bytes()
 
@@ -506,6 +513,13 @@ def __getattr__(name: str) -> Any:
 
 
 def apply(model: nn.Module, config: OnnxConfig, ctx: RunContext) -> nn.Module:
+    return deploy(model, config, ctx)
+
+
+def deploy(model: nn.Module, config: OnnxConfig, ctx: RunContext, op_types: list[str] | None = None) -> nn.Module:
+    """``model`` exported, quantized by ONNX Runtime as ``config`` says (only ``op_types`` if given) and wrapped
+    in a module that runs it on ONNX Runtime; ``ort_latency_ms`` and ``ort_speedup`` (against ``model``) measured.
+    Quantize's backend ort deploys through here too."""
     from slimlab import batches
     from slimlab.measure import measure_latency
 
@@ -522,7 +536,7 @@ def apply(model: nn.Module, config: OnnxConfig, ctx: RunContext) -> nn.Module:
         ctx.tags["slimlab.onnx.dynamo_error"] = reason
     names = input_names(example)
     weights = weight_names(model, exported)
-    deployed = quantize(exported, config, names, ctx) if config.quantize != "none" else exported
+    deployed = quantize(exported, config, names, ctx, op_types) if config.quantize != "none" else exported
     ort_model = runtime_class()(deployed, names, measure.threads, weights)
     ctx.tags["slimlab.onnx.ops"] = _op_summary(deployed)
     # What ONNX Runtime adds over the torch model it got: the same inputs, threads and protocol, side by side.

@@ -33,11 +33,15 @@ if TYPE_CHECKING:
 
 
 from .ao_config import build_ao_config, describe_ao_config
+from .auto import apply_auto
 from .capability import check, probe, probe_config
 from .eager import _apply_eager, _eager, _warn_eager_deprecated
 from .layers import _check_keep_float, _selector
 from .options import BACKENDS, INT4_SCHEMES, LABELS, Backend, Granularity, QuantizeConfig, valid_targets
+from .ort import apply_ort
+from .ort import check as check_ort
 from .pt2e import _apply_pt2e, _pt2e_convert, _restore_activation_qparams
+from .speed import guard, judge
 from .torchao_backend import _apply_torchao, _check_groups_fit
 
 log = logging.getLogger("slimlab")
@@ -63,12 +67,36 @@ __all__ = [
 
 
 def apply(model: nn.Module, config: QuantizeConfig, ctx: RunContext) -> nn.Module:
+    """Quantize ``model``; a recipe measured slower than fp32 on this machine is refused unless allow_slower."""
     _check_keep_float(model, config.keep_float)
+    if config.backend == "auto":
+        chosen, ratio, chosen_label = apply_auto(model, config, ctx, _apply_recipe, _check_recipe, label)
+        judge(ratio, "the fastest candidate, measured on the whole model", config, ctx, chosen_label)
+        return chosen
+    if config.backend == "torchao" or ctx.device == "cpu" and config.backend in ("pt2e", "eager"):
+        guard(model, config, ctx, label(config))  # before the work: timed on copies of the model's layers
+    quantized = _apply_recipe(model, config, ctx)
+    if config.backend == "ort":  # measured on the whole model, against the torch model it got
+        judge(ctx.metrics["ort_speedup"], "measured on the whole model", config, ctx, label(config))
+    return quantized
+
+
+def _apply_recipe(model: nn.Module, config: QuantizeConfig, ctx: RunContext) -> nn.Module:
     if config.backend == "pt2e":
         return _apply_pt2e(model, config, ctx)
     if config.backend == "eager":
         return _apply_eager(model, config, ctx)
+    if config.backend == "ort":
+        return apply_ort(model, config, ctx)
     return _apply_torchao(model, config, ctx)
+
+
+def _check_recipe(config: QuantizeConfig) -> None:
+    """Refuse, before any work, a recipe this machine cannot run (auto: each candidate, when it is tried)."""
+    if config.backend == "ort":
+        check_ort(config)
+    elif config.backend != "auto":
+        check(config)
 
 
 def rebuild(model: nn.Module, config: QuantizeConfig, example: Any) -> nn.Module:
@@ -81,6 +109,12 @@ def rebuild(model: nn.Module, config: QuantizeConfig, example: Any) -> nn.Module
     result to get the int8 kernels back. torchao artifacts load into the plain model directly.
     """
     model.eval()
+    if config.backend in ("ort", "auto"):
+        raise ValueError(
+            f"backend {config.backend}'s artifact cannot be rebuilt from the config: an ort model is model.onnx "
+            "(load it with onnxruntime or mlflow.onnx); for auto, rebuild with the recipe in the tag "
+            "slimlab.quantize.auto"
+        )
     if config.backend == "torchao":
         return model
     if config.backend == "eager":
@@ -116,6 +150,8 @@ def keeps_module_names(config: QuantizeConfig) -> bool:
     torchao swaps weights and eager dynamic swaps modules in place; eager static wraps the model
     (``QuantWrapper``), pt2e exports a graph and compiling wraps the result.
     """
+    if config.backend in ("ort", "auto"):
+        return False
     in_place = config.backend == "torchao" or (config.backend == "eager" and config.scheme == "dynamic")
     return in_place and not config.compile
 
@@ -127,23 +163,31 @@ def max_speedup(config: QuantizeConfig) -> float | None:
     (Python and dispatch overhead, fused elementwise ops) has no fixed bound. None for a torchao config too:
     what it can give depends on the config (int2 weights, float8...).
     """
-    if config.compile or config.config is not None:
-        return None
+    if config.compile or config.config is not None or config.backend in ("ort", "auto"):
+        return None  # ort, auto: ONNX Runtime's fp32 alone can beat torch eager
     return {"int4_weight_only": 8.0, "int8_dynamic_int4": 8.0, "sparse_2_4": 8.0}.get(config.scheme, 4.0)
 
 
 @hookimpl
 def check_config(cfg, host: bool) -> None:
-    """A group-wise torchao ``config`` must divide the rows of the layers it gets: checked before any work on the
-    model built on the meta device, when quantize is the first step (after another, the shapes may differ)."""
+    """Backends ort and auto must be the last step. A group-wise torchao ``config`` must divide the rows of the
+    layers it gets: checked before any work on the model built on the meta device, when quantize is the first
+    step (after another, the shapes may differ)."""
     from omegaconf import OmegaConf
 
     from slimlab.errors import ConfigError
 
     techniques = cfg.get("technique") or {}
-    if not techniques or next(iter(techniques)) != "quantize" or techniques.quantize.get("config") is None:
+    node = techniques.get("quantize") if techniques else None
+    if node is None or OmegaConf.get_type(node) is not QuantizeConfig:  # not in this run's pipeline
         return
-    if OmegaConf.get_type(techniques.quantize) is not QuantizeConfig:  # set by an experiment, not in the pipeline
+    if node.backend in ("ort", "auto") and list(techniques)[-1] != "quantize":
+        after = list(techniques)[list(techniques).index("quantize") + 1 :]
+        raise ConfigError(
+            f"technique.quantize.backend={node.backend} deploys an ONNX Runtime model or the fastest recipe found "
+            f"here, which {', '.join(after)} cannot take: put quantize last"
+        )
+    if next(iter(techniques)) != "quantize" or node.get("config") is None:
         return
     try:
         config = OmegaConf.to_object(techniques.quantize)
@@ -187,10 +231,11 @@ def register_techniques(register) -> None:
         apply,
         label=label,
         followed_by=("place",),
-        check=check,
+        check=_check_recipe,
         max_speedup=max_speedup,
-        key_params=("backend", "scheme", "granularity", "group_size", "embeddings", "compile"),
+        key_params=("backend", "scheme", "granularity", "group_size", "embeddings", "compile", "allow_slower"),
         # torch.export cannot hold torch.ao's quantized modules (packed params); pt2e's graph cannot be pickled
+        # (ort: an ONNX file, logged with mlflow.onnx; auto: pt2, pickle if the chosen model cannot be exported)
         serialization_format=lambda config: "pickle" if config.backend == "eager" else "pt2",
         module_options=("keep_float",),
         keeps_module_names=keeps_module_names,

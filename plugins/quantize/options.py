@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from slimlab.config import Choice, LayerType
@@ -14,6 +14,10 @@ BACKENDS: dict[str, tuple[str, ...]] = {
     "torchao": ("int8_weight_only", "int8_dynamic", "int4_weight_only", "int8_dynamic_int4", "float8", "sparse_2_4"),
     "pt2e": ("static",),
     "eager": ("dynamic", "static"),
+    # ONNX Runtime's own quantize_dynamic / quantize_static on the exported model, run by ONNX Runtime
+    "ort": ("dynamic", "static"),
+    # each of ``candidates`` tried on the run's model; the fastest whose outputs keep ``min_cosine`` is kept
+    "auto": ("fastest",),
 }
 LABELS = {
     ("torchao", "int8_weight_only"): "int8-wo",
@@ -25,7 +29,21 @@ LABELS = {
     ("pt2e", "static"): "pt2e-static",
     ("eager", "dynamic"): "eager-dyn",
     ("eager", "static"): "eager-static",
+    ("ort", "dynamic"): "ort-int8-dyn",
+    ("ort", "static"): "ort-int8-static",
+    ("auto", "fastest"): "auto",
 }
+# What quantize=auto tries when ``candidates`` is not given: every int8 path of every backend that can be fast on
+# a CPU. Which wins depends on the machine (VNNI or not) and the model.
+DEFAULT_CANDIDATES = (
+    {"backend": "torchao", "scheme": "int8_dynamic", "compile": True},
+    {"backend": "pt2e", "scheme": "static"},
+    {"backend": "eager", "scheme": "dynamic"},
+    {"backend": "ort", "scheme": "dynamic"},
+    {"backend": "ort", "scheme": "dynamic", "granularity": "per_tensor"},
+)
+# What a candidate takes from the auto config unless it says otherwise.
+SHARED_OPTIONS = ("targets", "keep_float", "embeddings", "calibration_batches")
 # An enum built from BACKENDS (its members' names are their values: OmegaConf looks members up by name). The
 # scheme stays a str: which schemes are valid depends on the backend, and __post_init__ says which.
 Backend = Choice("Backend", [(name, name) for name in BACKENDS], module=__name__)
@@ -77,6 +95,12 @@ class QuantizeConfig:
     # {_target_: torchao.quantization.IntxWeightOnlyConfig, weight_dtype: int4,
     #  granularity: {_target_: torchao.quantization.PerGroup, group_size: 64}}; FqnToConfig picks per layer.
     config: Any = None
+    # A recipe measured slower than fp32 on this machine is refused (speed.py); true: run it anyway, flagged.
+    allow_slower: bool = False
+    # auto: the recipes to try, each a mapping of these options (default DEFAULT_CANDIDATES), and the least
+    # cosine similarity of a candidate's outputs to the fp32 model's, on calibration batches, to be kept
+    candidates: Any = None
+    min_cosine: float = 0.99
 
     def __post_init__(self) -> None:
         # Built from a plain dict (not through OmegaConf), the choices are still strings.
@@ -116,8 +140,43 @@ class QuantizeConfig:
             raise ValueError(f"calibration_batches must be >= 1, got {self.calibration_batches}")
         if self.compile is None:
             self.compile = self.backend == "pt2e"
-        if self.compile and self.backend == "eager":
-            raise ValueError("compile=true is not supported by backend eager (torch.ao quantized modules)")
+        if self.compile and self.backend in ("eager", "ort", "auto"):
+            raise ValueError(f"compile=true is not supported by backend {self.backend}")
+        if self.backend == "ort":
+            if self.keep_float:
+                raise ValueError("keep_float is not supported by backend ort (ONNX node names are not module names)")
+            if self.embeddings and self.scheme == "static":
+                raise ValueError("embeddings=true is not supported by backend ort scheme static; use scheme dynamic")
+        if self.candidates is not None and self.backend != "auto":
+            raise ValueError(f"candidates apply to backend auto, not {self.backend}")
+        if not 0 < self.min_cosine <= 1:
+            raise ValueError(f"min_cosine must be in (0, 1], got {self.min_cosine}")
+        if self.backend == "auto":
+            self.candidate_configs()  # each must be a valid recipe
+
+    def candidate_configs(self) -> list[QuantizeConfig]:
+        """auto: the recipes to try, with the options they share with this config."""
+        from omegaconf import OmegaConf
+
+        given = self.candidates
+        if OmegaConf.is_config(given):
+            given = OmegaConf.to_container(given, resolve=True)
+        given = DEFAULT_CANDIDATES if given is None else given
+        if not isinstance(given, list | tuple) or not given:
+            raise ValueError(f"candidates must be a non-empty list of recipes like {dict(DEFAULT_CANDIDATES[0])}")
+        shared = {name: getattr(self, name) for name in SHARED_OPTIONS}
+        recipes = []
+        for index, candidate in enumerate(given):
+            if not isinstance(candidate, dict) or candidate.get("backend") in (None, "auto"):
+                raise ValueError(f"candidates[{index}] must be a mapping with a backend other than auto")
+            unknown = sorted(set(candidate) - {f.name for f in fields(QuantizeConfig)})
+            if unknown:
+                raise ValueError(f"candidates[{index}] has unknown options {unknown}")
+            try:
+                recipes.append(QuantizeConfig(**(shared | candidate)))
+            except (ValueError, TypeError) as error:
+                raise ValueError(f"candidates[{index}]: {error}") from None
+        return recipes
 
     def _check_ao_config(self) -> None:
         """``config`` replaces scheme, granularity and group_size; it must build into a torchao config."""

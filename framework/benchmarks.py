@@ -277,11 +277,19 @@ def _variant(run: BenchRun, name: str) -> str:
     return f"{run.name} ({', '.join(extra)})" if extra else run.name
 
 
+def cpu_class(run: BenchRun) -> str:
+    """What int8 speed depends on most: ``AVX-512 VNNI`` (int8 dot products in one instruction), ``AVX2``, other."""
+    flags = run.tags.get("slimlab.cpu_flags", "").split(",")
+    kind = "AVX-512 VNNI" if "avx512_vnni" in flags else "AVX2" if "avx2" in flags else "other"
+    return f"{kind}: {run.tags.get('slimlab.cpu', 'unknown CPU')}"
+
+
 def latest_per_variant(runs: Sequence[BenchRun]) -> list[BenchRun]:
-    """The newest run of each workload variant (runs come oldest first), so re-running a workload replaces its rows."""
-    latest: dict[tuple[str, str, tuple[str, ...]], BenchRun] = {}
+    """The newest run of each workload variant on each CPU class (runs come oldest first), so re-running a workload
+    replaces its rows and a run on another kind of machine adds a table."""
+    latest: dict[tuple[str, str, tuple[str, ...], str], BenchRun] = {}
     for run in runs:
-        latest[(run.workload, run.name, tuple(sorted(_variant_overrides(run))))] = run
+        latest[(run.workload, run.name, tuple(sorted(_variant_overrides(run))), cpu_class(run))] = run
     kept = {run.run_id for run in latest.values()}
     return [run for run in runs if run.run_id in kept]
 
@@ -293,8 +301,39 @@ def _meets_all(run: BenchRun, workload: Workload, primary: str) -> bool:
     )
 
 
+# Targets on what the compressed model computes (not its speed or size): "the fidelity bound" of a workload.
+FIDELITY = ("cosine_to_baseline", "accuracy_drop")
+
+
+def _cell(run: BenchRun, column: str) -> str:
+    value = run.metrics.get(column)
+    slower = column.startswith("speedup") and value is not None and value < 1 and not run.is_reference
+    return f"{_fmt(value)} (slower)" if slower else _fmt(value)
+
+
+def fastest_meeting_fidelity(runs: Sequence[BenchRun], workload: Workload, primary: str) -> str | None:
+    """The sentence naming the fastest variant that meets the workload's fidelity targets, if it has any."""
+    bounds = {m: target for m, target in workload.targets.items() if m in FIDELITY}
+    if not bounds:
+        return None
+    meeting = [
+        run
+        for run in runs
+        if not run.is_reference and "speedup" in run.metrics
+        if all(
+            verdict(run.metrics.get(m, run.metrics.get(m.replace("accuracy", primary))), op, v) == "met"
+            for m, (op, v) in bounds.items()
+        )
+    ]
+    bound = ", ".join(f"{m} {op} {_fmt(v)}" for m, (op, v) in bounds.items())
+    if not meeting:
+        return f"No variant meets the fidelity bound ({bound})."
+    best = max(meeting, key=lambda run: run.metrics["speedup"])
+    return f"Fastest meeting the fidelity bound ({bound}): {best.name} at {_cell(best, 'speedup')}x."
+
+
 def workload_section(name: str, runs: Sequence[BenchRun], workload: Workload | None = None) -> str:
-    """One workload's markdown: heading, command, anchor, table of variants, notes."""
+    """One workload's markdown: heading, command, anchor, a table of variants per CPU class, notes."""
     workload = workload or WORKLOADS.get(name) or Workload(title=name, anchor="none", source="none")
     _with_derived(runs)
     primary = primary_metric(runs[0].metrics) if runs else "accuracy"
@@ -318,20 +357,37 @@ def workload_section(name: str, runs: Sequence[BenchRun], workload: Workload | N
     if workload.targets:
         lines += ["Targets: " + ", ".join(f"{m} {op} {_fmt(v)}" for m, (op, v) in workload.targets.items()) + ".", ""]
     header = ["variant", *columns, *(f"target {m}" for m in workload.targets)]
-    lines += ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+    by_cpu: dict[str, list[BenchRun]] = {}
     for run in runs:
-        cells = [_variant(run, name), *(_fmt(run.metrics.get(c)) for c in columns)]
-        for metric, (op, value) in workload.targets.items():
-            if run.is_reference:
-                cells.append("reference")
-            else:
-                got = run.metrics.get(metric, run.metrics.get(metric.replace("accuracy", primary)))
-                cells.append(verdict(got, op, value))
-        lines.append("| " + " | ".join(cells) + " |")
-    measured = [r for r in runs if not r.is_reference]
-    if workload.targets and measured:
-        winners = [_variant(r, name) for r in measured if _meets_all(r, workload, primary)]
-        lines += ["", f"Every target met by: {'; '.join(winners)}." if winners else "No variant meets every target."]
+        by_cpu.setdefault(cpu_class(run), []).append(run)
+    for cpu, measured_here in sorted(by_cpu.items()):
+        lines += [f"### Measured on {cpu}", ""]
+        lines += ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+        for run in measured_here:
+            cells = [_variant(run, name), *(_cell(run, c) for c in columns)]
+            for metric, (op, value) in workload.targets.items():
+                if run.is_reference:
+                    cells.append("reference")
+                else:
+                    got = run.metrics.get(metric, run.metrics.get(metric.replace("accuracy", primary)))
+                    cells.append(verdict(got, op, value))
+            lines.append("| " + " | ".join(cells) + " |")
+        measured = [r for r in measured_here if not r.is_reference]
+        if workload.targets and measured:
+            winners = [_variant(r, name) for r in measured if _meets_all(r, workload, primary)]
+            lines += [
+                "",
+                f"Every target met by: {'; '.join(winners)}." if winners else "No variant meets every target.",
+            ]
+        fastest = fastest_meeting_fidelity(measured_here, workload, primary)
+        if fastest:
+            lines += ["", fastest]
+        if any(r.metrics.get("speedup", 1) < 1 for r in measured):
+            lines += [
+                "",
+                "(slower): the variant is slower than the fp32 baseline on this machine (tag slimlab.slower).",
+            ]
+        lines.append("")
     gains = [r.metrics["distill_gain"] for r in runs if "distill_gain" in r.metrics]
     if gains:
         spread = statistics.stdev(gains) if len(gains) > 1 else 0.0

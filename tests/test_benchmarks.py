@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import pytest
 
-from slimlab.benchmarks import WORKLOADS, BenchRun, latest_per_variant, load_runs, render, verdict, workload_of
+from slimlab.benchmarks import (
+    WORKLOADS,
+    BenchRun,
+    latest_per_variant,
+    load_runs,
+    render,
+    verdict,
+    workload_of,
+    workload_section,
+)
 from slimlab.config import EXPERIMENTS_DIR, compose
 from slimlab.overhead import PLAIN
 from tests.conftest import FAST, NO_MLFLOW_MODEL, slimlab
@@ -137,3 +146,26 @@ def test_plain_overhead_script_does_the_work(monkeypatch, tmp_path):
     zeros = sum(int(t.eq(0).sum()) for name, t in pruned.items() if name.endswith("weight"))
     weights = sum(t.numel() for name, t in pruned.items() if name.endswith("weight"))
     assert zeros / weights == pytest.approx(0.9, abs=0.001)
+
+
+def test_a_table_per_cpu_class_names_the_fastest_variant_meeting_the_fidelity_bound_and_flags_slower_ones():
+    vnni = {"slimlab.cpu": "Xeon A", "slimlab.cpu_flags": "avx2,avx512f,avx512_vnni"}
+    avx2 = {"slimlab.cpu": "Xeon B", "slimlab.cpu_flags": "avx2"}
+
+    def bench_run(run_id, name, tags, speedup, cosine):
+        metrics = {"speedup": speedup, "cosine_to_baseline": cosine, "compression_ratio": 4.0}
+        return BenchRun(run_id, name, "bench_minilm_int8", ["experiment=bench_minilm_int8"], metrics, tags)
+
+    runs = [
+        bench_run("a", "minilm quantize(int8-dyn,compiled)", vnni, 2.5, 0.997),
+        bench_run("b", "minilm onnx(int8 dynamic)", vnni, 2.9, 0.96),  # faster, but below the bound
+        bench_run("c", "minilm quantize(int8-dyn,compiled)", avx2, 0.07, 0.997),  # same variant, other machine
+        bench_run("d", "minilm quantize(ort-int8-dyn)", avx2, 1.6, 0.996),
+    ]
+    assert len(latest_per_variant(runs)) == 4  # a run on another CPU class adds a row, it does not replace one
+    text = workload_section("bench_minilm_int8", runs)
+    on_vnni, on_avx2 = text.split("### Measured on AVX2: Xeon B")
+    assert "### Measured on AVX-512 VNNI: Xeon A" in on_vnni
+    assert "(cosine_to_baseline >= 0.9950): minilm quantize(int8-dyn,compiled) at 2.50x." in on_vnni
+    assert "(cosine_to_baseline >= 0.9950): minilm quantize(ort-int8-dyn) at 1.60x." in on_avx2
+    assert "| 0.0700 (slower) |" in on_avx2 and "(slower)" not in on_vnni

@@ -16,8 +16,10 @@ torchao's fake quantizer has none (per group, per channel, per token).
 Layers whose rows are not a multiple of ``group_size`` get one scale per row; a row of one value (a
 convolution with one input channel) stays float, as ``quantize`` does. Weights that are exactly zero in the
 incoming model (pruning removed its masks) are held at zero while fine-tuning and stay zero once converted.
-``control=true`` also quantizes the incoming model with the same recipe and no fine-tuning (post-training
-quantization) and reports ``ptq_<metric>`` and ``qat_gain`` (positive: QAT beats PTQ), measured in the run.
+``control=true`` also measures post-training quantization with the same recipe, in the same run: of the incoming
+model (``ptq_<metric>``, what ``quantize`` gives) and of a twin fine-tuned in float for the same epochs, seed and
+lr (``tuned_ptq_<metric>``); ``qat_gain`` is QAT's score against the latter (positive: QAT beats PTQ, not
+merely thanks to the extra epochs).
 Not faster: on a CPU without torchao's low-bit kernels the weights are dequantized at every call.
 """
 
@@ -74,7 +76,7 @@ class QatConfig:
     targets: list[LayerType] = field(default_factory=lambda: [LayerType.Linear])
     epochs: int = 1  # of fine-tuning with fake quantization
     lr: float = 1e-4  # LeNet on digits: 1e-4 recovered int2 accuracy, the training lr (1e-3) lost 1 point
-    control: bool = False  # also quantize the incoming model without fine-tuning: ptq_<metric>, qat_gain
+    control: bool = False  # also measure PTQ with the same recipe: ptq_<metric>, tuned_ptq_<metric>, qat_gain
 
     def __post_init__(self) -> None:
         # Built from a plain dict (not through OmegaConf), the choices are still strings.
@@ -297,18 +299,32 @@ def _train_quantized(model: nn.Module, plan: Plan, config: QatConfig, train: Cal
     return held_names
 
 
-def apply(model: nn.Module, config: QatConfig, ctx: RunContext) -> nn.Module:
-    plan = _plan(model, config)
+def _controls(model: nn.Module, plan: Plan, config: QatConfig, ctx: RunContext, train) -> dict[str, float]:
+    """Post-training quantization with the same recipe: of the incoming model (what ``quantize`` gives), and of a
+    twin fine-tuned in float for the same epochs (so QAT's gain is not the extra training's)."""
     primary = ctx.task.primary_metric
-    if config.control:  # the same recipe without fine-tuning: what post-training quantization gives
-        ptq = copy.deepcopy(model)
-        _quantize(ptq, plan, config, None)
-        ctx.metrics[f"ptq_{primary}"] = ptq_score = ctx.evaluate(ptq)
-        del ptq
+    ptq = copy.deepcopy(model)
+    _quantize(ptq, plan, config, None)
+    scores = {f"ptq_{primary}": ctx.evaluate(ptq)}
+    tuned = copy.deepcopy(model)
+    held = _hold(tuned, _zero_masks(tuned))
+    train(tuned, "float twin")
+    _release(held)
+    _quantize(tuned, plan, config, None)
+    scores[f"tuned_ptq_{primary}"] = ctx.evaluate(tuned.eval())
+    return scores
 
-    def fine_tune(prepared: nn.Module) -> None:
-        ctx.fine_tune(prepared, config.epochs, lr=config.lr, description=f"qat: {label(config)} fine-tune")
 
+def apply(model: nn.Module, config: QatConfig, ctx: RunContext) -> nn.Module:
+    import torch
+
+    plan = _plan(model, config)
+
+    def fine_tune(prepared: nn.Module, what: str = "fine-tune") -> None:
+        torch.manual_seed(ctx.cfg.seed)  # the QAT model and its float twin see the same randomness
+        ctx.fine_tune(prepared, config.epochs, lr=config.lr, description=f"qat: {label(config)} {what}")
+
+    controls = _controls(model, plan, config, ctx, fine_tune) if config.control else {}
     held = _train_quantized(model, plan, config, fine_tune)
     if plan.per_row:
         ctx.tags["slimlab.qat.per_row"] = ", ".join(plan.per_row)
@@ -320,10 +336,15 @@ def apply(model: nn.Module, config: QatConfig, ctx: RunContext) -> nn.Module:
         f"{config.weights} values stored in int8 and dequantized to float at every call (torchao "
         "IntxUnpackedToInt8Tensor has no low-bit kernel here): a smaller file, not a faster model"
     )
-    if config.control:
-        score = ctx.evaluate(model)
-        ctx.metrics["qat_gain"] = gain = ctx.task.drop(score, ptq_score)  # positive: QAT beats PTQ
-        log.info("qat: %s=%.4f, post-training quantization %.4f (gain %+.4f)", primary, score, ptq_score, gain)
+    if controls:
+        primary = ctx.task.primary_metric
+        score, tuned = ctx.evaluate(model), controls[f"tuned_ptq_{primary}"]
+        ctx.metrics |= controls
+        ctx.metrics["qat_gain"] = gain = ctx.task.drop(score, tuned)  # positive: QAT beats PTQ after equal training
+        log.info(
+            "qat: %s=%.4f; post-training quantization %.4f, after %d float epoch(s) %.4f (gain %+.4f)",
+            primary, score, controls[f"ptq_{primary}"], config.epochs, tuned, gain,
+        )  # fmt: skip
     return model
 
 

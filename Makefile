@@ -43,7 +43,7 @@ test-fast: install
 # Each workload is a sweep defined in its experiment file; all go to the MLflow experiment `bench`.
 # About 20 minutes on 2 cores. BENCHMARKS.md keeps the newest run of each variant.
 BENCH_WORKLOADS := bench_minilm_int8 bench_structured_prune bench_structured_prune_minilm bench_pt2e_static \
-	bench_lenet_deep_compression bench_kd bench_memory
+	bench_lenet_deep_compression bench_kd bench_qat bench_memory
 bench: install
 	for workload in $(BENCH_WORKLOADS); do $(BIN)/slimlab run -m experiment=$$workload || exit 1; done
 	# slimlab's own cost: bench_overhead timed against a plain script doing the same work

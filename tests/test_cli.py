@@ -65,7 +65,10 @@ BAD_INPUT = [
     ),
     # choice options are enums: refused while composing, with their values (the form of the schemas' own checks)
     (["technique.prune.method=l2"], "technique.prune: method must be one of l1, random; got 'l2'"),
-    (["technique.quantize.backend=tensorrt"], "technique.quantize: backend must be one of torchao, pt2e, eager; got"),
+    (
+        ["technique.quantize.backend=tensorrt"],
+        "technique.quantize: backend must be one of torchao, pt2e, eager, ort, auto; got",
+    ),
     (
         ["technique.quantize.targets=[Linear,Foo]"],
         "technique.quantize: targets must be one of Linear, Conv2d; got 'Foo'",
@@ -202,13 +205,15 @@ def test_help_lists_groups_and_every_technique_option(plugin_site, tmp_path):
     ):
         assert line in out
     onnx = "onnx, onnx_int8, onnx_int8_pc, onnx_static"
-    presets = "quantize_ao, quantize_ao_config, quantize_ao_emb, quantize_int4, quantize_int4_emb, quantize_int8_int4, "
-    presets += "quantize_legacy, quantize_pt2e"
-    assert f"technique: distill, explode, {onnx}, place, prune, prune_90, quantize, {presets}, zero_small" in out
+    presets = "quantize_ao, quantize_ao_config, quantize_ao_emb, "
+    presets += "quantize_auto, quantize_int4, quantize_int4_emb, quantize_int8_int4, quantize_legacy, quantize_ort, "
+    presets += "quantize_pt2e"
+    qat = "qat, qat_int2, qat_int4, qat_int8"
+    assert f"technique: distill, explode, {onnx}, place, prune, prune_90, {qat}, quantize, {presets}, zero_small" in out
     assert "zero_small (plugin example):\n  threshold: float = 0.01" in out
     assert "amount: float = 0.5" in out
     # choice options list their values
-    assert "method: l1 | random = 'l1'" in out and "backend: torchao | pt2e | eager = 'torchao'" in out
+    assert "method: l1 | random = 'l1'" in out and "backend: torchao | pt2e | eager | ort | auto = 'torchao'" in out
     assert "module_types: list[Linear | Conv2d] = ['Linear', 'Conv2d']" in out
 
 

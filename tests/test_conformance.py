@@ -13,6 +13,7 @@ class TestPrune(TechniqueContract):
 
 class TestQuantize(TechniqueContract):
     technique = "quantize"
+    options = ["technique.quantize.allow_slower=true"]  # the contract, not the speed on a tiny model
     presets = ["quantize_legacy", "quantize_ao"]
 
 

@@ -78,6 +78,7 @@ def test_an_image_folder_trains_and_compresses(tmp_path, overrides):
         [
             *overrides, "data=image_folder", f"data.path={tmp_path / 'images'}", "data.size=8", "model=mlp",
             "model.in_features=192", "model.num_classes=2", "technique=[quantize]", "train.epochs=30", "train.lr=0.01",
+            "technique.quantize.allow_slower=true",
         ]
     )  # fmt: skip
     primary, metrics = run_metrics(cfg)

@@ -28,7 +28,10 @@ def test_every_hook_is_called_in_a_run(with_plugins, overrides):
 
     slimlab_example.CALLS.clear()
     plugins = load_plugins()
-    cfg = compose([*overrides, "technique=[zero_small,quantize]", "tracking=none"], plugins)
+    cfg = compose(
+        [*overrides, "technique=[zero_small,quantize]", "tracking=none", "technique.quantize.allow_slower=true"],
+        plugins,
+    )
     run(cfg, plugins)
     called = [call[0] for call in slimlab_example.CALLS]
     assert called == ["check_config", "before_run", "after_technique", "after_technique", "after_run"]

@@ -187,7 +187,7 @@ def test_int4_artifact_reloads_with_identical_outputs(scheme, store, tmp_path):
     """The deployed model and the artifact loaded into a fresh instance give the same outputs, bit for bit."""
     torch.manual_seed(0)
     targets = ["Linear", "Conv2d"] if scheme == "int4_weight_only" else ["Linear"]  # torchao's dynamic: 2-D only
-    options = {"scheme": scheme, "targets": targets, "embeddings": True}
+    options = {"scheme": scheme, "targets": targets, "embeddings": True, "allow_slower": True}
     result = slimlab.compress(
         Int4Net(), digits(seed=0), ["quantize"], tracking=store, quantize=options, measure={"repeats": 5, "warmup": 1}
     )
@@ -263,7 +263,16 @@ def test_a_torchao_config_by_target_runs(overrides, store):
 
 def test_fqn_to_config_quantizes_per_layer(overrides, store, tmp_path):
     per_layer = f"{{_target_:torchao.quantization.FqnToConfig,fqn_to_config:{{fc1:{{{INTX},weight_dtype:int4,{PER_GROUP_32}}},fc2:null}}}}"  # noqa: E501
-    run(compose([*overrides, "technique=[quantize]", f"technique.quantize.config={per_layer}"]))
+    run(
+        compose(
+            [
+                *overrides,
+                "technique=[quantize]",
+                "technique.quantize.allow_slower=true",
+                f"technique.quantize.config={per_layer}",
+            ]
+        )
+    )
     client, logged = only_run(store)
     assert logged.info.status == "FINISHED" and logged.info.run_name == "lenet quantize(FqnToConfig)"
     state = load_state(artifact(client, logged, tmp_path))
@@ -323,7 +332,13 @@ BAD_CONFIGS = {  # value of technique.quantize.config (or other options): the re
 @pytest.mark.parametrize("case", list(BAD_CONFIGS))
 def test_bad_configs_are_refused_before_any_work(case, overrides, store, tmp_path):
     options, message = BAD_CONFIGS[case]
-    cfg = compose([*overrides, "technique=[quantize]", *(f"technique.quantize.{option}" for option in options)])
+    cfg = compose(
+        [
+            *overrides,
+            "technique=[quantize]",
+            *(f"technique.quantize.{o}" for o in options),
+        ]
+    )
     # the plan's refusals are "technique.quantize: ...", the one that needs the model "technique.quantize.config: ..."
     with pytest.raises(ConfigError, match=rf"^technique\.quantize(: |\.config: ){message}") as refused:
         run(cfg)

@@ -35,7 +35,10 @@ CASES = {
     "pruned": (["technique=[prune]", "technique.prune.amount=0.9"], "pt2"),
     "quantized (torch.ao eager)": (["technique=[quantize_legacy]"], "pickle"),
     # uncompiled: the run's model is then the very graph logged (compiled, it runs inductor's kernels)
-    "quantized (pt2e)": (["technique=[quantize_pt2e]", "technique.quantize.compile=false"], "pt2"),
+    "quantized (pt2e)": (
+        ["technique=[quantize_pt2e]", "technique.quantize.compile=false", "technique.quantize.allow_slower=true"],
+        "pt2",
+    ),
     "distilled": (
         ["technique=[distill]", "technique.distill.student=lenet_small", "technique.distill.epochs=1"],
         "pt2",

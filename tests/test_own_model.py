@@ -255,6 +255,7 @@ def test_dict_batches_and_a_two_input_model_compress(user_dir, overrides, store,
         [
             *overrides, "model._target_=user_models.TwoInputs", "data._target_=user_data.blobs",
             f"+data.iterable_test={iterable_test}", "technique=[prune,quantize]", "train.epochs=15",
+            "technique.quantize.allow_slower=true",
         ]
     )  # fmt: skip
     primary, metrics = run_metrics(cfg)

@@ -47,7 +47,10 @@ def only_run(store: str):
 
 
 def quantize(*options: str) -> list[str]:
-    return ["technique=[quantize]", *(f"technique.quantize.{option}" for option in options)]
+    """These tests check what a recipe does to the model, not whether it is faster here (test_host_aware.py)."""
+    return ["technique=[quantize]", "technique.quantize.allow_slower=true"] + [
+        f"technique.quantize.{option}" for option in options
+    ]
 
 
 def reloaded_accuracy(client, logged, tmp_path: Path, model: nn.Module, config: QuantizeConfig, seed: int = 0):
@@ -195,7 +198,7 @@ def test_probe_refuses_a_scheme_this_machine_cannot_run(scheme, overrides, store
 @pytest.mark.parametrize(
     "options,message",
     [
-        (["backend=tensorrt"], "backend must be one of torchao, pt2e, eager; got 'tensorrt'"),
+        (["backend=tensorrt"], "backend must be one of torchao, pt2e, eager, ort, auto; got 'tensorrt'"),
         (["scheme=int3"], "scheme 'int3' is not one of backend 'torchao'"),
         (["backend=pt2e", "scheme=dynamic"], "scheme 'dynamic' is not one of backend 'pt2e'.s schemes: static"),
         (["targets=[Conv2d]"], r"targets for torchao int8_weight_only must be a non-empty list of Linear"),

@@ -75,7 +75,7 @@ def layer_calls(model: nn.Module, selected, example: Any) -> list[LayerCall]:
         if selected(module, name) and isinstance(getattr(module, "weight", None), torch.Tensor):
             handles.append(module.register_forward_hook(record(name)))
     try:
-        with torch.inference_mode():
+        with torch.no_grad():  # not inference_mode: the recorded inputs also feed torch.export (pt2e), which traces
             call(model, clone(example))
     finally:
         for handle in handles:

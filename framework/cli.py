@@ -254,7 +254,7 @@ def run_command(args: list[str]) -> int:
 
 def _run(args: list[str]) -> int:
     from slimlab import sweep
-    from slimlab.errors import ConfigError, PluginError, RunFailed, SweepSetupFailed
+    from slimlab.errors import ConfigError, PluginError, Refused, RunFailed, SweepSetupFailed
     from slimlab.hydra_app import BadInput, describe_hydra_error, is_bad_input, launch
 
     try:
@@ -266,7 +266,8 @@ def _run(args: list[str]) -> int:
         import traceback
 
         cause = error.__cause__ or error
-        traceback.print_exception(cause, file=sys.stderr)
+        if not isinstance(cause, Refused):
+            traceback.print_exception(cause, file=sys.stderr)
         print(f"slimlab: run failed: {error}", file=sys.stderr)
         return EXIT_FAILED
     except SweepSetupFailed as error:

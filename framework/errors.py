@@ -13,6 +13,11 @@ class RunFailed(RuntimeError):
     """A run raised while it was running; the cause is chained (exit 1)."""
 
 
+class Refused(ValueError):
+    """A run stopped on purpose by what it measured (a recipe slower than fp32 here): exit 1, the run FAILED with
+    the reason; the message says it all, so no traceback is printed."""
+
+
 class SweepSetupFailed(BaseException):  # noqa: N818 - it carries the cause, like hydra_app.BadInput
     """A sweep could not be set up (its store or parent run); exit 1.
 

@@ -136,3 +136,27 @@ def test_ort_backend_deploys_onnx_runtime_and_is_measured_against_the_torch_mode
 def test_bad_auto_and_ort_options_are_refused_up_front(args, message, slimlab_here, tmp_path, store, capsys):  # noqa: F811
     code = slimlab_here("run", *args, f"tracking.uri={store}")
     assert_refused(code, capsys.readouterr().err, message, tmp_path)
+
+
+def test_a_refused_recipe_fails_the_run_with_the_reason_and_no_traceback(
+    slimlab_here,  # noqa: F811
+    monkeypatch,
+    overrides,
+    store,
+    capsys,
+    tmp_path,
+):
+    """Through the CLI: exit 1, one line, the MLflow run FAILED with the reason. The bar is raised out of reach so
+    that any measured ratio is below it, whatever this machine's."""
+    from slimlab.plugins.quantize import speed
+
+    monkeypatch.setattr(speed, "SLOWER", 1e9)
+    code = slimlab_here("run", *overrides, "technique=[quantize]")
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err
+    (line,) = [line for line in err.splitlines() if line.startswith("slimlab:")]
+    assert line.startswith("slimlab: run failed: SlowerThanFloat: quantize(int8-wo) runs ") and "allow_slower" in line
+    client, run = only_run(store)
+    assert run.info.status == "FAILED"
+    recorded = Path(client.download_artifacts(run.info.run_id, "traceback.txt", str(tmp_path))).read_text()
+    assert "SlowerThanFloat: quantize(int8-wo) runs " in recorded

@@ -18,6 +18,8 @@ import copy
 import dataclasses
 from typing import TYPE_CHECKING, Any
 
+from slimlab.errors import Refused
+
 if TYPE_CHECKING:
     from torch import nn
 
@@ -29,7 +31,7 @@ SLOWER = 0.95  # below this ratio to fp32 a recipe is slower, not lost in timing
 PROBED_LAYERS = 3  # the costliest distinct layers are timed; together they are most of the model's work
 
 
-class SlowerThanFloat(ValueError):
+class SlowerThanFloat(Refused):
     """The recipe was measured slower than fp32 on this machine, on this run's layers."""
 
 

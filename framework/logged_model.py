@@ -151,6 +151,38 @@ def _failed_to_serialize(error: BaseException) -> bool:
     return any(part in innermost for part in (f"{os.sep}torch{os.sep}", "cloudpickle", f"{os.sep}pickle.py"))
 
 
+def warm_up() -> None:
+    """Import what ``log_compressed_model`` needs from MLflow and build the distributions map, ahead of time.
+
+    Called by the tracking plugin in the thread that opens the run, beside the training. Nothing of torch: the
+    training thread imports torch's modules meanwhile, and two threads importing one package's modules that import
+    each other can see them half initialized.
+    """
+    import mlflow.pytorch  # noqa: F401
+    from mlflow.models import infer_signature  # noqa: F401
+
+    installed_distributions()
+
+
+def installed_distributions() -> dict[str, list[str]]:
+    """Top-level import names -> the installed distributions that provide them.
+
+    MLflow's own map (``mlflow.utils.requirements_utils``), built once per process: ``log_model`` builds it anyway
+    to check the requirements it is given, and building it reads every installed distribution's file list (a
+    quarter of a second; the standard library's ``packages_distributions`` takes twice that).
+    """
+    try:
+        from mlflow.utils import requirements_utils
+
+        requirements_utils._init_modules_to_packages_map()
+        found = requirements_utils._MODULES_TO_PACKAGES
+        if isinstance(found, dict):
+            return found
+    except Exception as error:  # a private MLflow API: the standard library's map, slower but the same
+        log.debug("MLflow's map of distributions is not available (%s): building one", error)
+    return metadata.packages_distributions()
+
+
 def requirements(model: nn.Module, fmt: str) -> list[str]:
     """Pinned distributions the model needs where it is loaded: torch, and what its classes and ops come from.
 
@@ -163,7 +195,7 @@ def requirements(model: nn.Module, fmt: str) -> list[str]:
     packages = {"torch"} | {cls.__module__.split(".")[0] for cls in classes}
     if uses_quantized_ops(model):
         packages.add("torchao")
-    by_package = metadata.packages_distributions()
+    by_package = installed_distributions()
     dists = {dist for package in packages for dist in by_package.get(package, [])}
     # a local label (2.13.0+cpu) names a build no index serves
     return sorted(f"{dist}=={metadata.version(dist).split('+')[0]}" for dist in dists)

@@ -4,6 +4,9 @@ The store is refused in the plan when MLflow cannot use it (``check_config``: it
 answer, a read-only sqlite file); a new sqlite store is created and migrated under a file lock, so runs started
 together do not race MLflow's migrations; a failed run is closed before anything else is logged; each run records
 its host and process, and the next run or sweep on that host closes as KILLED the runs whose process is gone.
+
+The run is opened in a thread beside the baseline's training (``Opening``): importing MLflow and opening its store
+take seconds of the interpreter, which a training on one thread leaves a core for.
 """
 
 from __future__ import annotations
@@ -12,9 +15,13 @@ import json
 import logging
 import os
 import socket
+import sys
+import threading
 import time
-from collections.abc import Iterator
+import urllib.parse
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -107,7 +114,7 @@ def experiment_id(client: Any, name: str, uri: str, primary: str | None = None) 
     """The experiment's id, created if new, its comparison view (for task metric ``primary``) kept current.
 
     Created under ``store_lock``; against a server, a process that loses the race to create it reads the
-    winner's (MLflow answers ``RESOURCE_ALREADY_EXISTS``).
+    winner's (MLflow answers ``RESOURCE_ALREADY_EXISTS``). A deleted experiment is refused (``ConfigError``).
     """
     from mlflow.exceptions import MlflowException
 
@@ -123,6 +130,12 @@ def experiment_id(client: Any, name: str, uri: str, primary: str | None = None) 
             if experiment is None:  # deleted again in between: say so rather than log to nowhere
                 raise RuntimeError(f"the MLflow experiment {name!r} vanished while it was being created")
         experiment_id, tags = experiment.experiment_id, experiment.tags
+        if experiment.lifecycle_stage == "deleted":  # MLflow would refuse each run in it with a traceback
+            raise ConfigError(
+                f"experiment_name={name}: the MLflow experiment {name!r} (id {experiment_id}) in {uri} is deleted; "
+                f"restore it (MLFLOW_TRACKING_URI={uri} mlflow experiments restore --experiment-id {experiment_id}) "
+                "or choose another experiment_name"
+            )
         view = comparison_view(primary or "accuracy")
         if VIEW_TAG not in tags or (primary and tags[VIEW_TAG] != view):  # new, or this run's task metric differs
             client.set_experiment_tag(experiment_id, VIEW_TAG, view)
@@ -132,7 +145,8 @@ def experiment_id(client: Any, name: str, uri: str, primary: str | None = None) 
 # --- a store that cannot be used: refused in the plan (check_config), one line, exit 2 ---
 
 FILE_STORE_SCHEMES = ("", "file")
-KNOWN_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql", "http", "https", "databricks", "databricks-uc", "uc", "file")
+DATABASE_SCHEMES = ("postgresql", "mysql", "sqlite", "mssql")  # SQLAlchemy stores: <database>[+<driver>]://
+KNOWN_SCHEMES = (*DATABASE_SCHEMES, "http", "https", "databricks", "databricks-uc", "uc", "file")  # MLflow's own
 HEALTH_TIMEOUT = 5.0  # seconds a tracking server gets to answer /health (an answer takes milliseconds)
 
 
@@ -144,6 +158,20 @@ def store_schemes() -> list[str]:
         return sorted(scheme for scheme in _tracking_store_registry._registry if scheme)
     except Exception:  # the registry is private: MLflow's built-in schemes
         return list(KNOWN_SCHEMES)
+
+
+def uri_scheme(uri: str) -> str:
+    """The store scheme of ``uri`` as MLflow reads it (``mlflow.utils.uri.get_uri_scheme``), without importing MLflow:
+    a database's driver (``postgresql+psycopg2``) is dropped, a Windows drive letter is a local path."""
+    if uri in ("databricks", "databricks-uc", "uc"):
+        return uri
+    scheme = urllib.parse.urlparse(uri).scheme
+    database = scheme.partition("+")[0]
+    if database in DATABASE_SCHEMES and scheme.count("+") <= 1:
+        return database
+    if len(scheme) == 1 and scheme.isalpha():
+        return ""
+    return scheme
 
 
 def uri_source(cfg: DictConfig | None = None) -> str:
@@ -159,15 +187,16 @@ def check_store(uri: str, host: bool = True, key: str = "tracking.uri") -> None:
     ``key`` names where ``uri`` was set. ``host=False`` (the runs happen on other machines) skips the server
     check: only they can tell.
     """
-    from mlflow.utils.uri import get_uri_scheme
-
-    scheme = uri if uri in ("databricks", "databricks-uc", "uc") else get_uri_scheme(uri)
-    schemes = [s for s in store_schemes() if s not in FILE_STORE_SCHEMES]
+    scheme = uri_scheme(uri)
     example = f"sqlite:///{Path.cwd() / 'mlflow.db'}"
-    if scheme not in schemes and scheme not in FILE_STORE_SCHEMES:
-        shown = ", ".join(s if s.startswith("databricks") or s == "uc" else f"{s}://" for s in schemes)
-        what = f"{scheme}://" if scheme else "it"
-        raise ConfigError(f"{key}={uri}: MLflow has no tracking store for {what}; valid: {shown} (e.g. {example})")
+    # MLflow's own stores are known without importing it (a second of the plan, which the run's thread then
+    # spends beside the training); a plugin's scheme is looked up in its registry.
+    if scheme not in KNOWN_SCHEMES and scheme not in FILE_STORE_SCHEMES:
+        schemes = [s for s in store_schemes() if s not in FILE_STORE_SCHEMES]
+        if scheme not in schemes:
+            shown = ", ".join(s if s.startswith("databricks") or s == "uc" else f"{s}://" for s in schemes)
+            what = f"{scheme}://" if scheme else "it"
+            raise ConfigError(f"{key}={uri}: MLflow has no tracking store for {what}; valid: {shown} (e.g. {example})")
     if scheme in FILE_STORE_SCHEMES and os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() not in ("true", "1"):
         raise ConfigError(
             f"{key}={uri} is a file store, which MLflow refuses unless MLFLOW_ALLOW_FILE_STORE=true; "
@@ -313,9 +342,132 @@ def comparison_params(ctx: RunContext) -> dict[str, str]:
     return params
 
 
+# --- the run opened beside the training ---
+
+OPENING = "slimlab.mlflow_opening"  # ctx.state key of the run's Opening
+SWITCH_INTERVAL = 0.0002  # s: the interpreter's switch interval while an Opening runs (see there)
+_switching_lock = threading.Lock()
+_switching: dict[str, Any] = {"openings": 0, "saved": None}
+
+
+def _fast_switching(on: bool) -> None:
+    """Shorten the interpreter's switch interval while any Opening runs; restore it after the last one."""
+    with _switching_lock:
+        if on:
+            if _switching["openings"] == 0:
+                _switching["saved"] = sys.getswitchinterval()
+                sys.setswitchinterval(min(_switching["saved"], SWITCH_INTERVAL))
+            _switching["openings"] += 1
+        else:
+            _switching["openings"] -= 1
+            if _switching["openings"] == 0:
+                sys.setswitchinterval(_switching["saved"])
+
+
+class Opening:
+    """The MLflow run opened in a thread of its own (``open_run``), started by ``before_run``.
+
+    Importing MLflow and SQLAlchemy, opening (or creating) the store and creating the run take seconds of the
+    interpreter; the baseline's training right after runs torch on ``train.threads`` (one by default) and leaves the
+    other core idle. ``wait()`` joins the thread and hands back what it opened (``uri``, and ``run_id``,
+    ``experiment_id`` once the run exists) and what it raised: the error is raised by ``after_technique`` once it
+    has happened, at the latest by ``after_run``, and ``on_run_error`` closes the run FAILED if it was created.
+
+    While the thread runs, the switch interval is shortened: the training thread gives the GIL up in every torch
+    call and would otherwise wait the default 5 ms for it each time; in the thread's imports, which hold it.
+    """
+
+    def __init__(self, work: Callable[[dict[str, str]], None]) -> None:
+        self.state: dict[str, str] = {}
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(work,), name="slimlab-mlflow-run")
+
+    def start(self) -> None:
+        _fast_switching(True)
+        try:
+            self._thread.start()
+        except BaseException:
+            _fast_switching(False)
+            raise
+
+    def _run(self, work: Callable[[dict[str, str]], None]) -> None:
+        try:
+            work(self.state)
+        except BaseException as error:  # raised in the run's thread by whoever joins: never lost
+            self.error = error
+        finally:
+            _fast_switching(False)
+
+    def failed(self) -> bool:
+        """Whether the thread has ended with an error (without waiting for it)."""
+        return not self._thread.is_alive() and self.error is not None
+
+    def wait(self) -> tuple[dict[str, str], BaseException | None]:
+        self._thread.join()
+        return self.state, self.error
+
+
+class OpenedRun(Mapping):
+    """``ctx.state["mlflow"]``: the run's ``uri``, ``run_id`` and ``experiment_id``, read when the Opening is done
+    (reading waits for it, and raises its error)."""
+
+    def __init__(self, opening: Opening) -> None:
+        self._opening = opening
+
+    def _opened(self) -> dict[str, str]:
+        state, error = self._opening.wait()
+        if error is not None:
+            raise error
+        return state
+
+    def __getitem__(self, key: str) -> str:
+        return self._opened()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._opened())
+
+    def __len__(self) -> int:
+        return len(self._opened())
+
+
+def open_run(
+    state: dict[str, str],
+    uri: str,
+    experiment: str,
+    primary: str | None,
+    run_name: str,
+    tags: dict[str, str],
+    params: dict[str, str],
+    log_model: bool,
+) -> None:
+    """Open the store (created under a lock), close this host's runs whose process is gone, create the run, log its
+    params; then import what ``after_run`` will need. Fills ``state`` as it goes (see ``Opening``)."""
+    state["uri"] = uri
+    from mlflow.entities import Param
+
+    client = open_store(uri)
+    found = experiment_id(client, experiment, uri, primary)
+    with read_only_as_config_error(uri):
+        close_dead_runs(client, found)
+        run = client.create_run(found, run_name=run_name, tags=tags)
+    state |= {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id}
+    batch = [Param(k, v[:6000]) for k, v in params.items()]
+    for start in range(0, len(batch), BATCH_LIMIT):
+        client.log_batch(run.info.run_id, params=batch[start : start + BATCH_LIMIT])
+    try:  # ahead of time, beside the training: a failure here is met again, and reported, where it is needed
+        from mlflow.entities import Metric, RunTag  # noqa: F401
+
+        if log_model:
+            from slimlab.logged_model import warm_up
+
+            warm_up()
+    except Exception as error:
+        log.debug("preparing to log the model failed: %s: %s", type(error).__name__, error)
+
+
 class MlflowTracking:
-    """Checks the store in the plan; opens the run in ``before_run``; logs and closes it in ``after_run`` or
-    ``on_run_error``."""
+    """Checks the store in the plan; opens the run in ``before_run`` (in a thread, see ``Opening``); logs and closes
+    it in ``after_run`` or ``on_run_error``."""
 
     @hookimpl
     def check_config(self, cfg: DictConfig, host: bool) -> None:
@@ -324,9 +476,7 @@ class MlflowTracking:
 
     @hookimpl
     def before_run(self, ctx: RunContext) -> None:
-        """Open the store (created under a lock), close this host's runs whose process is gone, open the run."""
-        from mlflow.entities import Param
-
+        """Start opening the run (``open_run``) in a thread beside the training; ``ctx.state["mlflow"]`` waits."""
         from slimlab import sweep
         from slimlab.config import flatten
 
@@ -337,22 +487,29 @@ class MlflowTracking:
             tags |= {"mlflow.parentRunId": parent, "slimlab.job": str(sweep.job_number())}
         else:
             uri = tracking_uri(ctx.cfg)
-        client = open_store(uri)
-        experiment = experiment_id(client, ctx.cfg.experiment_name, uri, ctx.task.primary_metric)
-        with read_only_as_config_error(uri):
-            close_dead_runs(client, experiment)
-            run = client.create_run(experiment, run_name=ctx.run_name, tags=tags | process_tags())
-        run_id = run.info.run_id
-        ctx.state["mlflow"] = {"uri": uri, "run_id": run_id, "experiment_id": run.info.experiment_id}
-        try:
-            flat = flatten(ctx.cfg)
-            short = {k: v for k, v in comparison_params(ctx).items() if k not in flat}
-            params = [Param(k, v[:6000]) for k, v in {**short, **flat}.items()]
-            for start in range(0, len(params), BATCH_LIMIT):
-                client.log_batch(run_id, params=params[start : start + BATCH_LIMIT])
-        except BaseException as error:  # the runner only reports errors after before_run: close the run here
-            _close(client, run_id, error, "")
-            raise
+        flat = flatten(ctx.cfg)  # here: the thread reads nothing the run may change
+        short = {k: v for k, v in comparison_params(ctx).items() if k not in flat}
+        work = partial(
+            open_run,
+            uri=uri,
+            experiment=ctx.cfg.experiment_name,
+            primary=ctx.task.primary_metric,
+            run_name=ctx.run_name,
+            tags=tags | process_tags(),
+            params={**short, **flat},
+            log_model=bool(ctx.cfg.tracking.log_model),
+        )
+        opening = Opening(work)
+        ctx.state[OPENING] = opening
+        ctx.state["mlflow"] = OpenedRun(opening)
+        opening.start()
+
+    @hookimpl
+    def after_technique(self, ctx: RunContext) -> None:
+        """A run that could not be opened fails here, not after the rest of the pipeline (never waits)."""
+        opening = ctx.state.get(OPENING)
+        if opening is not None and opening.failed():
+            raise opening.error
 
     @hookimpl
     def after_run(self, ctx: RunContext, metrics: dict[str, float]) -> None:
@@ -360,7 +517,7 @@ class MlflowTracking:
         from mlflow.entities import Metric, RunTag
         from omegaconf import OmegaConf
 
-        state = ctx.state["mlflow"]
+        state = dict(ctx.state["mlflow"])  # waits for the run to be open; raises what opening it raised
         client, run_id = MlflowClient(state["uri"]), state["run_id"]
         now = int(time.time() * 1000)
         client.log_batch(
@@ -388,12 +545,18 @@ class MlflowTracking:
         """Close the run FAILED (KILLED when interrupted) first, then record what can be recorded.
 
         Each step is on its own: a full disk that refuses the traceback file must not leave the run RUNNING.
+        Waits for the run to be open; if opening it failed too, that error is logged (the run's is raised).
         """
+        opening = ctx.state.get(OPENING)
+        if opening is None:  # failed before the run was opened: nothing recorded, nothing to close
+            return
+        state, failure = opening.wait()
+        if failure is not None and failure is not error:
+            log.error("the MLflow run could not be opened: %s: %s", type(failure).__name__, failure)
+        if "run_id" not in state:  # never created: nothing recorded, nothing to close
+            return
         from mlflow import MlflowClient
 
-        state = ctx.state.get("mlflow")
-        if state is None:  # failed before the run was opened: nothing recorded, nothing to close
-            return
         _close(MlflowClient(state["uri"]), state["run_id"], error, traceback_text)
 
 

@@ -345,7 +345,7 @@ def comparison_params(ctx: RunContext) -> dict[str, str]:
 # --- the run opened beside the training ---
 
 OPENING = "slimlab.mlflow_opening"  # ctx.state key of the run's Opening
-SWITCH_INTERVAL = 0.0002  # s: the interpreter's switch interval while an Opening runs (see there)
+SWITCH_INTERVAL = 0.0001  # s: the interpreter's switch interval while an Opening runs (see there)
 _switching_lock = threading.Lock()
 _switching: dict[str, Any] = {"openings": 0, "saved": None}
 
@@ -364,25 +364,46 @@ def _fast_switching(on: bool) -> None:
                 sys.setswitchinterval(_switching["saved"])
 
 
+def spare_core(threads: int) -> bool:
+    """Whether a core is left idle beside a training on ``threads`` threads: the CPUs this process may use, less
+    those threads and the other work the one-minute load average shows (this process counts once in it).
+
+    On a machine busy with other work the opening thread only takes turns with the training for the interpreter and
+    a core: measured on a loaded 2-core machine, the training then lost more time than the thread saved.
+    """
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cpus = os.cpu_count() or 1
+    try:
+        others = max(os.getloadavg()[0] - 1, 0.0)
+    except (AttributeError, OSError):  # no load average here: assume none
+        others = 0.0
+    return cpus - threads - others >= 0.5
+
+
 class Opening:
-    """The MLflow run opened in a thread of its own (``open_run``), started by ``before_run``.
+    """The MLflow run being opened (``open_run``): in a thread of its own when a core is idle, else right away.
 
     Importing MLflow and SQLAlchemy, opening (or creating) the store and creating the run take seconds of the
-    interpreter; the baseline's training right after runs torch on ``train.threads`` (one by default) and leaves the
-    other core idle. ``wait()`` joins the thread and hands back what it opened (``uri``, and ``run_id``,
-    ``experiment_id`` once the run exists) and what it raised: the error is raised by ``after_technique`` once it
-    has happened, at the latest by ``after_run``, and ``on_run_error`` closes the run FAILED if it was created.
+    interpreter; the baseline's training right after runs torch on ``train.threads`` (one by default), which leaves
+    a core of a 2-core machine idle. ``wait()`` joins the thread and hands back what it opened (``uri``, and
+    ``run_id``, ``experiment_id`` once the run exists) and what it raised: the error is raised by ``after_technique``
+    once it has happened, at the latest by ``after_run``, and ``on_run_error`` closes the run FAILED if it exists.
 
-    While the thread runs, the switch interval is shortened: the training thread gives the GIL up in every torch
-    call and would otherwise wait the default 5 ms for it each time; in the thread's imports, which hold it.
+    While the thread runs, the switch interval is shortened: the training gives the GIL up in every torch call and
+    would otherwise wait up to the default 5 ms to get it back from the thread's imports, each time.
     """
 
     def __init__(self, work: Callable[[dict[str, str]], None]) -> None:
         self.state: dict[str, str] = {}
         self.error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, args=(work,), name="slimlab-mlflow-run")
+        self._work = work
+        self._thread: threading.Thread | None = None
 
     def start(self) -> None:
+        """Open the run in a thread; ``wait()`` joins it."""
+        self._thread = threading.Thread(target=self._run, args=(True,), name="slimlab-mlflow-run")
         _fast_switching(True)
         try:
             self._thread.start()
@@ -390,20 +411,26 @@ class Opening:
             _fast_switching(False)
             raise
 
-    def _run(self, work: Callable[[dict[str, str]], None]) -> None:
+    def run(self) -> None:
+        """Open the run in this thread."""
+        self._run(False)
+
+    def _run(self, threaded: bool) -> None:
         try:
-            work(self.state)
-        except BaseException as error:  # raised in the run's thread by whoever joins: never lost
+            self._work(self.state)
+        except BaseException as error:  # raised in the run's thread by whoever waits: never lost
             self.error = error
         finally:
-            _fast_switching(False)
+            if threaded:
+                _fast_switching(False)
 
     def failed(self) -> bool:
-        """Whether the thread has ended with an error (without waiting for it)."""
-        return not self._thread.is_alive() and self.error is not None
+        """Whether opening has ended with an error (without waiting for it)."""
+        return (self._thread is None or not self._thread.is_alive()) and self.error is not None
 
     def wait(self) -> tuple[dict[str, str], BaseException | None]:
-        self._thread.join()
+        if self._thread is not None:
+            self._thread.join()
         return self.state, self.error
 
 
@@ -476,7 +503,7 @@ class MlflowTracking:
 
     @hookimpl
     def before_run(self, ctx: RunContext) -> None:
-        """Start opening the run (``open_run``) in a thread beside the training; ``ctx.state["mlflow"]`` waits."""
+        """Open the run (``open_run``), in a thread beside the training if a core is idle (``Opening``)."""
         from slimlab import sweep
         from slimlab.config import flatten
 
@@ -502,7 +529,17 @@ class MlflowTracking:
         opening = Opening(work)
         ctx.state[OPENING] = opening
         ctx.state["mlflow"] = OpenedRun(opening)
-        opening.start()
+        if spare_core(ctx.cfg.train.threads):
+            opening.start()
+            return
+        opening.run()  # no core to spare: open it now, and fail now if it cannot be
+        state, error = opening.wait()
+        if error is not None:
+            if "run_id" in state:  # the runner reports errors only after before_run: close the run here
+                from mlflow import MlflowClient
+
+                _close(MlflowClient(state["uri"]), state["run_id"], error, "")
+            raise error
 
     @hookimpl
     def after_technique(self, ctx: RunContext) -> None:

@@ -4,6 +4,7 @@ unimported: the thread's errors surface as the run's, the store is still created
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
 import sys
 import time
@@ -88,13 +89,18 @@ def test_a_database_uri_mlflow_cannot_parse_is_refused_in_one_line(uri):
         tracking.check_store(uri)
 
 
-def test_a_run_in_a_deleted_experiment_fails_with_the_reason_and_records_nothing(store, cache_dir):
-    # The experiment is looked up in the run's thread: its error is the run's, one line (exit 2 from the CLI).
+@pytest.mark.parametrize("spare", [True, False], ids=["in a thread", "in before_run"])
+def test_a_run_in_a_deleted_experiment_fails_with_the_reason_and_records_nothing(spare, store, tmp_path, monkeypatch):
+    # In the opening thread (a core to spare) the error is the run's, raised by after_run; without a spare core the
+    # run is opened in before_run, which fails before any work. One line either way (exit 2 from the CLI).
+    monkeypatch.setattr(tracking, "spare_core", lambda threads: spare)
     client = MlflowClient(store)
     client.delete_experiment(client.create_experiment("tests"))
+    cache = tmp_path / "cache"
     with pytest.raises(ConfigError, match=r"^experiment_name=tests: the MLflow experiment 'tests' .* is deleted; "):
-        run(compose([*TINY, f"cache_dir={cache_dir}", f"tracking.uri={store}", "experiment_name=tests"]))
+        run(compose([*TINY, f"cache_dir={cache}", f"tracking.uri={store}", "experiment_name=tests"]))
     assert client.search_runs([e.experiment_id for e in client.search_experiments(view_type=ViewType.ALL)]) == []
+    assert cache.exists() == spare  # trained beside the thread; refused before any work without it
 
 
 @pytest.mark.parametrize("first", ["the thread's", "the pipeline's"])
@@ -138,6 +144,14 @@ def test_the_thread_creates_a_new_store_under_the_lock(tmp_path):
     tracking.plugin.after_technique(ctx=ctx)  # nothing failed: nothing raised
     assert dict(ctx.state["mlflow"]) == state
     client.set_terminated(state["run_id"])
+
+
+@pytest.mark.parametrize("load", [0.0, 1.0, 3.0])
+def test_the_thread_is_used_when_a_core_is_left_idle(load, monkeypatch):
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    monkeypatch.setattr(os, "getloadavg", lambda: (load, load, load))  # this process alone is a load of 1
+    assert tracking.spare_core(threads=1) == (cpus - 1 - max(load - 1, 0) >= 0.5)
+    assert not tracking.spare_core(threads=cpus)  # the training takes every core
 
 
 def test_the_logged_model_requirements_name_the_same_distributions_as_the_standard_library():

@@ -151,19 +151,6 @@ def _failed_to_serialize(error: BaseException) -> bool:
     return any(part in innermost for part in (f"{os.sep}torch{os.sep}", "cloudpickle", f"{os.sep}pickle.py"))
 
 
-def warm_up() -> None:
-    """Import what ``log_compressed_model`` needs from MLflow and build the distributions map, ahead of time.
-
-    Called by the tracking plugin in the thread that opens the run, beside the training. Nothing of torch: the
-    training thread imports torch's modules meanwhile, and two threads importing one package's modules that import
-    each other can see them half initialized.
-    """
-    import mlflow.pytorch  # noqa: F401
-    from mlflow.models import infer_signature  # noqa: F401
-
-    installed_distributions()
-
-
 def installed_distributions() -> dict[str, list[str]]:
     """Top-level import names -> the installed distributions that provide them.
 

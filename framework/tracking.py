@@ -4,9 +4,6 @@ The store is refused in the plan when MLflow cannot use it (``check_config``: it
 answer, a read-only sqlite file); a new sqlite store is created and migrated under a file lock, so runs started
 together do not race MLflow's migrations; a failed run is closed before anything else is logged; each run records
 its host and process, and the next run or sweep on that host closes as KILLED the runs whose process is gone.
-
-The run is opened in a thread beside the baseline's training (``Opening``): importing MLflow and opening its store
-take seconds of the interpreter, which a training on one thread leaves a core for.
 """
 
 from __future__ import annotations
@@ -15,13 +12,10 @@ import json
 import logging
 import os
 import socket
-import sys
-import threading
 import time
 import urllib.parse
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator
 from contextlib import contextmanager
-from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -189,8 +183,8 @@ def check_store(uri: str, host: bool = True, key: str = "tracking.uri") -> None:
     """
     scheme = uri_scheme(uri)
     example = f"sqlite:///{Path.cwd() / 'mlflow.db'}"
-    # MLflow's own stores are known without importing it (a second of the plan, which the run's thread then
-    # spends beside the training); a plugin's scheme is looked up in its registry.
+    # MLflow's own stores are known without importing it (a second and a half, which a refused config does
+    # without); a plugin's scheme is looked up in MLflow's registry.
     if scheme not in KNOWN_SCHEMES and scheme not in FILE_STORE_SCHEMES:
         schemes = [s for s in store_schemes() if s not in FILE_STORE_SCHEMES]
         if scheme not in schemes:
@@ -342,159 +336,9 @@ def comparison_params(ctx: RunContext) -> dict[str, str]:
     return params
 
 
-# --- the run opened beside the training ---
-
-OPENING = "slimlab.mlflow_opening"  # ctx.state key of the run's Opening
-SWITCH_INTERVAL = 0.0001  # s: the interpreter's switch interval while an Opening runs (see there)
-_switching_lock = threading.Lock()
-_switching: dict[str, Any] = {"openings": 0, "saved": None}
-
-
-def _fast_switching(on: bool) -> None:
-    """Shorten the interpreter's switch interval while any Opening runs; restore it after the last one."""
-    with _switching_lock:
-        if on:
-            if _switching["openings"] == 0:
-                _switching["saved"] = sys.getswitchinterval()
-                sys.setswitchinterval(min(_switching["saved"], SWITCH_INTERVAL))
-            _switching["openings"] += 1
-        else:
-            _switching["openings"] -= 1
-            if _switching["openings"] == 0:
-                sys.setswitchinterval(_switching["saved"])
-
-
-def spare_core(threads: int) -> bool:
-    """Whether a core is left idle beside a training on ``threads`` threads: the CPUs this process may use, less
-    those threads and the other work the one-minute load average shows (this process counts once in it).
-
-    On a machine busy with other work the opening thread only takes turns with the training for the interpreter and
-    a core: measured on a loaded 2-core machine, the training then lost more time than the thread saved.
-    """
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cpus = os.cpu_count() or 1
-    try:
-        others = max(os.getloadavg()[0] - 1, 0.0)
-    except (AttributeError, OSError):  # no load average here: assume none
-        others = 0.0
-    return cpus - threads - others >= 0.5
-
-
-class Opening:
-    """The MLflow run being opened (``open_run``): in a thread of its own when a core is idle, else right away.
-
-    Importing MLflow and SQLAlchemy, opening (or creating) the store and creating the run take seconds of the
-    interpreter; the baseline's training right after runs torch on ``train.threads`` (one by default), which leaves
-    a core of a 2-core machine idle. ``wait()`` joins the thread and hands back what it opened (``uri``, and
-    ``run_id``, ``experiment_id`` once the run exists) and what it raised: the error is raised by ``after_technique``
-    once it has happened, at the latest by ``after_run``, and ``on_run_error`` closes the run FAILED if it exists.
-
-    While the thread runs, the switch interval is shortened: the training gives the GIL up in every torch call and
-    would otherwise wait up to the default 5 ms to get it back from the thread's imports, each time.
-    """
-
-    def __init__(self, work: Callable[[dict[str, str]], None]) -> None:
-        self.state: dict[str, str] = {}
-        self.error: BaseException | None = None
-        self._work = work
-        self._thread: threading.Thread | None = None
-
-    def start(self) -> None:
-        """Open the run in a thread; ``wait()`` joins it."""
-        self._thread = threading.Thread(target=self._run, args=(True,), name="slimlab-mlflow-run")
-        _fast_switching(True)
-        try:
-            self._thread.start()
-        except BaseException:
-            _fast_switching(False)
-            raise
-
-    def run(self) -> None:
-        """Open the run in this thread."""
-        self._run(False)
-
-    def _run(self, threaded: bool) -> None:
-        try:
-            self._work(self.state)
-        except BaseException as error:  # raised in the run's thread by whoever waits: never lost
-            self.error = error
-        finally:
-            if threaded:
-                _fast_switching(False)
-
-    def failed(self) -> bool:
-        """Whether opening has ended with an error (without waiting for it)."""
-        return (self._thread is None or not self._thread.is_alive()) and self.error is not None
-
-    def wait(self) -> tuple[dict[str, str], BaseException | None]:
-        if self._thread is not None:
-            self._thread.join()
-        return self.state, self.error
-
-
-class OpenedRun(Mapping):
-    """``ctx.state["mlflow"]``: the run's ``uri``, ``run_id`` and ``experiment_id``, read when the Opening is done
-    (reading waits for it, and raises its error)."""
-
-    def __init__(self, opening: Opening) -> None:
-        self._opening = opening
-
-    def _opened(self) -> dict[str, str]:
-        state, error = self._opening.wait()
-        if error is not None:
-            raise error
-        return state
-
-    def __getitem__(self, key: str) -> str:
-        return self._opened()[key]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._opened())
-
-    def __len__(self) -> int:
-        return len(self._opened())
-
-
-def open_run(
-    state: dict[str, str],
-    uri: str,
-    experiment: str,
-    primary: str | None,
-    run_name: str,
-    tags: dict[str, str],
-    params: dict[str, str],
-    log_model: bool,
-) -> None:
-    """Open the store (created under a lock), close this host's runs whose process is gone, create the run, log its
-    params; then import what ``after_run`` will need. Fills ``state`` as it goes (see ``Opening``)."""
-    state["uri"] = uri
-    from mlflow.entities import Param
-
-    client = open_store(uri)
-    found = experiment_id(client, experiment, uri, primary)
-    with read_only_as_config_error(uri):
-        close_dead_runs(client, found)
-        run = client.create_run(found, run_name=run_name, tags=tags)
-    state |= {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id}
-    batch = [Param(k, v[:6000]) for k, v in params.items()]
-    for start in range(0, len(batch), BATCH_LIMIT):
-        client.log_batch(run.info.run_id, params=batch[start : start + BATCH_LIMIT])
-    try:  # ahead of time, beside the training: a failure here is met again, and reported, where it is needed
-        from mlflow.entities import Metric, RunTag  # noqa: F401
-
-        if log_model:
-            from slimlab.logged_model import warm_up
-
-            warm_up()
-    except Exception as error:
-        log.debug("preparing to log the model failed: %s: %s", type(error).__name__, error)
-
-
 class MlflowTracking:
-    """Checks the store in the plan; opens the run in ``before_run`` (in a thread, see ``Opening``); logs and closes
-    it in ``after_run`` or ``on_run_error``."""
+    """Checks the store in the plan; opens the run in ``before_run``; logs and closes it in ``after_run`` or
+    ``on_run_error``."""
 
     @hookimpl
     def check_config(self, cfg: DictConfig, host: bool) -> None:
@@ -503,7 +347,9 @@ class MlflowTracking:
 
     @hookimpl
     def before_run(self, ctx: RunContext) -> None:
-        """Open the run (``open_run``), in a thread beside the training if a core is idle (``Opening``)."""
+        """Open the store (created under a lock), close this host's runs whose process is gone, open the run."""
+        from mlflow.entities import Param
+
         from slimlab import sweep
         from slimlab.config import flatten
 
@@ -514,39 +360,22 @@ class MlflowTracking:
             tags |= {"mlflow.parentRunId": parent, "slimlab.job": str(sweep.job_number())}
         else:
             uri = tracking_uri(ctx.cfg)
-        flat = flatten(ctx.cfg)  # here: the thread reads nothing the run may change
-        short = {k: v for k, v in comparison_params(ctx).items() if k not in flat}
-        work = partial(
-            open_run,
-            uri=uri,
-            experiment=ctx.cfg.experiment_name,
-            primary=ctx.task.primary_metric,
-            run_name=ctx.run_name,
-            tags=tags | process_tags(),
-            params={**short, **flat},
-            log_model=bool(ctx.cfg.tracking.log_model),
-        )
-        opening = Opening(work)
-        ctx.state[OPENING] = opening
-        ctx.state["mlflow"] = OpenedRun(opening)
-        if spare_core(ctx.cfg.train.threads):
-            opening.start()
-            return
-        opening.run()  # no core to spare: open it now, and fail now if it cannot be
-        state, error = opening.wait()
-        if error is not None:
-            if "run_id" in state:  # the runner reports errors only after before_run: close the run here
-                from mlflow import MlflowClient
-
-                _close(MlflowClient(state["uri"]), state["run_id"], error, "")
-            raise error
-
-    @hookimpl
-    def after_technique(self, ctx: RunContext) -> None:
-        """A run that could not be opened fails here, not after the rest of the pipeline (never waits)."""
-        opening = ctx.state.get(OPENING)
-        if opening is not None and opening.failed():
-            raise opening.error
+        client = open_store(uri)
+        experiment = experiment_id(client, ctx.cfg.experiment_name, uri, ctx.task.primary_metric)
+        with read_only_as_config_error(uri):
+            close_dead_runs(client, experiment)
+            run = client.create_run(experiment, run_name=ctx.run_name, tags=tags | process_tags())
+        run_id = run.info.run_id
+        ctx.state["mlflow"] = {"uri": uri, "run_id": run_id, "experiment_id": run.info.experiment_id}
+        try:
+            flat = flatten(ctx.cfg)
+            short = {k: v for k, v in comparison_params(ctx).items() if k not in flat}
+            params = [Param(k, v[:6000]) for k, v in {**short, **flat}.items()]
+            for start in range(0, len(params), BATCH_LIMIT):
+                client.log_batch(run_id, params=params[start : start + BATCH_LIMIT])
+        except BaseException as error:  # the runner only reports errors after before_run: close the run here
+            _close(client, run_id, error, "")
+            raise
 
     @hookimpl
     def after_run(self, ctx: RunContext, metrics: dict[str, float]) -> None:
@@ -554,7 +383,7 @@ class MlflowTracking:
         from mlflow.entities import Metric, RunTag
         from omegaconf import OmegaConf
 
-        state = dict(ctx.state["mlflow"])  # waits for the run to be open; raises what opening it raised
+        state = ctx.state["mlflow"]
         client, run_id = MlflowClient(state["uri"]), state["run_id"]
         now = int(time.time() * 1000)
         client.log_batch(
@@ -582,18 +411,12 @@ class MlflowTracking:
         """Close the run FAILED (KILLED when interrupted) first, then record what can be recorded.
 
         Each step is on its own: a full disk that refuses the traceback file must not leave the run RUNNING.
-        Waits for the run to be open; if opening it failed too, that error is logged (the run's is raised).
         """
-        opening = ctx.state.get(OPENING)
-        if opening is None:  # failed before the run was opened: nothing recorded, nothing to close
-            return
-        state, failure = opening.wait()
-        if failure is not None and failure is not error:
-            log.error("the MLflow run could not be opened: %s: %s", type(failure).__name__, failure)
-        if "run_id" not in state:  # never created: nothing recorded, nothing to close
-            return
         from mlflow import MlflowClient
 
+        state = ctx.state.get("mlflow")
+        if state is None:  # failed before the run was opened: nothing recorded, nothing to close
+            return
         _close(MlflowClient(state["uri"]), state["run_id"], error, traceback_text)
 
 

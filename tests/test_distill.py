@@ -114,7 +114,12 @@ def test_named_teacher_is_trained_and_cached_like_a_baseline(overrides, store):
 
 @pytest.mark.slow
 def test_prune_distill_quantize_keeps_the_pruned_zeros(overrides, store, tmp_path):
-    pipeline = ["technique=[prune,distill,quantize]", "technique.prune.amount=0.5", "technique.distill.epochs=1"]
+    pipeline = [
+        "technique=[prune,distill,quantize]",
+        "technique.prune.amount=0.5",
+        "technique.distill.epochs=1",
+        "technique.quantize.allow_slower=true",
+    ]
     run(compose([*overrides, *pipeline]))
     client, logged = only_run(store)
     assert logged.info.status == "FINISHED"

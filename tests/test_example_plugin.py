@@ -47,7 +47,8 @@ def test_listed_with_its_distribution_and_in_run_help(lowrank_site, tmp_path):
 @pytest.mark.slow
 def test_lowrank_then_quantize_logs_a_finished_run(lowrank_site, tmp_path, cache_dir, store):
     result = slimlab(
-        "run", "technique=[lowrank,quantize]", "technique.lowrank.energy=0.8", *FAST, f"cache_dir={cache_dir}",
+        "run", "technique=[lowrank,quantize]", "technique.lowrank.energy=0.8",
+        "technique.quantize.allow_slower=true", *FAST, f"cache_dir={cache_dir}",
         f"tracking.uri={store}", cwd=tmp_path, env={"PYTHONPATH": str(lowrank_site)},
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]

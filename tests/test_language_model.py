@@ -54,6 +54,7 @@ def test_a_tiny_causal_lm_quantized_logs_perplexity_and_agreement(tiny_lm, overr
         [
             *overrides, "model=huggingface", f"model.path={tiny_lm}", "model.auto_class=AutoModelForCausalLM",
             "data=text", f"data.tokenizer={tiny_lm}", "technique=[quantize]", "technique.quantize.scheme=int8_dynamic",
+            "technique.quantize.allow_slower=true",
             "measure.batch_size=8",
         ]
     )  # fmt: skip

@@ -272,9 +272,12 @@ def test_embedding_baseline_is_the_pretrained_model_scored_afresh(overrides, sto
 FFN = [f"bert.encoder.layer.{i}.intermediate.dense" for i in range(6)]
 TECHNIQUES = {
     "prune": ["technique=[prune]", "technique.prune.amount=0.5", "technique.prune.module_types=[Linear]"],
-    "quantize": ["technique=[quantize]", "technique.quantize.scheme=int8_dynamic"],
+    "quantize": [
+        "technique=[quantize]", "technique.quantize.scheme=int8_dynamic", "technique.quantize.allow_slower=true",
+    ],
     "quantize_embeddings": [
         "technique=[quantize]", "technique.quantize.scheme=int8_dynamic", "technique.quantize.embeddings=true",
+        "technique.quantize.allow_slower=true",
     ],
     "prune_ffn": [
         "technique=[prune]", "technique.prune.structure=channels", "technique.prune.scope=layer",

@@ -533,7 +533,7 @@ def _log_layer_sparsity(ctx: RunContext, model) -> None:
     table = ctx.output_dir / "layer_sparsity.md"
     table.write_text(layer_sparsity_table(sparsity, layer_sizes(model)))
     ctx.artifacts["layer_sparsity_table"] = table
-    chart = layer_sparsity_chart(sparsity, ctx.output_dir / "layer_sparsity.png", ctx.run_name)
+    chart = layer_sparsity_chart(sparsity, ctx.output_dir / "layer_sparsity.svg", ctx.run_name)
     ctx.artifacts["layer_sparsity_chart"] = chart
 
 

@@ -29,7 +29,7 @@ def test_global_unstructured_keeps_zeros_in_the_file(overrides, store):
     assert metrics["dense_size_bytes"] > 4 * metrics["size_bytes"]  # zeros stored as bits, not floats
     assert metrics["compression_ratio"] > 4
     paths = artifact_paths(client, logged.info.run_id)
-    assert {"layer_sparsity.png", "layer_sparsity.md"} <= paths
+    assert {"layer_sparsity.svg", "layer_sparsity.md"} <= paths
 
 
 def test_per_layer_scope_prunes_each_listed_layer_by_the_amount(overrides, store, tmp_path):
@@ -114,3 +114,14 @@ def test_seed_pruning_experiment(overrides, store):
 def test_bad_values_are_config_errors(overrides, option, message):
     with pytest.raises(ConfigError, match=message):
         run(compose([*overrides, "technique=[prune]", option]))
+
+
+def test_the_sparsity_chart_is_an_svg_with_a_bar_per_layer(tmp_path):
+    from xml.dom.minidom import parse
+
+    from slimlab.plots import layer_sparsity_chart
+
+    chart = layer_sparsity_chart({"conv1": 0.5, "fc<1>": 0.9}, tmp_path / "chart.svg", "lenet prune(0.9)")
+    bars = [r for r in parse(str(chart)).getElementsByTagName("rect") if r.getAttribute("fill") == "#4c72b0"]
+    assert [float(bar.getAttribute("width")) for bar in bars] == [220.0, 396.0]  # to scale: 50% and 90% of 440
+    assert "fc&lt;1&gt;" in chart.read_text()  # layer names are escaped

@@ -160,3 +160,16 @@ def test_a_refused_recipe_fails_the_run_with_the_reason_and_no_traceback(
     assert run.info.status == "FAILED"
     recorded = Path(client.download_artifacts(run.info.run_id, "traceback.txt", str(tmp_path))).read_text()
     assert "SlowerThanFloat: quantize(int8-wo) runs " in recorded
+
+
+def test_the_probe_leaves_the_model_as_it_found_it():
+    """A BatchNorm in training mode would update its running statistics on the probe's forward pass."""
+    from torch import nn
+
+    from slimlab.plugins.quantize.layers import _selector
+
+    model = nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(8), nn.Linear(8, 2)).train()
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    layers = layer_calls(model, _selector(["Linear"], []), torch.randn(16, 8) * 5 + 3)
+    assert len(layers) == 2 and model.training
+    assert all(torch.equal(before[name], value) for name, value in model.state_dict().items())

@@ -76,10 +76,13 @@ def layer_calls(model: nn.Module, selected, example: Any) -> list[LayerCall]:
     for name, module in model.named_modules():
         if selected(module, name) and isinstance(getattr(module, "weight", None), torch.Tensor):
             handles.append(module.register_forward_hook(record(name)))
+    training = model.training
+    model.eval()  # in training mode a BatchNorm would update its running statistics: the probe changes nothing
     try:
         with torch.no_grad():  # not inference_mode: the recorded inputs also feed torch.export (pt2e), which traces
             call(model, clone(example))
     finally:
+        model.train(training)
         for handle in handles:
             handle.remove()
     return sorted(seen.values(), key=lambda layer: layer.cost * layer.calls, reverse=True)

@@ -40,7 +40,7 @@ def summary_rows(ctx: RunContext, metrics: dict[str, float]) -> list[tuple[str, 
             "latency (median)",
             f"{metrics['baseline_latency_ms']:.3f} ms",
             f"{metrics['latency_ms']:.3f} ms",
-            f"{metrics['speedup']:.2f}x speedup" + (" (slower)" if ctx.steps and metrics["speedup"] < 1 else ""),
+            f"{metrics['speedup']:.2f}x speedup" + (" (slower)" if "slimlab.slower" in ctx.tags else ""),
         ),
     ]
 

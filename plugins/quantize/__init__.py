@@ -73,7 +73,7 @@ def apply(model: nn.Module, config: QuantizeConfig, ctx: RunContext) -> nn.Modul
         chosen, ratio, chosen_label = apply_auto(model, config, ctx, _apply_recipe, _check_recipe, label)
         judge(ratio, "the fastest candidate, measured on the whole model", config, ctx, chosen_label)
         return chosen
-    if config.backend == "torchao" or ctx.device == "cpu" and config.backend in ("pt2e", "eager"):
+    if config.backend == "torchao" or (ctx.device == "cpu" and config.backend in ("pt2e", "eager")):
         guard(model, config, ctx, label(config))  # before the work: timed on copies of the model's layers
     quantized = _apply_recipe(model, config, ctx)
     if config.backend == "ort":  # measured on the whole model, against the torch model it got

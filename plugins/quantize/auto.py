@@ -25,6 +25,8 @@ if TYPE_CHECKING:
 
     from .options import QuantizeConfig
 
+from .ao_config import _first_line
+
 FIDELITY_BATCHES = 4  # calibration batches the candidates' outputs are compared on
 
 
@@ -54,11 +56,6 @@ def output_cosine(model: nn.Module, batches: list[Any], references: list[Any]) -
             rows = reference.shape[0]
             scores.append(F.cosine_similarity(output.reshape(rows, -1), reference.reshape(rows, -1), dim=1))
     return float(torch.cat(scores).mean())
-
-
-def _first_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
 
 
 def _reset(ctx: RunContext, tags: dict[str, str], metrics: dict[str, float]) -> None:

@@ -40,13 +40,14 @@ from slimlab.training import reproducible, score_baseline, train, train_threads
 BASELINE_KEYS = ("model", "data", "train", "seed")
 CHECKSUMS = "checksums.json"  # a cache entry's manifest: sha256 of each file below, written last
 SEALED = ("model.pt", "metrics.json", "identity.json")
+COUNTED = ("size_bytes", "param_count", "nonzero_param_count")  # what every entry's metrics.json holds
 log = logging.getLogger("slimlab")
 
 
 @dataclass
 class Baseline:
     model: nn.Module
-    metrics: dict[str, float]  # every task metric, size_bytes, params, nonzero_params
+    metrics: dict[str, float]  # every task metric, size_bytes, param_count, nonzero_param_count
     path: Path
     key: str
     cached: bool
@@ -178,6 +179,9 @@ def _read_entry(entry: Path) -> tuple[dict[str, float], dict[str, Any]]:
         isinstance(v, int | float) and not isinstance(v, bool) for v in metrics.values()
     ):
         raise ValueError("metrics.json is not a mapping of metric names to numbers")
+    missing = sorted(set(COUNTED) - metrics.keys())
+    if missing:  # an entry of an older slimlab, whose metric names differ
+        raise ValueError(f"metrics.json has no {', '.join(missing)}")
     try:
         state = load_state(entry / "model.pt")
     except Exception as error:  # torch's own messages advise weights_only=False: never an option for a cache
@@ -284,7 +288,7 @@ def get_baseline(
 
 def _size(model: nn.Module, path: Path) -> dict[str, float]:
     params, nonzero = count_parameters(model)
-    return {"size_bytes": save_model(model, path), "params": params, "nonzero_params": nonzero}
+    return {"size_bytes": save_model(model, path), "param_count": params, "nonzero_param_count": nonzero}
 
 
 def _as_it_is(

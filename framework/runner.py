@@ -456,8 +456,8 @@ def _run_pipeline(
             "size_bytes": save_model(
                 model, stage_path, metadata={**metadata, "model": _class_path(model)}, codec=codec
             ),
-            "params": params,
-            "nonzero_params": nonzero,
+            "param_count": params,
+            "nonzero_param_count": nonzero,
             "layer_sparsity": layer_sparsity(model),
         }
         ctx.stages.append(stage)
@@ -491,8 +491,8 @@ def _run_pipeline(
         "baseline_size_bytes": baseline.metrics["size_bytes"],
         "compression_ratio": baseline.metrics["size_bytes"] / size,
         "dense_size_bytes": dense_size,
-        "params": params,
-        "nonzero_params": nonzero,
+        "param_count": params,
+        "nonzero_param_count": nonzero,
         "sparsity": 1 - nonzero / params if params else 0.0,
         "latency_ms": latency["compressed"].median_ms,
         "latency_ms_p95": latency["compressed"].p95_ms,

@@ -32,8 +32,8 @@ def summary_rows(ctx: RunContext, metrics: dict[str, float]) -> list[tuple[str, 
         ),
         _row(
             "non-zero params",
-            f"{ctx.baseline_metrics['nonzero_params']:,.0f}",
-            f"{metrics['nonzero_params']:,.0f}",
+            f"{ctx.baseline_metrics['nonzero_param_count']:,.0f}",
+            f"{metrics['nonzero_param_count']:,.0f}",
             f"sparsity {metrics['sparsity']:.1%}",
         ),
         _row(

@@ -108,7 +108,7 @@ def context(cfg: Any, data: Any, tmp_path: Path, baseline: Any = None, plugins: 
         params, nonzero = count_parameters(baseline)
         ctx.baseline = baseline
         scores, ctx.references = score_baseline(baseline, data, task)
-        ctx.baseline_metrics = {**scores, "params": params, "nonzero_params": nonzero}
+        ctx.baseline_metrics = {**scores, "param_count": params, "nonzero_param_count": nonzero}
     return ctx
 
 

@@ -98,6 +98,13 @@ def _no_model(entry: Path) -> None:
     (entry / "model.pt").unlink()
 
 
+def _old_metric_names(entry: Path) -> None:  # sealed by a slimlab whose count metric was "params"
+    metrics = json.loads((entry / "metrics.json").read_text())
+    metrics["params"] = metrics.pop("param_count")
+    (entry / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    seal(entry)
+
+
 @pytest.mark.parametrize(
     ("damage", "reason"),
     [
@@ -108,9 +115,10 @@ def _no_model(entry: Path) -> None:
         (_unsealed, f"no {CHECKSUMS}"),
         (_garble_checksums, f"{CHECKSUMS} is not valid JSON"),
         (_no_model, "model.pt is missing"),
+        (_old_metric_names, "metrics.json has no param_count"),
     ],
     ids=["truncated-model", "zeroed-model", "garbled-metrics", "tampered-metrics", "no-checksums",
-         "garbled-checksums", "missing-model"],
+         "garbled-checksums", "missing-model", "old-metric-names"],
 )  # fmt: skip
 def test_a_bad_entry_is_named_moved_aside_and_rebuilt(built, tmp_path, caplog, damage, reason):
     found, data, task, pristine = built

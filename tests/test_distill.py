@@ -50,7 +50,7 @@ def test_seed_distillation_student_learns_from_the_teacher_with_a_measured_contr
     # lower mse is better: a positive gain means the distilled student beat its scratch twin
     assert metrics["distill_gain"] == pytest.approx(metrics["scratch_mse"] - metrics["mse"])
     assert metrics["compression_ratio"] > 10  # Linear 10 -> 1 against an MLP with 68,865 params
-    assert metrics["params"] == 11
+    assert metrics["param_count"] == 11
     assert tags["slimlab.distill.loss"] == "mse" and tags["slimlab.distill.student"] == "small_model"
     assert tags["slimlab.distill.student_class"] == "slimlab.models.SmallModel"
 
@@ -64,7 +64,7 @@ def test_kd_lenet_to_lenet_small_reports_scratch_accuracy_and_gain(overrides, st
     metrics = logged.data.metrics
     assert {"scratch_accuracy", "distill_gain", "teacher_accuracy"} <= set(metrics)
     assert metrics["distill_gain"] == pytest.approx(metrics["accuracy"] - metrics["scratch_accuracy"])
-    assert metrics["compression_ratio"] > 1 and metrics["params"] < 431_080 / 5  # lenet_small: 34,622
+    assert metrics["compression_ratio"] > 1 and metrics["param_count"] < 431_080 / 5  # lenet_small: 34,622
     assert metrics["teacher_accuracy"] == metrics["baseline_accuracy"]
     assert logged.data.tags["slimlab.distill.loss"] == "kl"
 
@@ -126,7 +126,7 @@ def test_prune_distill_quantize_keeps_the_pruned_zeros(overrides, store, tmp_pat
     assert logged.info.run_name == "lenet prune(0.5)+distill(T=4,a=0.5)+quantize(int8-wo)"
     assert logged.data.metrics["sparsity"] >= 0.49  # 50% of the weights pruned; biases are kept
     pruned, distilled, _ = stages(client, logged.info.run_id, tmp_path)
-    assert distilled["nonzero_params"] <= pruned["nonzero_params"]
+    assert distilled["nonzero_param_count"] <= pruned["nonzero_param_count"]
     for name, sparsity in pruned["layer_sparsity"].items():
         assert distilled["layer_sparsity"][name] >= sparsity, name
     assert distilled["accuracy"] > 0.5  # it trained, with the masks held, and the masks were made permanent

@@ -26,7 +26,7 @@ from tests.conftest import LOG_MODEL, REPO
 FIDELITY = {"cosine_to_baseline", "cosine_to_baseline_min", "similarity_spearman", "nn_agreement"}
 EMBEDDING_METRICS = FIDELITY | {
     "baseline_cosine_to_baseline", "cosine_to_baseline_drop", "size_bytes", "baseline_size_bytes",
-    "compression_ratio", "params", "nonzero_params", "sparsity", "latency_ms", "latency_ms_p95", "speedup",
+    "compression_ratio", "param_count", "nonzero_param_count", "sparsity", "latency_ms", "latency_ms_p95", "speedup",
 }  # fmt: skip
 
 # A dozen sentences in groups (paraphrases share a group), enough for a tiny but real run.
@@ -226,7 +226,7 @@ def test_tiny_minilm_run_logs_fidelity_not_accuracy(overrides, store, few, tmp_p
     assert metrics["cosine_to_baseline_drop"] == pytest.approx(1 - cosine)
     assert metrics["cosine_to_baseline_min"] <= cosine
     linear_weights = 2 * (4 * 384 * 384 + 2 * 384 * 1536)  # the embeddings are not pruned
-    assert metrics["params"] - metrics["nonzero_params"] == pytest.approx(0.3 * linear_weights, abs=10)
+    assert metrics["param_count"] - metrics["nonzero_param_count"] == pytest.approx(0.3 * linear_weights, abs=10)
     assert tags["slimlab.baseline"].endswith("(pretrained)")
     stages = json.loads(Path(client.download_artifacts(logged.info.run_id, "stages.json", str(tmp_path))).read_text())
     assert stages["stages"][0]["cosine_to_baseline"] == pytest.approx(cosine)
@@ -315,10 +315,10 @@ def test_every_technique_runs_on_minilm(technique, overrides, store, tmp_path):
     if technique == "prune_ffn":  # a quarter of each feed-forward block's 1536 neurons removed, for real
         shapes = logged.data.tags["slimlab.prune.shapes"]
         assert shapes.count("intermediate.dense:(1152, 384)") == 6 and "output.dense:(384, 1152)" in shapes
-        assert metrics["params"] == 22_565_376 - 6 * (384 * 384 + 384 + 384 * 384)  # weights in and out, biases
+        assert metrics["param_count"] == 22_565_376 - 6 * (384 * 384 + 384 + 384 * 384)  # weights in and out, biases
     if technique == "place":
         assert cosine > 0.98 and metrics["compression_ratio"] > 1.9  # bf16 weights
     if technique == "distill":
-        assert metrics["params"] == 17_241_984  # 3 of 6 layers
+        assert metrics["param_count"] == 17_241_984  # 3 of 6 layers
         assert logged.data.tags["slimlab.distill.loss"] == "mse"
         assert metrics["teacher_cosine_to_baseline"] == pytest.approx(1.0)

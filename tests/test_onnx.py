@@ -50,7 +50,7 @@ def test_fp32_run_is_measured_on_onnx_runtime_and_logged_with_mlflow_onnx(overri
     assert tags["slimlab.onnx.exporter"] == "dynamo" and "slimlab.onnx.dynamo_error" not in tags
     assert abs(metrics["accuracy"] - metrics["baseline_accuracy"]) <= 0.01
     # the params are the ONNX file's weights: all of LeNet's, none of the exporter's constants
-    assert metrics["params"] == metrics["nonzero_params"] == LENET_PARAMS
+    assert metrics["param_count"] == metrics["nonzero_param_count"] == LENET_PARAMS
     assert metrics["ort_latency_ms"] > 0 and metrics["ort_speedup"] > 0
     # size_bytes is the very .onnx file logged as the run's model artifact, and the MLflow model is that file
     measured = artifact(client, run, "model.onnx", tmp_path).read_bytes()
@@ -80,7 +80,7 @@ def test_int8_counts_the_weights_it_quantized(scheme, overrides, store):
     primary, metrics = run_metrics(compose([*overrides, "technique=[onnx]", f"technique.onnx.quantize={scheme}"]))
     _, run = only_run(store)
     assert run.info.status == "FINISHED" and run.info.run_name == f"lenet onnx(int8 {scheme})"
-    assert metrics["params"] == LENET_PARAMS  # int8 weights counted as the weights, not their scales
+    assert metrics["param_count"] == LENET_PARAMS  # int8 weights counted as the weights, not their scales
     assert metrics["compression_ratio"] > 3.5  # int8 values, not float32
     assert abs(metrics["accuracy"] - metrics["baseline_accuracy"]) <= 0.03
     ops = run.data.tags["slimlab.onnx.ops"]
@@ -93,7 +93,7 @@ def test_pruned_then_exported_keeps_its_zeros_under_torch_names(overrides, store
     client, run = only_run(store)
     assert run.info.run_name == "lenet prune(0.6)+onnx(fp32)"
     pruned, exported = json.loads(artifact(client, run, "stages.json", tmp_path).read_text())["stages"]
-    assert exported["nonzero_params"] == pruned["nonzero_params"] == metrics["nonzero_params"] < LENET_PARAMS
+    assert exported["nonzero_param_count"] == pruned["nonzero_param_count"] == metrics["nonzero_param_count"] < LENET_PARAMS
     # the exporter names fc weights after graph nodes (transposed): found back by value, sparsity per layer kept
     assert exported["layer_sparsity"] == pytest.approx(pruned["layer_sparsity"])
     assert set(exported["layer_sparsity"]) == {"conv1.weight", "conv2.weight", "fc1.weight", "fc2.weight"}
@@ -225,7 +225,7 @@ def test_minilm_artifact_loads_with_mlflow_onnx_and_matches_the_fp32_model(techn
     primary, metrics = run_metrics(compose(args))
     _, run = only_run(store)
     assert run.info.status == "FINISHED" and run.data.tags["slimlab.model_format"] == "onnx"
-    assert metrics["params"] == 15_467_520  # the 2-layer MiniLM's, counted from the ONNX initializers
+    assert metrics["param_count"] == 15_467_520  # the 2-layer MiniLM's, counted from the ONNX initializers
     with using_tracking_uri(store):
         logged = mlflow.onnx.load_model(run.data.tags["slimlab.model_uri"])
     session = ort.InferenceSession(logged.SerializeToString(), providers=["CPUExecutionProvider"])

@@ -134,7 +134,7 @@ def test_a_factory_function_is_a_model(user_dir, overrides):
     cfg = compose([*overrides, "model._target_=user_models.make_mlp", "model.hidden=32", "technique=[prune]"])
     assert set(cfg.model) <= {"_target_", "name", "checkpoint", "pretrained", "hidden"}  # no LeNet conv1/conv2
     primary, metrics = run_metrics(cfg)
-    assert primary == "accuracy" and metrics["params"] == 784 * 32 + 32 + 32 * 10 + 10
+    assert primary == "accuracy" and metrics["param_count"] == 784 * 32 + 32 + 32 * 10 + 10
 
 
 def test_a_target_that_is_not_callable_or_missing_is_bad_input(user_dir, overrides):

@@ -22,7 +22,7 @@ from tests.conftest import REPO, slimlab
 
 METRICS = {
     "accuracy", "baseline_accuracy", "accuracy_drop", "size_bytes", "baseline_size_bytes", "compression_ratio",
-    "params", "nonzero_params", "sparsity", "latency_ms", "latency_ms_p95", "speedup",
+    "param_count", "nonzero_param_count", "sparsity", "latency_ms", "latency_ms_p95", "speedup",
 }  # fmt: skip
 LENET_PARAMS = 431_080
 CUDA = torch.cuda.is_available()
@@ -83,7 +83,7 @@ def test_cpu_float32_with_threads(overrides, store, cache_dir, tmp_path):
     assert METRICS <= set(metrics)
     assert metrics["test_mismatches"] == 0 and metrics["test_max_abs_diff"] == 0
     assert metrics["accuracy"] == metrics["baseline_accuracy"]
-    assert metrics["params"] == LENET_PARAMS
+    assert metrics["param_count"] == LENET_PARAMS
     assert metrics["size_bytes"] == pytest.approx(metrics["baseline_size_bytes"], rel=1e-3)
     assert tags["slimlab.place.device"] == "cpu"
     assert tags["slimlab.place.dtype"] == "float32"
@@ -126,7 +126,7 @@ def test_device_map_splits_by_module_name_on_cpu(overrides, store, cache_dir, tm
     assert (Path(tags["slimlab.place.offload_dir"]) / "fc1.weight.dat").exists()
     assert metrics["test_mismatches"] == 0 and metrics["test_max_abs_diff"] == 0
     # fc1's weights live on disk (meta in the module), yet they are counted and saved for real.
-    assert metrics["params"] == metrics["nonzero_params"] == LENET_PARAMS
+    assert metrics["param_count"] == metrics["nonzero_param_count"] == LENET_PARAMS
     model_file = artifact(client, logged, "model.pt", tmp_path)
     assert_same_weights(load_state(model_file), baseline_state(logged, cache_dir))
 
@@ -143,7 +143,7 @@ def test_max_memory_below_the_model_offloads_to_disk(overrides, store, cache_dir
     # Same predictions as the baseline, and the saved weights are the baseline's, read back from disk.
     assert metrics["test_mismatches"] == 0 and metrics["test_max_abs_diff"] == 0
     assert metrics["accuracy"] == metrics["baseline_accuracy"]
-    assert metrics["params"] == metrics["nonzero_params"] == LENET_PARAMS
+    assert metrics["param_count"] == metrics["nonzero_param_count"] == LENET_PARAMS
     model_file = artifact(client, logged, "model.pt", tmp_path)
     assert model_file.stat().st_size == metrics["size_bytes"]
     assert_same_weights(load_state(model_file), baseline_state(logged, cache_dir))
@@ -278,7 +278,7 @@ def test_cuda_with_cpu_offload(overrides, store, cache_dir, tmp_path):
     device_map = json.loads(logged.data.tags["slimlab.place.device_map"])
     assert device_map["fc1"] == "cpu" and device_map["conv1"].startswith("cuda:")
     metrics = logged.data.metrics
-    assert metrics["test_mismatches"] <= 2 and metrics["params"] == LENET_PARAMS
+    assert metrics["test_mismatches"] <= 2 and metrics["param_count"] == LENET_PARAMS
     model_file = artifact(client, logged, "model.pt", tmp_path)
     assert_same_weights(load_state(model_file), baseline_state(logged, cache_dir))
 

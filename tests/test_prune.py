@@ -74,7 +74,7 @@ def test_structured_removes_channels_and_the_artifact_reloads_at_its_new_shapes(
         "technique.prune.scope=layer",
     )  # fmt: skip
     metrics = logged.data.metrics
-    assert metrics["params"] < 0.3 * 431_080  # half the channels of each layer: about a quarter of the weights
+    assert metrics["param_count"] < 0.3 * 431_080  # half the channels of each layer: about a quarter of the weights
     assert metrics["sparsity"] < 0.01  # nothing masked: the weights are gone
     assert "fc1:(250, 400)" in logged.data.tags["slimlab.prune.shapes"]
     model_file = client.download_artifacts(logged.info.run_id, "model.pt", str(tmp_path))
@@ -91,7 +91,7 @@ def test_structured_gradual(overrides, store):
         "technique.prune.schedule=gradual", "technique.prune.steps=2", "technique.prune.fine_tune_epochs=2",
     )  # fmt: skip
     assert logged.info.status == "FINISHED"
-    assert logged.data.metrics["params"] < 0.5 * 431_080
+    assert logged.data.metrics["param_count"] < 0.5 * 431_080
 
 
 def test_seed_pruning_experiment(overrides, store):

@@ -182,7 +182,7 @@ def test_prune_then_qat_run_keeps_the_sparsity(overrides, store):
     _, logged = only_run(store)
     assert logged.info.run_name == "mlp prune(0.8)+qat(int4-wo,g32)"
     weights = 784 * 128 + 128 * 10
-    assert logged.data.metrics["nonzero_params"] <= 0.2 * weights + 128 + 10  # the biases are not pruned
+    assert logged.data.metrics["nonzero_param_count"] <= 0.2 * weights + 128 + 10  # the biases are not pruned
     assert logged.data.tags["slimlab.qat.per_row"] == "fc1"  # 784 is not a multiple of 32
 
 

@@ -105,7 +105,7 @@ def test_pt2e_artifact_is_int8_without_fp32_leftovers(overrides, store, tmp_path
     assert sorted(t.shape for t in int8.values()) == sorted(weights)
     assert not [name for name in state if name.endswith(".weight")]  # the fp32 originals were dropped
     assert logged.data.metrics["compression_ratio"] > 3.5  # every weight int8, biases and scales fp32
-    assert logged.data.metrics["params"] == 431_080  # the int8 weights are the model's (frozen) parameters
+    assert logged.data.metrics["param_count"] == 431_080  # the int8 weights are the model's (frozen) parameters
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning", f"ignore:{TORCH_AO_DEPRECATED}:DeprecationWarning")
@@ -244,7 +244,7 @@ def test_pt2e_lenet_keeps_accuracy_and_is_stable(overrides, store, tmp_path):
     assert metrics["accuracy_drop"] <= 0.005
     assert metrics["compression_ratio"] > 3.5
     assert metrics["compile_time_s"] > 0 and metrics["speedup"] > 0
-    assert metrics["params"] == 431_080
+    assert metrics["param_count"] == 431_080
     # The plugin raises unless outputs repeat exactly and the input is untouched after lowering.
     assert tags["slimlab.quantize.lowering"] == "torch.compile(dynamic=False), inductor freezing=True"
     # The artifact reloads (uncompiled reference graph) to within a sample of the int8 kernels' accuracy.

@@ -17,7 +17,7 @@ from slimlab.runner import run
 
 METRICS = {
     "accuracy", "baseline_accuracy", "accuracy_drop", "size_bytes", "baseline_size_bytes", "compression_ratio",
-    "params", "nonzero_params", "sparsity", "latency_ms", "latency_ms_p95", "speedup",
+    "param_count", "nonzero_param_count", "sparsity", "latency_ms", "latency_ms_p95", "speedup",
 }  # fmt: skip
 
 

@@ -59,7 +59,8 @@ def test_compress_a_model_object_and_log_it(notebook, tmp_path, monkeypatch):
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the caller's model is untouched
     with torch.inference_mode():
         zeros = sum(int((p == 0).sum()) for p in result.model.parameters())
-    assert zeros == result.metrics["param_count"] - result.metrics["nonzero_param_count"]  # the model the metrics are of
+    # the model the metrics are of
+    assert zeros == result.metrics["param_count"] - result.metrics["nonzero_param_count"]
 
     run = MlflowClient(store).get_run(result.run_id)
     assert run.info.status == "FINISHED" and run.info.run_name == "NotebookNet prune(0.5)"

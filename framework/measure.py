@@ -90,7 +90,8 @@ def measure_latency(
     ``inputs`` is a batch's inputs in any form of :mod:`slimlab.batches` (a tensor, a tuple, a dict).
     Every call gets a fresh clone of them. A model whose output changes between calls, or that writes into
     its input, is a measurement error (NOTES.md: a compiled int8 graph was seen mutating its input), not a
-    result. On CUDA the clock stops after the device finished (``torch.cuda.synchronize``).
+    result. On an accelerator (CUDA, XPU, MPS...) the clock starts and stops with the device idle
+    (``torch.accelerator.synchronize``): a call returns once its kernels are queued, not done.
     """
     if repeats < 5:
         raise ValueError(f"at least 5 timed repeats are needed, got {repeats}")
@@ -101,21 +102,34 @@ def measure_latency(
             model.eval()
             for _ in range(warmup):
                 reference[name] = _checked_call(name, model, inputs, reference.get(name))
+        devices = {name: accelerators(model, inputs, reference.get(name)) for name, model in models.items()}
         for _ in range(repeats):
             for name, model in models.items():
                 x = batches.clone(inputs)
-                _synchronize()
+                _synchronize(devices[name])  # the clone and the other model's work are not this call's time
                 start = time.perf_counter()
                 output = batches.call(model, x)
-                _synchronize()
+                _synchronize(devices[name])
                 times[name].append((time.perf_counter() - start) * 1000)
                 _check(name, x, inputs, output, reference.get(name))
     return {name: Latency(statistics.median(t), _percentile(t, 95), len(t)) for name, t in times.items()}
 
 
-def _synchronize() -> None:
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.synchronize()
+def accelerators(model: nn.Module, inputs: Any = None, output: torch.Tensor | None = None) -> list[torch.device]:
+    """The devices other than the CPU that ``model``'s weights, ``inputs`` or ``output`` live on.
+
+    All of them: a model split over several GPUs (``device_map``) queues work on each.
+    """
+    tensors = [*model.parameters(), *model.buffers(), *batches._tensors(inputs)]
+    if output is not None:
+        tensors.append(output)
+    found = {tensor.device for tensor in tensors if tensor.device.type not in ("cpu", "meta")}
+    return sorted(found, key=str)
+
+
+def _synchronize(devices: list[torch.device]) -> None:
+    for device in devices:
+        torch.accelerator.synchronize(device)
 
 
 def check_stable(

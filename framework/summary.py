@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import shlex
 import sys
+import urllib.parse
 from typing import TYPE_CHECKING
 
 from slimlab import hookimpl
@@ -65,8 +67,47 @@ def after_run(ctx: RunContext, metrics: dict[str, float]) -> None:
     console.print(table)
     tracked = ctx.state.get("mlflow")
     if tracked:
-        console.print(f"MLflow run {tracked['run_id']} in {tracked['uri']}")
-        from slimlab.tracking import tracking_uri
+        # Plain print: rich would wrap a long link and read brackets in a path as markup.
+        print(f"MLflow run {tracked['run_id']} in {shown_uri(tracked['uri'])}")
+        print(ui_hint(tracked["uri"], tracked["experiment_id"]), flush=True)
 
-        command = "slimlab ui" if tracked["uri"] == tracking_uri() else f"slimlab ui --uri {tracked['uri']}"
-        console.print(f"See it in the MLflow UI: [bold]{command}[/bold]")
+
+def shown_uri(uri: str) -> str:
+    """``uri`` for printing: a password in it (``user:secret@host``) replaced by ``***``."""
+    try:
+        parts = urllib.parse.urlsplit(uri)
+        if parts.password is None:
+            return uri
+    except ValueError:  # not a URL urllib can read: nothing to hide that it could find
+        return uri
+    user, host = parts.netloc.rpartition("@")[0].partition(":")[0], parts.netloc.rpartition("@")[2]
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+
+
+def server_url(uri: str) -> str:
+    """The address a browser opens for an ``http(s)://`` tracking URI: without credentials, query or trailing /."""
+    parts = urllib.parse.urlsplit(uri)
+    netloc = parts.netloc.rpartition("@")[2]
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path.rstrip("/"), "", ""))
+
+
+def ui_hint(uri: str, experiment_id: str) -> str:
+    """The line that ends a run or a sweep: where to see its experiment in the MLflow UI.
+
+    A tracking server is the UI: its experiment's comparison link. A local sqlite store: ``slimlab ui`` (with
+    ``--uri`` unless it is the default store) and the link that UI will serve. Another store (a database behind a
+    server): the experiment's page on whatever server is in front of it.
+    """
+    from slimlab.tracking import comparison_url, sqlite_path, tracking_uri, uri_scheme
+
+    if uri_scheme(uri) in ("http", "https"):
+        return f"See it in the MLflow UI: {comparison_url(server_url(uri), experiment_id)}"
+    if sqlite_path(uri) is not None:
+        from slimlab.cli import UI_HOST, UI_PORT
+
+        command = "slimlab ui" if uri == tracking_uri() else f"slimlab ui --uri {shlex.quote(uri)}"
+        link = comparison_url(f"http://{UI_HOST}:{UI_PORT}", experiment_id)
+        return f"See it in the MLflow UI: {command}, then open {link}"
+    return f"See it in the MLflow UI of the tracking server in front of {shown_uri(uri)}: " + comparison_url(
+        "<server>", experiment_id
+    )

@@ -256,8 +256,12 @@ def test_default_store_is_absolute_sqlite_in_launch_dir(tmp_path, cache_dir):
     result = slimlab("run", "technique=[prune]", *FAST, f"cache_dir={cache_dir}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "mlflow.db").exists() and not (tmp_path / "mlruns").exists()
-    assert [r.info.status for r in all_runs(f"sqlite:///{tmp_path / 'mlflow.db'}")] == ["FINISHED"]
-    assert "slimlab ui" in result.stdout  # the summary says how to look at it
+    (run,) = all_runs(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert run.info.status == "FINISHED"
+    # the summary ends with how to look at it: the default store's UI and the experiment's link there
+    experiment = run.info.experiment_id
+    link = f"See it in the MLflow UI: slimlab ui, then open http://127.0.0.1:5000/#/experiments/{experiment}/runs?"
+    assert link in result.stdout.splitlines()[-1], result.stdout[-500:]
 
 
 @pytest.mark.slow
@@ -292,3 +296,52 @@ def test_ui_links_the_comparison_view_of_each_experiment_slimlab_wrote(store, tm
     # the view's columns follow the task's metric
     assert "metrics.`mse`" in client.get_experiment(regress).tags[VIEW_TAG]
     assert "metrics.`accuracy`" in client.get_experiment(classify).tags[VIEW_TAG]
+
+
+# --- where to see the runs: a tracking server is its own UI (issue 15, finding 7) ---
+
+
+@pytest.mark.parametrize(
+    ("env", "args", "expected"),
+    [
+        ({}, ["--uri", "http://alice:secret@mlflow.lab:5000/"], "--uri=http://alice:***@mlflow.lab:5000/ is a tracking "
+         "server, which serves the MLflow UI itself: open http://mlflow.lab:5000 "),
+        ({"MLFLOW_TRACKING_URI": "postgresql://mlflow:secret@db/mlflow"}, [],
+         "$MLFLOW_TRACKING_URI=postgresql://mlflow:***@db/mlflow is not a local sqlite:/// store, the only kind "
+         "slimlab ui serves: open the URL of the tracking server in front of it"),
+    ],
+)  # fmt: skip
+def test_ui_refuses_a_store_that_is_not_local_and_says_what_to_open(tmp_path, env, args, expected):
+    result = slimlab("ui", *args, "--port", str(free_port()), cwd=tmp_path, env=env, timeout=60)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.startswith(f"slimlab: error: {expected}") and result.stderr.count("\n") == 1, result.stderr
+    assert "secret" not in result.stderr and "Traceback" not in result.stderr
+
+
+def test_each_run_ends_with_where_to_see_it(tmp_path, monkeypatch):
+    from slimlab.summary import ui_hint
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    view = "runs?viewStateShareKey=slimlab"
+    # a server: its own URL, the experiment's comparison view, never `slimlab ui` (which cannot serve it)
+    hint = ui_hint("https://bob:secret@mlflow.lab/prefix/", "7")
+    assert hint.startswith(f"See it in the MLflow UI: https://mlflow.lab/prefix/#/experiments/7/{view}"), hint
+    assert "slimlab ui" not in hint and "secret" not in hint
+    # the default local store: `slimlab ui`, then the link it serves
+    hint = ui_hint(f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}", "3")
+    assert hint.startswith(
+        f"See it in the MLflow UI: slimlab ui, then open http://127.0.0.1:5000/#/experiments/3/{view}"
+    )
+    other = f"sqlite:///{tmp_path / 'my runs' / 'mlflow.db'}"
+    assert ui_hint(other, "1").startswith(f"See it in the MLflow UI: slimlab ui --uri '{other}', then open ")
+
+
+def test_server_refuses_a_database_it_cannot_reach_in_one_line(tmp_path):
+    database = f"postgresql://mlflow:secret@127.0.0.1:{free_port()}/mlflow"  # nothing listens there
+    result = slimlab("server", "--backend-store-uri", database, "--artifacts-destination", "a", cwd=tmp_path)
+    assert result.returncode == 2 and result.stdout == ""
+    line = "slimlab: error: --backend-store-uri postgresql+psycopg2://mlflow:***@127.0.0.1:"
+    assert result.stderr.startswith(line) and result.stderr.count("\n") == 1, result.stderr
+    assert "cannot connect" in result.stderr and "secret" not in result.stderr
+    assert not (tmp_path / "a").exists()

@@ -1,24 +1,31 @@
 """Beyond one process: joblib and Ray launchers, submitit's local mode, Optuna search, an MLflow server on PostgreSQL.
 
 Everything is real: Hydra's launcher plugins, a local Ray cluster, PostgreSQL started here on 127.0.0.1 and
-stopped by its process id, ``slimlab server`` (mlflow server) in front of it.
+stopped by its process id, ``slimlab server`` (mlflow server) in front of it, set up as the README says.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
+import socket
 import subprocess
+import sys
 import tempfile
 import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
 
-from tests.conftest import FAST, NO_MLFLOW_MODEL, SLIMLAB, free_port, slimlab, wait_until_healthy
+from slimlab.tracking import comparison_url
+from tests.conftest import FAST, NO_MLFLOW_MODEL, REPO, SLIMLAB, free_port, slimlab, wait_until_healthy
 from tests.test_sweep import runs_by_kind
 
 pytestmark = pytest.mark.slow
@@ -123,9 +130,22 @@ def _as_postgres(command: list[str]) -> list[str]:
     return ["runuser", "-u", "postgres", "--", *command] if os.geteuid() == 0 else command
 
 
-@pytest.fixture
-def postgres():
-    """A PostgreSQL server on 127.0.0.1 and a free port, with a database `mlflow`; stopped by its process id."""
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def readme_block(marker: str) -> str:
+    """The README's shell block after ``<!-- scaling-out: MARKER -->``, as a user would paste it."""
+    match = re.search(rf"<!-- scaling-out: {marker} -->\n```sh\n(.*?)^```", README.read_text(), re.S | re.M)
+    assert match, f"README.md: no shell block marked <!-- scaling-out: {marker} -->"
+    return match[1]
+
+
+@contextmanager
+def fresh_postgres(*auth: str) -> Iterator[tuple[int, Path]]:
+    """A new PostgreSQL on 127.0.0.1 and a free port (its socket in its data directory): (port, data directory).
+
+    Stopped by its process id. ``auth`` are initdb's authentication options.
+    """
     binaries = _pg_bin()
     if binaries is None:
         if os.environ.get("SLIMLAB_REQUIRE_SERVICES"):
@@ -135,26 +155,21 @@ def postgres():
     data = Path(tempfile.mkdtemp(prefix="slimlab-pg-"))
     if os.geteuid() == 0:
         shutil.chown(data, "postgres")
-    subprocess.run(_as_postgres([str(binaries / "initdb"), "-D", str(data), "--auth=trust", "-U", "postgres"]),
-                   check=True, capture_output=True)  # fmt: skip
+    initdb = [str(binaries / "initdb"), "-D", str(data), *auth, "-U", "postgres"]
+    subprocess.run(_as_postgres(initdb), check=True, capture_output=True)
     port = free_port()
     command = [str(binaries / "postgres"), "-D", str(data), "-h", "127.0.0.1", "-p", str(port), "-k", str(data)]
     server = subprocess.Popen(_as_postgres(command), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        import psycopg2
-
         deadline = time.monotonic() + 60
-        while True:
-            try:
-                connection = psycopg2.connect(host="127.0.0.1", port=port, user="postgres", dbname="postgres")
-                break
-            except psycopg2.OperationalError:
-                assert time.monotonic() < deadline and server.poll() is None, "PostgreSQL did not start"
-                time.sleep(0.3)
-        connection.autocommit = True
-        connection.cursor().execute("CREATE DATABASE mlflow")
-        connection.close()
-        yield f"postgresql+psycopg2://postgres@127.0.0.1:{port}/mlflow"
+        while not (data / f".s.PGSQL.{port}").exists() or not (data / "postmaster.pid").exists():
+            assert time.monotonic() < deadline and server.poll() is None, "PostgreSQL did not start"
+            time.sleep(0.2)
+        ready = [str(binaries / "pg_isready"), "-h", str(data), "-p", str(port)]
+        while subprocess.run(ready, capture_output=True).returncode != 0:
+            assert time.monotonic() < deadline and server.poll() is None, "PostgreSQL did not get ready"
+            time.sleep(0.2)
+        yield port, data
     finally:
         postmaster = data / "postmaster.pid"
         pid = int(postmaster.read_text().split()[0]) if postmaster.exists() else server.pid
@@ -166,26 +181,83 @@ def postgres():
         shutil.rmtree(data, ignore_errors=True)
 
 
-def test_parallel_sweep_against_a_tracking_server_on_postgresql(tmp_path, cache_dir, postgres):
-    port = free_port()
-    server = subprocess.Popen(
-        [*SLIMLAB, "server", "--backend-store-uri", postgres, "--artifacts-destination", str(tmp_path / "artifacts"),
-         "--port", str(port)],
-        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-    )  # fmt: skip
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        wait_until_healthy(uri, server)
-        result = slimlab(
-            "run", *SWEEP, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", f"cache_dir={cache_dir}",
-            cwd=tmp_path, env={"MLFLOW_TRACKING_URI": uri}, timeout=600,
+def this_hosts_name() -> str:
+    """A name of this host other than localhost that resolves, for SERVER (falls back to 127.0.0.1)."""
+    for name in (socket.gethostname(), socket.getfqdn()):
+        try:
+            socket.getaddrinfo(name, None)
+        except OSError:
+            continue
+        if name and not name.startswith("localhost"):
+            return name
+    return "127.0.0.1"
+
+
+def test_the_readmes_tracking_server_on_a_fresh_postgresql(tmp_path, cache_dir):
+    """README "Scaling out", word for word: role and database on a PostgreSQL set up as Debian's is (peer login on
+    the socket, passwords over TCP), `slimlab server`, then a run and a parallel sweep from this host's name."""
+    if os.geteuid() != 0:
+        pytest.skip("the README's database step runs as root (su postgres)")
+    with fresh_postgres("--auth-local=peer", "--auth-host=scram-sha-256") as (pg_port, socket_dir):
+        # PostgreSQL's own variables say where this server is (Debian's: /var/run/postgresql, 5432)
+        env = {**os.environ, "PGHOST": str(socket_dir), "PGPORT": str(pg_port)}
+        env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"  # this suite's slimlab
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+        env.pop("MLFLOW_TRACKING_URI", None)
+        port = free_port()
+        server_block = readme_block("server")
+        assert "--port 5000" in server_block
+        server_block = server_block.replace("--port 5000", f"--port {port}")
+
+        # before the role exists: one line, exit 2, no traceback
+        early = subprocess.run(["bash", "-c", server_block], cwd=tmp_path, env=env, capture_output=True, text=True)
+        assert early.returncode == 2, early.stderr[-3000:]
+        assert early.stderr.startswith("slimlab: error: --backend-store-uri ") and early.stderr.count("\n") == 1
+        assert 'password authentication failed for user "mlflow"' in early.stderr and "change-me" not in early.stderr
+
+        database = subprocess.run(
+            ["bash", "-c", readme_block("database")], cwd=tmp_path, env=env, capture_output=True, text=True
+        )
+        assert database.returncode == 0 and "ERROR" not in database.stderr, database.stderr
+
+        server = subprocess.Popen(
+            ["bash", "-c", f"exec {server_block}"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, text=True, start_new_session=True,
         )  # fmt: skip
-        assert result.returncode == 0, result.stderr[-3000:]
-        assert len(child_configs(uri)) == 4  # no run lost
-        client = MlflowClient(uri)
-        _, children = runs_by_kind(uri)
-        model = client.download_artifacts(children[0].info.run_id, "model.pt", str(tmp_path))
-        assert Path(model).stat().st_size == children[0].data.metrics["size_bytes"]  # served by the server
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
+        uri = f"http://{this_hosts_name()}:{port}"  # SERVER: this host's name, as another host would use it
+        try:
+            wait_until_healthy(uri, server)
+            result = slimlab(
+                "run", "technique=[prune]", *FAST, NO_MLFLOW_MODEL, f"cache_dir={cache_dir}", "experiment_name=one",
+                cwd=tmp_path, env={"MLFLOW_TRACKING_URI": uri}, timeout=600,
+            )  # fmt: skip
+            assert result.returncode == 0, result.stderr[-3000:]
+            client = MlflowClient(uri)
+            experiment = client.get_experiment_by_name("one")
+            (run,) = client.search_runs([experiment.experiment_id])
+            assert run.info.status == "FINISHED"
+            # the run's last line: its experiment's comparison view on the server, which the UI opens
+            link = comparison_url(uri, experiment.experiment_id)
+            assert result.stdout.rstrip().endswith(f"See it in the MLflow UI: {link}"), result.stdout[-500:]
+            search = urllib.request.Request(  # what the UI's page does from that origin (a POST)
+                f"{uri}/ajax-api/2.0/mlflow/runs/search", method="POST", data=b'{"experiment_ids": ["0"]}',
+                headers={"Content-Type": "application/json", "Origin": uri},
+            )  # fmt: skip
+            with urllib.request.urlopen(search, timeout=10) as response:
+                assert response.status == 200
+
+            result = slimlab(
+                "run", *SWEEP, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", f"cache_dir={cache_dir}",
+                cwd=tmp_path, env={"MLFLOW_TRACKING_URI": uri}, timeout=600,
+            )  # fmt: skip
+            assert result.returncode == 0, result.stderr[-3000:]
+            assert len(child_configs(uri)) == 4  # no run lost
+            _, children = runs_by_kind(uri)
+            model = client.download_artifacts(children[0].info.run_id, "model.pt", str(tmp_path))
+            assert Path(model).stat().st_size == children[0].data.metrics["size_bytes"]  # served by the server
+            assert (tmp_path / "mlartifacts").is_dir()  # the README's artifacts directory, beside the server
+        finally:
+            os.killpg(server.pid, signal.SIGTERM)
+            output = server.communicate(timeout=30)[0]
+        assert "change-me" not in output  # the URI it prints hides the password
+        assert "MLflow tracking server at http://" in output

@@ -51,7 +51,7 @@ def compress(
     techniques: Iterable[str] = ("prune", "quantize"),
     *,
     tracking: bool | str = True,
-    experiment_name: str = "default",
+    experiment_name: str = "slimlab",
     **options: Any,
 ) -> Compressed:
     """Compress ``model`` with ``techniques``, in order, and measure it against itself on ``data``.

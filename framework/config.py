@@ -123,7 +123,7 @@ class PluginsConfig:
 class SlimlabConfig:
     """Top-level keys; the groups (model, data, technique, device, tracking) fill the rest."""
 
-    experiment_name: str = "default"
+    experiment_name: str = "slimlab"
     seed: int = 0
     resume: bool = True  # in a sweep, skip a job whose resolved config already has a FINISHED run
     cache_dir: str = ".slimlab/cache"

@@ -31,7 +31,8 @@ def register_techniques(register: Register) -> None:
 
     ``register`` is called as
     ``register(name, schema, apply, *, label=None, followed_by=None, check=None, max_speedup=None,
-    key_params=None, serialization_format="pt2", module_options=None, keeps_module_names=False)``:
+    key_params=None, serialization_format="pt2", module_options=None, keeps_module_names=False,
+    label_shows=None)``:
 
     - ``name``: the technique's option in the ``technique`` config group and
       its key in the composed config (``technique.<name>.<field>``).
@@ -65,6 +66,10 @@ def register_techniques(register: Register) -> None:
     - ``keeps_module_names`` (API 2.1): whether the model this technique returns has its input's module names
       (``True``, or a function of the config), so a later step's ``module_options`` can be checked against the
       configured model too. ``False`` (the default) stops those checks at this step.
+    - ``label_shows`` (API 2.2): the schema's fields ``label`` already shows, or that do not change results. A run
+      name is the label plus every other field set away from its default (``prune(0.9,fine_tune_epochs=2)``), so
+      two runs that differ never share a name. ``None``: a value the label already holds (``0.02`` in
+      ``zero_small(0.02)``) counts as shown.
 
     Returns nothing. Registering a name twice is a ``PluginError``.
     """

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
@@ -38,6 +39,7 @@ class Register(Protocol):
         serialization_format: str | Callable[[Any], str] = "pt2",
         module_options: Iterable[str] | None = None,
         keeps_module_names: bool | Callable[[Any], bool] = False,
+        label_shows: Iterable[str] | None = None,
     ) -> None: ...
 
 
@@ -57,6 +59,7 @@ class Technique:
     serialization_format: str | Callable[[Any], str] = "pt2"  # how MLflow saves its output: pt2 or pickle
     module_options: tuple[str, ...] = ()  # fields that name modules of the model it gets (a list, or dict keys)
     keeps_module_names: bool | Callable[[Any], bool] = False  # its output has the module names of its input
+    label_shows: tuple[str, ...] | None = None  # fields its label shows (or that do not change results); None: guessed
 
     def describe(self, config: Any) -> str:
         return self.label(config) if self.label else self.name
@@ -74,7 +77,32 @@ class Step:
         return self.technique.name
 
     def describe(self) -> str:
-        return self.technique.describe(self.config)
+        """The label, with every other option set away from its default: two runs that differ get two names."""
+        text = self.technique.describe(self.config)
+        others = [f"{name}={_short(value)}" for name, value in self.changed_options().items()]
+        if not others:
+            return text
+        return f"{text[:-1]},{','.join(others)})" if text.endswith(")") else f"{text}({','.join(others)})"
+
+    def changed_options(self) -> dict[str, Any]:
+        """``{field: value}`` for the fields set to other than the schema's default that the label does not show."""
+        shown = self.technique.label_shows
+        # undeclared: a value the label already holds as a token (``zero_small(0.02)``) is taken as shown
+        tokens = set(re.split(r"[(),=+ ]", self.technique.describe(self.config))) if shown is None else set()
+        changed = {}
+        for field in dataclasses.fields(self.config):
+            if (shown is not None and field.name in shown) or not field.init:
+                continue
+            if field.default is not dataclasses.MISSING:
+                default = field.default
+            elif field.default_factory is not dataclasses.MISSING:
+                default = field.default_factory()
+            else:  # a required field: every run sets it, the label should show it
+                continue
+            value = getattr(self.config, field.name)
+            if _plain(value) != _plain(default) and _short(value) not in tokens:
+                changed[field.name] = value
+        return changed
 
     def max_speedup(self) -> float | None:
         bound = self.technique.max_speedup
@@ -86,6 +114,12 @@ class Step:
         if names is None:  # every scalar field: lists and nested settings do not fit a table column
             names = tuple(f.name for f in dataclasses.fields(self.config) if _is_scalar(getattr(self.config, f.name)))
         return {f"{self.name}.{name}": _plain(getattr(self.config, name)) for name in names}
+
+    def options(self) -> dict[str, Any]:
+        """``{"<technique>.<field>": value}`` for every field, as the technique runs it (defaults resolved)."""
+        return {
+            f"{self.name}.{f.name}": _plain_deep(getattr(self.config, f.name)) for f in dataclasses.fields(self.config)
+        }
 
     def named_modules(self) -> dict[str, list[str]]:
         """``{"<option>": [module names]}`` for the options that name modules of the model this step gets."""
@@ -111,6 +145,31 @@ def _plain(value: Any) -> Any:
     import enum
 
     return value.value if isinstance(value, enum.Enum) else value
+
+
+def _plain_deep(value: Any) -> Any:
+    """``_plain`` inside lists and mappings too (``targets: [Linear]``), an OmegaConf node as plain data."""
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    if isinstance(value, DictConfig | ListConfig):
+        value = OmegaConf.to_container(value, resolve=True, enum_to_str=True)
+    if isinstance(value, dict):
+        return {str(k): _plain_deep(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain_deep(v) for v in value]
+    return _plain(value)
+
+
+def _short(value: Any) -> str:
+    """An option's value as a run name shows it: ``0.5``, ``global``, ``fc1+fc2``, ``3 items``."""
+    value = _plain(value)
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, list | tuple):
+        return "+".join(str(_plain(v)) for v in value) if len(value) <= 2 else f"{len(value)} items"
+    if isinstance(value, dict):
+        return "custom"
+    return str(value)
 
 
 def _is_scalar(value: Any) -> bool:
@@ -167,6 +226,7 @@ class TechniqueRegistry:
             serialization_format="pt2",
             module_options=None,
             keeps_module_names=False,
+            label_shows=None,
         ) -> None:
             if name in self._techniques:
                 owner = self._techniques[name].plugin
@@ -174,7 +234,8 @@ class TechniqueRegistry:
             if not dataclasses.is_dataclass(schema):
                 raise PluginError(f"plugin {plugin!r}: the schema of technique {name!r} must be a dataclass")
             fields = {f.name for f in dataclasses.fields(schema)}
-            for kwarg, given in (("key_params", key_params), ("module_options", module_options)):
+            named = (("key_params", key_params), ("module_options", module_options), ("label_shows", label_shows))
+            for kwarg, given in named:
                 unknown = sorted(set(given or ()) - fields)
                 if unknown:
                     raise PluginError(
@@ -190,7 +251,7 @@ class TechniqueRegistry:
             keys = None if key_params is None else tuple(key_params)
             self._techniques[name] = Technique(
                 name, schema, apply, plugin, label, follow, check, max_speedup, keys, serialization_format,
-                tuple(module_options or ()), keeps_module_names,
+                tuple(module_options or ()), keeps_module_names, None if label_shows is None else tuple(label_shows),
             )  # fmt: skip
 
         return register

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 import os
 import subprocess
 import tempfile
@@ -515,11 +516,27 @@ def _run_pipeline(
                 raise ValueError(f"metric {name!r} reported twice (by a technique or an evaluate() hook)")
             metrics[name] = float(value)
 
+    metrics = {name: readable(value) for name, value in metrics.items()}
     _log_layer_sparsity(ctx, model)
     stages_path = ctx.output_dir / "stages.json"
     stages_path.write_text(json.dumps({"baseline": baseline.metrics, "stages": ctx.stages, "final": metrics}, indent=2))
     ctx.artifacts["stages"] = stages_path
     return metrics
+
+
+def readable(value: float) -> float:
+    """A metric at the digits it has: a float32 result (a tensor's ``.item()``, ``0.9800000190734863``) at
+    float32's shortest form (``0.98``), float64 arithmetic noise (``0.98 - 0.9756 = 0.0043999999999999595``)
+    rounded at 12 significant digits, far below any measurement's own error."""
+    import numpy as np
+
+    value = float(value)
+    if not math.isfinite(value):
+        return value
+    single = np.float32(value)
+    if float(single) == value:  # exactly a float32: its shortest decimal form is the value it was computed as
+        return float(str(single))
+    return float(f"{value:.12g}")
 
 
 def _log_layer_sparsity(ctx: RunContext, model) -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import threading
 import time
@@ -170,6 +171,26 @@ def children(client: MlflowClient, parent: str) -> list:
     """The child runs of a sweep's parent run."""
     experiment = client.get_run(parent).info.experiment_id
     return search_all(client, [experiment], f"tags.`mlflow.parentRunId` = '{parent}'")
+
+
+def summary_metrics(runs: list) -> dict[str, float]:
+    """The sweep's outcome as its parent run's metrics: ``best_<primary>`` (the finished child with the smallest
+    ``<primary>_drop``), ``best_compression_ratio`` and ``best_speedup``. Named apart from the children's metrics,
+    so the tradeoff charts plot the children, not the parent."""
+    from slimlab.report import primary_metric
+
+    finished = [run.data.metrics for run in runs if run.info.status == "FINISHED"]
+    primaries = {primary_metric(metrics) for metrics in finished} - {None}
+    summary = {}
+    if len(primaries) == 1:  # children of different tasks have no one best
+        (primary,) = primaries
+        best = min(finished, key=lambda metrics: metrics.get(f"{primary}_drop", math.inf))
+        summary[f"best_{primary}"] = best[primary]
+    for name in ("compression_ratio", "speedup"):
+        values = [metrics[name] for metrics in finished if name in metrics]
+        if values:
+            summary[f"best_{name}"] = max(values)
+    return summary
 
 
 def outcomes_of(client: MlflowClient, parent: str) -> dict[int, dict[str, str]]:
@@ -402,12 +423,16 @@ def finish() -> SweepResult | None:
         now = int(time.time() * 1000)
         counts = {"jobs_finished": result.count("FINISHED"), "jobs_failed": result.failed}
         counts["jobs_skipped"] = result.count("SKIPPED")
+        counts |= summary_metrics(children(client, parent))
         client.log_batch(parent, metrics=[Metric(k, float(v), now, 0) for k, v in counts.items()])
         try:
             sweep_report(client, parent, show=True)
         except Exception as error:  # the jobs' results stand; a failed report is reported, not fatal
             log.error("sweep report failed: %s: %s", type(error).__name__, error)
         client.set_terminated(parent, "FAILED" if result.failed else "FINISHED")
+        from slimlab.summary import ui_hint
+
+        print(ui_hint(_active["uri"], client.get_run(parent).info.experiment_id), flush=True)
     _active.clear()
     return result
 

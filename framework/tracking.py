@@ -14,7 +14,7 @@ import os
 import socket
 import time
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -34,21 +34,62 @@ log = logging.getLogger("slimlab")
 BATCH_LIMIT = 100  # MLflow accepts at most 100 params per log_batch call
 
 # The MLflow UI opens a shared view from an experiment tag mlflow.sharedViewState.<key> (what its Share button
-# writes): slimlab's shows the metrics of DESIGN.md section 4 and the comparison params as columns.
-# `slimlab ui` prints its link.
+# writes): slimlab's shows the tradeoff at a glance, scatter charts of the task metric against size and against
+# speedup with every run, and the metrics of DESIGN.md section 4 as columns. Every run prints its link.
 VIEW_KEY = "slimlab"
 VIEW_TAG = f"mlflow.sharedViewState.{VIEW_KEY}"
-VIEW_PARAMS = ("model", "data", "techniques")
+VIEW_PARAMS = ("model.name", "data.name", "techniques")
+TRADEOFF_SECTION = "slimlab-tradeoffs"
+# Without this tag MLflow 3's UI may file the experiment as a GenAI one ("Evaluations"); these are model runs.
+KIND_TAG, KIND = "mlflow.experimentKind", "custom_model_development"
 
 
-def comparison_view(primary: str = "accuracy") -> str:
-    """The shared view's state, as the MLflow UI stores it (JSON): the columns of ``slimlab report``."""
+def comparison_view(primary: str = "accuracy", higher_is_better: bool = True, params: Iterable[str] = ()) -> str:
+    """The shared view's state, as the MLflow UI stores it (JSON).
+
+    Sorted by the task metric, best first: sorted by anything but time, the UI lists a sweep's children flat
+    instead of folded under their parent, so the table and the charts show every run. ``SHOW_ALL``: the charts
+    plot every run, not the UI's default first ten. Scatter charts of ``primary`` against ``size_bytes`` and
+    against ``speedup`` (each run's own baseline timed beside it, the one speed figure comparable across runs);
+    the UI's own per-metric charts go to a folded section below them.
+    """
     from slimlab.report import COLUMNS
 
     metrics = [primary, f"{primary}_drop", *COLUMNS]
-    columns = [f"metrics.`{m}`" for m in metrics] + [f"params.`{p}`" for p in VIEW_PARAMS]
-    # No sort key: the UI nests a sweep's children under their parent only when runs are sorted by time.
-    return json.dumps({"selectedColumns": columns})
+    columns = [f"metrics.`{m}`" for m in metrics] + [f"params.`{p}`" for p in (*VIEW_PARAMS, *params)]
+    charts = [
+        {
+            "uuid": f"slimlab-{cost}", "type": "SCATTER", "metricSectionId": TRADEOFF_SECTION,
+            "displayName": f"{primary} vs {cost}", "runsCountToCompare": 1000, "deleted": False,
+            "isGenerated": False, "xaxis": {"key": cost, "type": "METRIC"}, "yaxis": {"key": primary, "type": "METRIC"},
+        }
+        for cost in ("size_bytes", "speedup")
+    ]  # fmt: skip
+    sections = [
+        {"uuid": TRADEOFF_SECTION, "name": "Tradeoffs", "display": True, "isReordered": False},
+        {"uuid": "slimlab-metrics", "name": "Model metrics", "display": False, "isReordered": False},
+    ]
+    return json.dumps(
+        {
+            "selectedColumns": list(dict.fromkeys(columns)),
+            "orderByKey": f"metrics.`{primary}`",
+            "orderByAsc": not higher_is_better,
+            "runsHiddenMode": "SHOW_ALL",
+            # wide enough for a technique chain and a metric's digits (the UI's default cuts both with "..."); the
+            # UI applies a width only to a column in columnOrder
+            "columnOrder": ["attributes.`Run Name`", *dict.fromkeys(columns)],
+            "columnWidths": {"attributes.`Run Name`": 380} | {f"metrics.`{m}`": 130 for m in metrics},
+            "compareRunCharts": charts,
+            "compareRunSections": sections,
+        }
+    )
+
+
+def view_params(view: str) -> list[str]:
+    """The params columns of a comparison view (beyond ``VIEW_PARAMS``)."""
+    columns = json.loads(view).get("selectedColumns", [])
+    found = [c[len("params.`") : -1] for c in columns if c.startswith("params.`")]
+    return [p for p in found if p not in VIEW_PARAMS]
 
 
 def tracking_uri(cfg: DictConfig | None = None) -> str:
@@ -104,19 +145,27 @@ def open_store(uri: str) -> MlflowClient:
         return MlflowClient(uri)
 
 
-def experiment_id(client: Any, name: str, uri: str, primary: str | None = None) -> str:
+def experiment_id(
+    client: Any,
+    name: str,
+    uri: str,
+    primary: str | None = None,
+    higher_is_better: bool = True,
+    params: Iterable[str] = (),
+) -> str:
     """The experiment's id, created if new, its comparison view (for task metric ``primary``) kept current.
 
     Created under ``store_lock``; against a server, a process that loses the race to create it reads the
     winner's (MLflow answers ``RESOURCE_ALREADY_EXISTS``). A deleted experiment is refused (``ConfigError``).
-    """
+    The view keeps the params columns earlier runs added (``params``: this run's key params).
+    """  # fmt: skip
     from mlflow.exceptions import MlflowException
 
     with store_lock(uri), read_only_as_config_error(uri):
         experiment = client.get_experiment_by_name(name)
         if experiment is None:
             try:
-                client.create_experiment(name, artifact_location=artifact_location(uri))
+                client.create_experiment(name, artifact_location=artifact_location(uri), tags={KIND_TAG: KIND})
             except MlflowException as error:
                 if error.error_code != "RESOURCE_ALREADY_EXISTS":
                     raise
@@ -130,9 +179,17 @@ def experiment_id(client: Any, name: str, uri: str, primary: str | None = None) 
                 f"restore it (MLFLOW_TRACKING_URI={uri} mlflow experiments restore --experiment-id {experiment_id}) "
                 "or choose another experiment_name"
             )
-        view = comparison_view(primary or "accuracy")
-        if VIEW_TAG not in tags or (primary and tags[VIEW_TAG] != view):  # new, or this run's task metric differs
-            client.set_experiment_tag(experiment_id, VIEW_TAG, view)
+        if KIND_TAG not in tags:  # an experiment made before slimlab set it, or by hand
+            client.set_experiment_tag(experiment_id, KIND_TAG, KIND)
+        current = tags.get(VIEW_TAG)
+        if current is None or primary:  # new, or a run that may bring another task metric or other params
+            try:
+                kept = view_params(current) if current else []
+            except (ValueError, AttributeError):  # a view written by hand or by an older slimlab
+                kept = []
+            view = comparison_view(primary or "accuracy", higher_is_better, [*kept, *params])
+            if view != current:
+                client.set_experiment_tag(experiment_id, VIEW_TAG, view)
     return experiment_id
 
 
@@ -319,21 +376,29 @@ def close_dead_runs(client: MlflowClient, experiment_id: str) -> list[str]:
     return closed
 
 
-def comparison_url(base_url: str, experiment_id: str) -> str:
-    """The experiment's runs table with slimlab's comparison columns (a view the MLflow UI can share)."""
-    return f"{base_url.rstrip('/')}/#/experiments/{experiment_id}/runs?viewStateShareKey={VIEW_KEY}"
+def comparison_url(base_url: str, experiment_id: str, mode: str = "CHART") -> str:
+    """The experiment in slimlab's comparison view (a view the MLflow UI can share): the tradeoff charts beside
+    the runs (``mode="CHART"``), or the runs table with the comparison columns (``"TABLE"``)."""
+    base = f"{base_url.rstrip('/')}/#/experiments/{experiment_id}/runs"
+    # workflowType: the UI's model-training pages, not the GenAI ones (traces, judges, evaluation runs) it opens
+    # by default
+    return f"{base}?viewStateShareKey={VIEW_KEY}&compareRunsMode={mode}&workflowType=machine_learning"
 
 
-def comparison_params(ctx: RunContext) -> dict[str, str]:
-    """The few params that matter when comparing runs, short and top-level: model, data, chain, key settings."""
-    params = {
-        "model": str(ctx.cfg.model.get("name", "model")),
-        "data": str(ctx.cfg.data.get("name", "data")),
-        "techniques": "+".join(step.name for step in ctx.steps) or "none",
-    }
+def run_params(ctx: RunContext) -> dict[str, str]:
+    """One param per option: the resolved config, each technique's options as the technique ran them (a scheme
+    the backend chose, not ``None``), and the technique chain (``techniques``) to compare runs by."""
+    from slimlab.config import flatten
+
+    params = flatten(ctx.cfg)
     for step in ctx.steps:
-        params |= {key: str(value) for key, value in step.key_params().items()}
+        params |= {f"technique.{name}": _param(value) for name, value in step.options().items()}
+    params["techniques"] = "+".join(step.name for step in ctx.steps) or "none"
     return params
+
+
+def _param(value: Any) -> str:
+    return json.dumps(value) if isinstance(value, list | dict) else str(value)
 
 
 class MlflowTracking:
@@ -351,7 +416,6 @@ class MlflowTracking:
         from mlflow.entities import Param
 
         from slimlab import sweep
-        from slimlab.config import flatten
 
         tags = dict(ctx.tags)
         parent = sweep.parent_run_id() if sweep.in_sweep() else None
@@ -361,16 +425,17 @@ class MlflowTracking:
         else:
             uri = tracking_uri(ctx.cfg)
         client = open_store(uri)
-        experiment = experiment_id(client, ctx.cfg.experiment_name, uri, ctx.task.primary_metric)
+        key_params = [f"technique.{name}" for step in ctx.steps for name in step.key_params()]
+        experiment = experiment_id(
+            client, ctx.cfg.experiment_name, uri, ctx.task.primary_metric, ctx.task.higher_is_better, key_params
+        )
         with read_only_as_config_error(uri):
             close_dead_runs(client, experiment)
             run = client.create_run(experiment, run_name=ctx.run_name, tags=tags | process_tags())
         run_id = run.info.run_id
         ctx.state["mlflow"] = {"uri": uri, "run_id": run_id, "experiment_id": run.info.experiment_id}
         try:
-            flat = flatten(ctx.cfg)
-            short = {k: v for k, v in comparison_params(ctx).items() if k not in flat}
-            params = [Param(k, v[:6000]) for k, v in {**short, **flat}.items()]
+            params = [Param(k, v[:6000]) for k, v in run_params(ctx).items()]
             for start in range(0, len(params), BATCH_LIMIT):
                 client.log_batch(run_id, params=params[start : start + BATCH_LIMIT])
         except BaseException as error:  # the runner only reports errors after before_run: close the run here

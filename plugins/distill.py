@@ -298,4 +298,7 @@ def register_techniques(register) -> None:
     key_params = ("teacher", "student", "loss", "alpha", "temperature", "epochs", "scratch")
     # A fresh student has its own modules; the incoming model trained as the student keeps its names.
     keeps = lambda config: config.student is None  # noqa: E731
-    register("distill", DistillConfig, apply, label=label, key_params=key_params, keeps_module_names=keeps)
+    shown = ("student", "scratch", "teacher", "loss", "temperature", "alpha", "control")  # control: more metrics only
+    register(
+        "distill", DistillConfig, apply, label=label, key_params=key_params, keeps_module_names=keeps, label_shows=shown
+    )

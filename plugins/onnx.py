@@ -567,4 +567,5 @@ def register_techniques(register) -> None:
     register(
         "onnx", OnnxConfig, apply, label=label, followed_by=(), check=check, max_speedup=max_speedup,
         key_params=("quantize", "granularity", "reduce_range", "exporter"),
+        label_shows=("quantize", "granularity", "reduce_range", "exporter"),
     )  # fmt: skip

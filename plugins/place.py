@@ -434,4 +434,7 @@ def label(config: PlaceConfig) -> str:
 @hookimpl
 def register_techniques(register) -> None:
     # Placement is the deployment step: whatever compresses the model comes before it.
-    register("place", PlaceConfig, apply, label=label, followed_by=(), check=probe, module_options=("device_map",))
+    register(
+        "place", PlaceConfig, apply, label=label, followed_by=(), check=probe, module_options=("device_map",),
+        label_shows=("device", "dtype", "compile", "threads", "device_map", "max_memory"),  # split: a device_map
+    )  # fmt: skip

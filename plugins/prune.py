@@ -189,4 +189,5 @@ def register_techniques(register) -> None:
     register(
         "prune", PruneConfig, apply, label=label, key_params=key_params,
         module_options=("layers",), keeps_module_names=True,  # channels are removed in place, names stay
+        label_shows=("amount", "method", "structure", "scope", "schedule", "layers"),
     )  # fmt: skip

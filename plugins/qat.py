@@ -403,4 +403,5 @@ def register_techniques(register) -> None:
         max_speedup=max_speedup,
         key_params=("weights", "activations", "granularity", "group_size", "epochs", "lr"),
         keeps_module_names=True,  # layers are swapped back and quantized in place: the names stay
+        label_shows=("weights", "activations", "granularity", "group_size", "epochs", "control"),
     )

@@ -62,6 +62,6 @@ def test_following_the_guide_word_for_word(tmp_path):
     client = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
     assert client.get_run(in_python[3]).info.run_name == "CancerNet prune(0.8)+quantize(int8-wo)"
 
-    experiment = client.get_experiment_by_name("default")
+    experiment = client.get_experiment_by_name("slimlab")
     parents = client.search_runs([experiment.experiment_id], "tags.`slimlab.sweep` = 'parent'")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"

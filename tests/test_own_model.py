@@ -229,7 +229,7 @@ def test_editing_the_model_or_data_code_retrains_the_baseline(tmp_path, cache_di
         result = slimlab("run", *args, cwd=project, env=env)
         assert result.returncode == 0, result.stderr[-3000:]
         client = MlflowClient(store)
-        (experiment,) = [e for e in client.search_experiments() if e.name == "default"]
+        (experiment,) = [e for e in client.search_experiments() if e.name == "slimlab"]
         newest = client.search_runs([experiment.experiment_id], order_by=["start_time DESC"], max_results=1)[0]
         return newest.data.tags["slimlab.baseline"], newest.data.metrics["baseline_accuracy"]
 

@@ -122,7 +122,7 @@ def test_a_plugin_for_another_hook_api_is_refused_with_the_versions_it_needs(tmp
     source = 'SLIMLAB_API = ">=3,<4"\n'
     site = write_plugin(tmp_path, "slimlab-future", "slimlab_future", source, {"future": "slimlab_future"})
     monkeypatch.syspath_prepend(str(site))
-    assert refused(site, "future") == "needs slimlab plugin API >=3,<4; this slimlab provides API 2.1"
+    assert refused(site, "future") == "needs slimlab plugin API >=3,<4; this slimlab provides API 2.2"
 
 
 def test_a_plugin_written_for_api_1_is_refused_with_a_pointer_to_the_change(tmp_path, monkeypatch):
@@ -130,7 +130,7 @@ def test_a_plugin_written_for_api_1_is_refused_with_a_pointer_to_the_change(tmp_
     site = write_plugin(tmp_path, "slimlab-old", "slimlab_old", source, {"old": "slimlab_old"})
     monkeypatch.syspath_prepend(str(site))
     reason = refused(site, "old")
-    assert reason.startswith("needs slimlab plugin API >=1.1,<2; this slimlab provides API 2.1: in API 2 ")
+    assert reason.startswith("needs slimlab plugin API >=1.1,<2; this slimlab provides API 2.2: in API 2 ")
     assert "docs/plugins.md" in reason and "\n" not in reason
 
 
@@ -142,7 +142,7 @@ def test_the_public_api_is_small_and_stable():
         "hookspec",
     ]  # fmt: skip
     assert all(hasattr(slimlab, name) for name in slimlab.__all__)
-    assert slimlab.API_VERSION == "2.1"
+    assert slimlab.API_VERSION == "2.2"
 
 
 def test_plugins_json_lists_builtins_and_third_party(plugin_site, tmp_path):

@@ -17,7 +17,7 @@ import pytest
 from mlflow import MlflowClient
 
 from slimlab.tracking import comparison_url
-from tests.conftest import FAST, free_port, slimlab, wait_until_healthy
+from tests.conftest import FAST, NO_MLFLOW_MODEL, free_port, slimlab, wait_until_healthy
 
 pytestmark = pytest.mark.slow
 
@@ -97,26 +97,35 @@ def visible_text(driver, text: str):
     return WebDriverWait(driver, WAIT_S).until(expected_conditions.visibility_of_element_located(locator))
 
 
-def widen_column(driver, column_id: str, by: int) -> None:
-    """Drag the column's resize handle to the right, as a person would."""
-    from selenium.webdriver.common.action_chains import ActionChains
-    from selenium.webdriver.common.by import By
-
-    header = driver.find_element(By.CSS_SELECTOR, f"[role=columnheader][col-id='{column_id}']")
-    handle = header.find_element(By.CSS_SELECTOR, ".ag-header-cell-resize")
-    ActionChains(driver).click_and_hold(handle).move_by_offset(by, 0).release().perform()
-
-
 def xpath_literal(text: str) -> str:
     return f"'{text}'" if "'" not in text else f'"{text}"'
+
+
+def close_assistant(driver) -> None:
+    """MLflow's assistant panel takes a third of the page; a person closes it too."""
+    from selenium.webdriver.common.by import By
+
+    for close in driver.find_elements(By.CSS_SELECTOR, "button[data-component-id='mlflow.assistant.chat_panel.close']"):
+        close.click()
+
+
+def chart_points(driver, title: str) -> int:
+    """The points a chart card of the runs' chart view plots (plotly draws one path.point per run)."""
+    from selenium.webdriver.common.by import By
+
+    card = visible_text(driver, title).find_element(
+        By.XPATH, "ancestor::*[@data-testid='experiment-view-compare-runs-card']"
+    )
+    return len(card.find_elements(By.CSS_SELECTOR, ".scatterlayer path.point"))
 
 
 def test_a_sweep_reads_well_in_the_mlflow_ui(tmp_path, cache_dir, mlflow_server, browser):
     from selenium.webdriver.common.by import By
 
     result = slimlab(
-        "run", "-m", "experiment=quickstart", "technique.prune.amount=0.5,0.9", *FAST, f"cache_dir={cache_dir}",
-        "experiment_name=ui", cwd=tmp_path, env={"MLFLOW_TRACKING_URI": mlflow_server}, timeout=600,
+        "run", "-m", "experiment=quickstart", "technique.prune.amount=0.5,0.7,0.9", *FAST, NO_MLFLOW_MODEL,
+        f"cache_dir={cache_dir}", "experiment_name=ui", cwd=tmp_path, env={"MLFLOW_TRACKING_URI": mlflow_server},
+        timeout=600,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     client = MlflowClient(mlflow_server)
@@ -124,44 +133,52 @@ def test_a_sweep_reads_well_in_the_mlflow_ui(tmp_path, cache_dir, mlflow_server,
     runs = client.search_runs([experiment.experiment_id])
     (parent,) = [r for r in runs if r.data.tags.get("slimlab.sweep") == "parent"]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    assert len(children) == 2 and len(runs) == 3
-    assert parent.info.run_name == "sweep ui: technique.prune.amount=0.5,0.9"
+    assert len(children) == 3 and len(runs) == 4
+    assert parent.info.run_name == "sweep ui: technique.prune.amount=0.5,0.7,0.9"
     assert {c.info.run_name for c in children} == {
-        "lenet prune(0.5)+quantize(int8-wo)",
-        "lenet prune(0.9)+quantize(int8-wo)",
+        f"lenet prune({amount},fine_tune_epochs=2)+quantize(int8-wo)" for amount in (0.5, 0.7, 0.9)
     }
+    # Every run, and the sweep, print the link to the view: against a server, the server's own page.
+    link = comparison_url(mlflow_server, experiment.experiment_id)
+    assert result.stdout.count(link) == 4, result.stdout[-3000:]
     shots = tmp_path / "screenshots"
     shots.mkdir()
 
-    # The runs table, in the comparison view slimlab gave the experiment: the parent, collapsed, then expanded.
-    browser.get(comparison_url(mlflow_server, experiment.experiment_id))
-    visible_text(browser, parent.info.run_name)
-    for close in browser.find_elements(
-        By.CSS_SELECTOR, "button[data-component-id='mlflow.assistant.chat_panel.close']"
-    ):
-        close.click()  # MLflow's assistant panel takes a third of the page; a person closes it too
-    for column in ("accuracy", "compression_ratio"):
-        assert visible_text(browser, column).is_displayed(), column
-    browser.save_screenshot(str(shots / "1-runs-collapsed.png"))
-    widen_column(browser, "attributes.`Run Name`", by=160)  # to read the technique chains whole
-    row = browser.find_element(By.CSS_SELECTOR, f"[role=row][row-id='{parent.info.run_id}']")
-    row.find_element(By.CSS_SELECTOR, "button[data-component-id*=runnamecellrenderer]").click()  # expand
+    # The printed link: the tradeoff charts, each plotting every child (the parent has no point: its metrics
+    # are the sweep's summary, named apart), the UI's per-metric charts folded away below.
+    browser.get(link)
+    visible_text(browser, "Tradeoffs")
+    close_assistant(browser)
+    for title in ("size_bytes vs. accuracy", "speedup vs. accuracy"):
+        assert chart_points(browser, title) == len(children), title
+    assert browser.find_elements(By.XPATH, "//*[normalize-space(text())='Evaluation runs']") == []  # not GenAI's
+    from selenium.webdriver.common.action_chains import ActionChains
+
+    ActionChains(browser).move_to_element(visible_text(browser, "Tradeoffs")).perform()  # off the charts' toolbars
+    browser.save_screenshot(str(shots / "1-tradeoffs.png"))
+
+    # The same view as a table: the children listed flat, best accuracy first, each metric whole.
+    browser.get(comparison_url(mlflow_server, experiment.experiment_id, mode="TABLE"))
+    best = max(children, key=lambda c: c.data.metrics["accuracy"])
+    visible_text(browser, best.info.run_name)
+    close_assistant(browser)
+    rows = browser.find_elements(By.CSS_SELECTOR, "[role=row][row-id]")
+    listed = [row.get_attribute("row-id") for row in rows if row.get_attribute("row-id") != parent.info.run_id]
+    by_accuracy = sorted(children, key=lambda c: -c.data.metrics["accuracy"])
+    assert listed[: len(children)] == [c.info.run_id for c in by_accuracy]
     for child in children:
-        visible_text(browser, child.info.run_name)
-        # the child's row shows its metrics: compression_ratio as logged
         cells = browser.find_elements(
             By.CSS_SELECTOR, f"[row-id='{child.info.run_id}'] [col-id='metrics.`compression_ratio`']"
         )
         assert [c.text for c in cells] == [repr(child.data.metrics["compression_ratio"])]
-    browser.save_screenshot(str(shots / "2-runs-expanded.png"))
+        assert "..." not in cells[0].text and cells[0].size["width"] >= 120
+    browser.save_screenshot(str(shots / "2-runs-table.png"))
 
     # The parent's artifacts: the sweep report, with its Pareto plot.
     browser.get(f"{mlflow_server}/#/experiments/{experiment.experiment_id}/runs/{parent.info.run_id}/artifacts")
     visible_text(browser, "report").click()
     visible_text(browser, "pareto.png").click()
     browser.save_screenshot(str(shots / "3-parent-artifacts.png"))
-    assert sorted(p.name for p in shots.iterdir()) == [
-        "1-runs-collapsed.png",
-        "2-runs-expanded.png",
-        "3-parent-artifacts.png",
-    ]
+    assert sorted(p.name for p in shots.iterdir()) == ["1-tradeoffs.png", "2-runs-table.png", "3-parent-artifacts.png"]
+    if os.environ.get("SLIMLAB_UI_SCREENSHOTS"):  # how README's picture is made: a real sweep in the real UI
+        shutil.copy(shots / "1-tradeoffs.png", os.environ["SLIMLAB_UI_SCREENSHOTS"])

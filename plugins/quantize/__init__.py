@@ -141,6 +141,9 @@ def label(config: QuantizeConfig) -> str:
         parts.append("uncompiled")
     if config.compile and not config.freezing:
         parts.append("no-freezing")
+    if config.backend == "auto":  # what auto chooses from, and how close to fp32 the choice must stay
+        parts += ["own candidates"] if config.candidates is not None else []
+        parts += [f"min_cosine={config.min_cosine:g}"] if config.min_cosine != QuantizeConfig.min_cosine else []
     return f"quantize({','.join(parts)})"
 
 
@@ -239,4 +242,7 @@ def register_techniques(register) -> None:
         serialization_format=lambda config: "pickle" if config.backend == "eager" else "pt2",
         module_options=("keep_float",),
         keeps_module_names=keeps_module_names,
-    )
+        # allow_slower decides whether a slow recipe runs, not what it gives
+        label_shows=("backend", "scheme", "config", "group_size", "granularity", "embeddings", "compile", "freezing",
+                     "allow_slower", "candidates", "min_cosine"),
+    )  # fmt: skip

@@ -64,6 +64,11 @@ def test_sweep_isolates_a_failing_job_resumes_and_reports(tmp_path, cache_dir, s
     traceback = client.download_artifacts(failed.info.run_id, "traceback.txt", str(tmp_path))
     assert "ValueError: layers ['nope']" in open(traceback).read()
     assert parent.data.metrics["jobs_failed"] == 1 and parent.data.metrics["jobs_finished"] == 5
+    finished = [c.data.metrics for c in children if c.info.status == "FINISHED"]
+    best = min(finished, key=lambda m: m["accuracy_drop"])
+    assert parent.data.metrics["best_accuracy"] == best["accuracy"]  # the sweep's summary, named apart
+    assert parent.data.metrics["best_compression_ratio"] == max(m["compression_ratio"] for m in finished)
+    assert "accuracy" not in parent.data.metrics  # or the tradeoff charts would plot the parent as a run
     reported = {item.path for item in client.list_artifacts(parent.info.run_id, "report")}
     assert reported == {"report/pareto.png", "report/report.csv", "report/report.md"}
     csv_path = client.download_artifacts(parent.info.run_id, "report/report.csv", str(tmp_path))

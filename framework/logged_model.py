@@ -1,10 +1,15 @@
-"""The compressed model as an MLflow model: ``mlflow.pytorch.log_model``, loadable with ``mlflow.pytorch.load_model``.
+"""The compressed model as an MLflow model: ``mlflow.pytorch``'s, loadable with ``mlflow.pytorch.load_model``, and
+with ``mlflow.pyfunc.load_model`` or ``mlflow models serve`` with MLflow alone.
 
 This is the model to deploy, beside the run's measured artifact (``model.pt``, the file whose bytes are
 ``size_bytes``). Each technique declares the ``serialization_format`` its output needs (``pt2``: torch.export,
 loads without slimlab; ``pickle``: any module, e.g. ``torch.ao`` quantized ones). A pipeline whose model
 cannot be saved in the declared format (torch.export cannot trace it; a pt2e graph cannot be pickled) is logged
 in the other one, and the run's ``slimlab.model_format`` tag says why.
+
+Its pyfunc loader is ``slimlab_pyfunc`` (shipped in the model): it imports what a graph needs before loading it
+(torchao for a pt2e graph, which fails to load with ``SerializeError`` otherwise). The logged model's
+description (the UI's) says what it is and gives the one-liners that load and serve it.
 
 A model deployed in ONNX Runtime (``technique=[...,onnx]``: a module with ``slimlab_onnx_model()``) is logged
 with ``mlflow.onnx.log_model`` instead (format ``onnx``), loadable with ``mlflow.onnx.load_model`` or as a
@@ -20,7 +25,8 @@ import os
 import traceback
 from collections.abc import Iterator
 from importlib import metadata
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch  # imported by the tracking plugin only when it logs a model
 from torch import nn
@@ -30,14 +36,17 @@ if TYPE_CHECKING:
 
 NAME = "model"  # the logged model's name: runs:/<run id>/model
 EXAMPLE_ROWS = 2  # rows of the input example stored with the model
-LOAD_NOTE = {"before_loading": "import torchao  # registers the quantized ops this graph calls"}  # in MLmodel
+# in MLmodel: mlflow.pytorch.load_model needs it (mlflow.pyfunc.load_model's loader, slimlab_pyfunc, does it itself)
+LOAD_NOTE = {"before_loading": "import torchao  # registers the quantized ops this graph calls"}
+LOADER = Path(__file__).with_name("slimlab_pyfunc.py")  # shipped in every PyTorch model as its pyfunc loader
+NOTE_TAG = "mlflow.note.content"  # a logged model's description in MLflow's UI
 log = logging.getLogger("slimlab")
 
 
 def log_compressed_model(uri: str, run_id: str, ctx: RunContext) -> str:
     """Log ``ctx.model`` to run ``run_id`` in store ``uri``; return the model's URI (``models:/<id>``)."""
-    import mlflow.pytorch
-    from mlflow.models import infer_signature
+    import mlflow
+    from mlflow.models import Model, infer_signature
 
     from slimlab import batches
     from slimlab.artifact import deployable
@@ -62,9 +71,12 @@ def log_compressed_model(uri: str, run_id: str, ctx: RunContext) -> str:
     def log_as(fmt: str):
         # log_model takes its store and experiment from the active run: resume ours for the call
         with using_tracking_uri(uri), mlflow.start_run(run_id=run_id):
-            return mlflow.pytorch.log_model(
-                model,
+            return Model.log(
+                artifact_path=None,
                 name=NAME,
+                flavor=PytorchFlavor(load_imports(model, fmt)),
+                flavor_name="mlflow.pytorch",  # what MLflow records as the flavor (mlflow.pytorch.log_model's)
+                pytorch_model=model,
                 serialization_format=fmt,
                 signature=signature,
                 input_example=example,
@@ -72,7 +84,7 @@ def log_compressed_model(uri: str, run_id: str, ctx: RunContext) -> str:
                 metadata=LOAD_NOTE if fmt == "pt2" and uses_quantized_ops(model) else None,
             )
 
-    fmt = declared
+    fmt = used = declared
     try:
         info = log_as(declared)
     except Exception as error:
@@ -85,10 +97,11 @@ def log_compressed_model(uri: str, run_id: str, ctx: RunContext) -> str:
         other = "pickle" if declared == "pt2" else "pt2"
         reason = f"{type(error).__name__}: {(str(error).splitlines() or [''])[0]}"[:300]
         log.warning("the model cannot be saved as %s (%s); logging it as %s", declared, reason, other)
-        fmt = f"{other} ({declared} failed: {reason})"
+        fmt, used = f"{other} ({declared} failed: {reason})", other
         info = log_as(other)
     ctx.tags["slimlab.model_format"] = fmt
     ctx.tags["slimlab.model_uri"] = info.model_uri
+    describe(uri, info, ctx, fmt, requirements(model, used), load_imports(model, used))
     return info.model_uri
 
 
@@ -111,20 +124,121 @@ def log_onnx_model(uri: str, run_id: str, ctx: RunContext) -> str:
     with torch.inference_mode():
         output = batches.call(model, inputs).numpy()
     example = next(iter(arrays.values())) if len(arrays) == 1 else arrays
-    dists = ("onnx", "onnxruntime")
+    needs = [f"{dist}=={metadata.version(dist).split('+')[0]}" for dist in ("onnx", "onnxruntime")]
     with using_tracking_uri(uri), mlflow.start_run(run_id=run_id):
         info = mlflow.onnx.log_model(
             model.slimlab_onnx_model(),
             name=NAME,
             signature=infer_signature(example, output),
             input_example=example,
-            pip_requirements=[f"{dist}=={metadata.version(dist).split('+')[0]}" for dist in dists],
+            pip_requirements=needs,
             save_as_external_data=False,
             onnx_execution_providers=["CPUExecutionProvider"],  # its default lists CUDA first, and warns without
         )
     ctx.tags["slimlab.model_format"] = "onnx"
     ctx.tags["slimlab.model_uri"] = info.model_uri
+    describe(uri, info, ctx, "onnx", needs, [])
     return info.model_uri
+
+
+class PytorchFlavor:
+    """``mlflow.pytorch`` as ``Model.log`` calls a flavor, with ``slimlab_pyfunc`` as the pyfunc loader.
+
+    The model directory is ``mlflow.pytorch``'s (``mlflow.pytorch.load_model`` loads it as before), plus
+    ``code/slimlab_pyfunc.py``, which the ``python_function`` flavor names: it imports ``imports`` (torchao for
+    a pt2e graph) before loading, so ``mlflow.pyfunc.load_model`` and ``mlflow models serve`` need MLflow alone.
+    MLflow's own pyfunc flavor imports nothing first, and is left out for a pt2 graph with several inputs.
+    """
+
+    def __init__(self, imports: list[str]) -> None:
+        self.imports = imports
+
+    def save_model(self, path: str, mlflow_model: Any, **kwargs: Any) -> None:
+        import mlflow.pytorch
+        from mlflow import pyfunc
+
+        mlflow.pytorch.save_model(path=path, mlflow_model=mlflow_model, code_paths=[str(LOADER)], **kwargs)
+        saved = mlflow_model.flavors["pytorch"]
+        pyfunc.add_to_model(
+            mlflow_model,
+            loader_module=LOADER.stem,
+            data=saved["model_data"],
+            code=saved["code"],
+            conda_env="conda.yaml",  # the environment files mlflow.pytorch.save_model wrote
+            python_env="python_env.yaml",
+            model_config={"device": None},  # as mlflow.pytorch's: the loader picks cuda if there is one
+            imports=self.imports,
+        )
+        mlflow_model.save(os.path.join(path, "MLmodel"))
+
+
+def describe(uri: str, info: Any, ctx: RunContext, fmt: str, needs: list[str], imports: list[str]) -> None:
+    """Set the logged model's description (what MLflow's UI shows on its page): what it is and how to load it."""
+    from mlflow import MlflowClient
+
+    MlflowClient(uri).set_logged_model_tags(info.model_id, {NOTE_TAG: description(uri, info, ctx, fmt, needs, imports)})
+
+
+def description(uri: str, info: Any, ctx: RunContext, fmt: str, needs: list[str], imports: list[str]) -> str:
+    """Markdown: the run and technique chain, the format, and the one-liners that load and serve the model."""
+    import shlex
+
+    chain = " -> ".join(step.describe() for step in ctx.steps) or "none (the baseline)"
+    kind = fmt.split(" ")[0]  # "pickle (pt2 failed: ...)" is a pickle
+    if kind == "onnx":
+        saved = "an ONNX graph, run by ONNX Runtime"
+        native = f'`mlflow.onnx.load_model("{info.model_uri}")` gives the ONNX model.'
+    elif kind == "pt2":
+        saved = "a torch.export graph (pt2)"
+        if imports:
+            saved += f" that needs `import {', '.join(imports)}` first (slimlab's pyfunc loader does it)"
+        first = f"`import {', '.join(imports)}`, then " if imports else ""
+        native = f'In PyTorch: {first}`mlflow.pytorch.load_model("{info.model_uri}")` gives a GraphModule.'
+    else:
+        saved = f"a pickled module ({fmt}): loading it imports its classes, which must be installed"
+        native = f'In PyTorch: `mlflow.pytorch.load_model("{info.model_uri}")` gives the module.'
+    where = "with MLflow, where its classes' packages are installed" if kind == "pickle" else "with MLflow alone"
+    env = f"MLFLOW_TRACKING_URI={shlex.quote(_without_password(uri))}"
+    code = f'import mlflow, numpy as np; print(mlflow.pyfunc.load_model("{info.model_uri}").predict({_zeros(info)}))'
+    return "\n".join([
+        f"**{ctx.run_name}**: the compressed model of slimlab run `{info.run_id}`.",
+        "",
+        f"Techniques: {chain}. Saved as {saved}. Needs {', '.join(needs)} (its requirements.txt).",
+        "",
+        f"Load it and predict {where} (a batch of zeros of the signature's shape):",
+        "",
+        "```",
+        f"{env} python -c {shlex.quote(code)}",
+        "```",
+        "",
+        f"Serve it: `{env} mlflow models serve -m {info.model_uri} --env-manager local`, then POST "
+        '`{"inputs": ...}` to `/invocations`.',
+        "",
+        native,
+    ])  # fmt: skip
+
+
+def _zeros(info: Any) -> str:
+    """Python for an input of the model's signature: zeros, one row, as numpy arrays (a dict of them if named)."""
+    specs = info.signature.inputs.inputs
+
+    def array(spec: Any) -> str:
+        shape = tuple(1 if size == -1 else size for size in spec.shape)
+        return f"np.zeros({shape}, np.{spec.type.name})"
+
+    if len(specs) == 1 and not specs[0].name:
+        return array(specs[0])
+    return "{" + ", ".join(f'"{spec.name}": {array(spec)}' for spec in specs) + "}"
+
+
+def _without_password(uri: str) -> str:
+    """``uri`` for display: a server's password (``postgresql://user:secret@host/db``) is not a description's."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(uri)
+    if parts.password is None:
+        return uri
+    return urlunsplit(parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":<password>@", 1)))
 
 
 @contextlib.contextmanager
@@ -170,8 +284,8 @@ def installed_distributions() -> dict[str, list[str]]:
     return metadata.packages_distributions()
 
 
-def requirements(model: nn.Module, fmt: str) -> list[str]:
-    """Pinned distributions the model needs where it is loaded: torch, and what its classes and ops come from.
+def needed_packages(model: nn.Module, fmt: str) -> set[str]:
+    """Top-level packages the model needs where it is loaded: torch, and what its classes and ops come from.
 
     ``pt2`` holds a traced graph: the tensor classes (torchao's) and the graph's quantized ops (registered by
     torchao) matter. ``pickle`` also needs the module classes (slimlab's models, a plugin's layers).
@@ -182,6 +296,18 @@ def requirements(model: nn.Module, fmt: str) -> list[str]:
     packages = {"torch"} | {cls.__module__.split(".")[0] for cls in classes}
     if uses_quantized_ops(model):
         packages.add("torchao")
+    return packages
+
+
+def load_imports(model: nn.Module, fmt: str) -> list[str]:
+    """What the pyfunc loader imports before loading the model: a pt2 graph's packages besides torch (torchao
+    registers the ops of a pt2e graph). Unpickling imports a pickled module's classes by itself."""
+    return sorted(needed_packages(model, fmt) - {"torch", "builtins"}) if fmt == "pt2" else []
+
+
+def requirements(model: nn.Module, fmt: str) -> list[str]:
+    """Pinned distributions of :func:`needed_packages`: what ``requirements.txt`` lists for the model."""
+    packages = needed_packages(model, fmt)
     by_package = installed_distributions()
     dists = {dist for package in packages for dist in by_package.get(package, [])}
     # a local label (2.13.0+cpu) names a build no index serves

@@ -96,7 +96,7 @@ def test_optuna_search_resumes_after_an_interruption(tmp_path, cache_dir):
     import optuna
 
     (name,) = optuna.get_all_study_names(f"sqlite:///{tmp_path}/optuna.db")  # <experiment>-<digest of the search>
-    assert name.startswith("default-")
+    assert name.startswith("slimlab-")  # the default experiment_name
     study = optuna.load_study(study_name=name, storage=f"sqlite:///{tmp_path}/optuna.db")
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert 6 <= len(complete) < 12
@@ -252,7 +252,9 @@ def test_the_readmes_tracking_server_on_a_fresh_postgresql(tmp_path, cache_dir):
             )  # fmt: skip
             assert result.returncode == 0, result.stderr[-3000:]
             assert len(child_configs(uri)) == 4  # no run lost
-            _, children = runs_by_kind(uri)
+            (parent,), children = runs_by_kind(uri)
+            link = comparison_url(uri, parent.info.experiment_id)  # the sweep ends with its link too
+            assert result.stdout.rstrip().endswith(f"See it in the MLflow UI: {link}"), result.stdout[-500:]
             model = client.download_artifacts(children[0].info.run_id, "model.pt", str(tmp_path))
             assert Path(model).stat().st_size == children[0].data.metrics["size_bytes"]  # served by the server
             assert (tmp_path / "mlartifacts").is_dir()  # the README's artifacts directory, beside the server

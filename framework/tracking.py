@@ -40,7 +40,9 @@ VIEW_KEY = "slimlab"
 VIEW_TAG = f"mlflow.sharedViewState.{VIEW_KEY}"
 VIEW_PARAMS = ("model.name", "data.name", "techniques")
 TRADEOFF_SECTION = "slimlab-tradeoffs"
-# Without this tag MLflow 3's UI may file the experiment as a GenAI one ("Evaluations"); these are model runs.
+# The experiment's kind as MLflow records it: model training, not GenAI. (MLflow 3.17's UI itself follows its
+# GenAI / Model training switch, which the comparison link sets: in GenAI mode it files a run that logged no model,
+# such as a sweep's parent, under "Evaluations".)
 KIND_TAG, KIND = "mlflow.experimentKind", "custom_model_development"
 
 

@@ -70,7 +70,7 @@ def test_sweep_isolates_a_failing_job_resumes_and_reports(tmp_path, cache_dir, s
     assert parent.data.metrics["best_compression_ratio"] == max(m["compression_ratio"] for m in finished)
     assert "accuracy" not in parent.data.metrics  # or the tradeoff charts would plot the parent as a run
     reported = {item.path for item in client.list_artifacts(parent.info.run_id, "report")}
-    assert reported == {"report/pareto.png", "report/report.csv", "report/report.md"}
+    assert reported == {"report/pareto.png", "report/report.csv", "report/report.md", "report/report.html"}
     csv_path = client.download_artifacts(parent.info.run_id, "report/report.csv", str(tmp_path))
     assert len(open(csv_path).read().strip().splitlines()) == 1 + 5  # header + the finished runs
 

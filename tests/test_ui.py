@@ -174,10 +174,24 @@ def test_a_sweep_reads_well_in_the_mlflow_ui(tmp_path, cache_dir, mlflow_server,
         assert "..." not in cells[0].text and cells[0].size["width"] >= 120
     browser.save_screenshot(str(shots / "2-runs-table.png"))
 
-    # The parent's artifacts: the sweep report, with its Pareto plot.
-    browser.get(f"{mlflow_server}/#/experiments/{experiment.experiment_id}/runs/{parent.info.run_id}/artifacts")
+    # The parent on the model-training pages (in its default GenAI mode the UI files a run without a logged model
+    # under "Evaluations"): its artifacts hold the sweep's report with the Pareto plot.
+    base = f"{mlflow_server}/#/experiments/{experiment.experiment_id}/runs/{parent.info.run_id}"
+    browser.get(f"{base}/artifacts?workflowType=machine_learning")
+    visible_text(browser, "Runs")
+    assert browser.find_elements(By.XPATH, "//*[normalize-space(text())='Evaluations']") == []
     visible_text(browser, "report").click()
     visible_text(browser, "pareto.png").click()
+    visible_text(browser, "report.html").click()  # MLflow's markdown preview shows no images; its HTML one does
+    from selenium.webdriver.support import expected_conditions
+    from selenium.webdriver.support.wait import WebDriverWait
+
+    WebDriverWait(browser, WAIT_S).until(
+        expected_conditions.frame_to_be_available_and_switch_to_it((By.TAG_NAME, "iframe"))
+    )
+    plot = WebDriverWait(browser, WAIT_S).until(lambda d: d.find_element(By.TAG_NAME, "img"))
+    WebDriverWait(browser, WAIT_S).until(lambda d: d.execute_script("return arguments[0].naturalWidth", plot) > 0)
+    browser.switch_to.default_content()
     browser.save_screenshot(str(shots / "3-parent-artifacts.png"))
     assert sorted(p.name for p in shots.iterdir()) == ["1-tradeoffs.png", "2-runs-table.png", "3-parent-artifacts.png"]
     if os.environ.get("SLIMLAB_UI_SCREENSHOTS"):  # how README's picture is made: a real sweep in the real UI

@@ -289,9 +289,10 @@ def test_ui_links_the_comparison_view_of_each_experiment_slimlab_wrote(store, tm
     regress = experiment_id(client, "regress", store, primary="mse")
     client.create_experiment("not slimlab's")
     links = dict(comparison_links(store, "http://h:1"))
+    view = "runs?viewStateShareKey=slimlab&compareRunsMode=CHART&workflowType=machine_learning"
     assert links == {
-        "classify": f"http://h:1/#/experiments/{classify}/runs?viewStateShareKey=slimlab&compareRunsMode=CHART&workflowType=machine_learning",
-        "regress": f"http://h:1/#/experiments/{regress}/runs?viewStateShareKey=slimlab&compareRunsMode=CHART&workflowType=machine_learning",
+        "classify": f"http://h:1/#/experiments/{classify}/{view}",
+        "regress": f"http://h:1/#/experiments/{regress}/{view}",
     }
     # the view's columns follow the task's metric
     assert "metrics.`mse`" in client.get_experiment(regress).tags[VIEW_TAG]

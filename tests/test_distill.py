@@ -42,7 +42,7 @@ def test_seed_distillation_student_learns_from_the_teacher_with_a_measured_contr
     mse = run(compose(["experiment=seed_distillation", *overrides, "technique.distill.epochs=2"]))
     _, logged = only_run(store)
     assert logged.info.status == "FINISHED"
-    assert logged.info.run_name == "big_model distill(small_model,mse,a=1)"
+    assert logged.info.run_name == "big_model distill(small_model,mse,a=1,epochs=2,lr=0.01)"
     metrics, tags = logged.data.metrics, logged.data.tags
     assert SEED_METRICS <= set(metrics)
     assert metrics["mse"] == mse
@@ -109,7 +109,7 @@ def test_named_teacher_is_trained_and_cached_like_a_baseline(overrides, store):
     assert runs[1].data.tags["slimlab.distill.teacher_baseline"].endswith("(cached)")
     assert runs[0].data.metrics["teacher_mse"] == runs[1].data.metrics["teacher_mse"]
     assert runs[0].data.metrics["teacher_mse"] < runs[0].data.metrics["baseline_mse"]  # BigModel beats SmallModel
-    assert runs[0].info.run_name == "small_model distill(teacher=big_model,T=4,a=0.5)"
+    assert runs[0].info.run_name == "small_model distill(teacher=big_model,T=4,a=0.5,epochs=1)"
 
 
 @pytest.mark.slow

@@ -86,7 +86,7 @@ def test_a_run_s_probe_verdict_matches_what_it_measured(overrides, store):
 def test_auto_keeps_the_fastest_candidate_that_keeps_the_outputs(overrides, store, tmp_path):
     run_metrics(compose([*overrides, "technique=[quantize_auto]", f"technique.quantize.candidates={CHEAP}"]))
     client, run = only_run(store)
-    assert run.info.run_name == "lenet quantize(auto)"
+    assert run.info.run_name == "lenet quantize(auto,own candidates)"
     table = Path(client.download_artifacts(run.info.run_id, "quantize_auto.md", str(tmp_path))).read_text()
     rows = {
         cells[0]: cells[1:]

@@ -143,7 +143,9 @@ def test_int4_lenet_is_six_times_smaller_keeps_accuracy_and_reloads(overrides, s
     accuracy = run(cfg)
     client, logged = only_run(store)
     metrics, tags = logged.data.metrics, logged.data.tags
-    assert logged.info.status == "FINISHED" and logged.info.run_name == "lenet quantize(int4-wo,g32)"
+    assert (
+        logged.info.status == "FINISHED" and logged.info.run_name == "lenet quantize(int4-wo,g32,targets=Linear+Conv2d)"
+    )
     assert metrics["compression_ratio"] >= 6
     assert metrics["accuracy_drop"] <= 0.02
     assert metrics["speedup"] > 0  # measured, not asserted: slower than fp32 on a CPU without int4 kernels
@@ -232,7 +234,10 @@ def test_int4_minilm_with_embeddings_is_six_times_smaller(overrides, store, tmp_
     cosine = run(compose([*overrides, *data, "technique=[quantize_int4_emb]"]))
     client, logged = only_run(store)
     metrics = logged.data.metrics
-    assert logged.info.status == "FINISHED" and logged.info.run_name == "minilm quantize(int4-wo,g32,emb)"
+    assert (
+        logged.info.status == "FINISHED"
+        and logged.info.run_name == "minilm quantize(int4-wo,g32,emb,targets=Linear+Conv2d)"
+    )
     assert metrics["compression_ratio"] >= 6
     assert cosine > 0.9  # the full model: 0.960 on the sentence set (BENCHMARKS-style figures in the report)
     assert "slimlab.quantize.per_row" not in logged.data.tags  # every row is a multiple of 32 (384, 1536)
@@ -256,7 +261,7 @@ def test_a_torchao_config_by_target_runs(overrides, store):
     run(cfg)
     _, logged = only_run(store)
     assert logged.info.status == "FINISHED"
-    assert logged.info.run_name == "lenet quantize(IntxWeightOnlyConfig,int4,g32)"
+    assert logged.info.run_name == "lenet quantize(IntxWeightOnlyConfig,int4,g32,keep_float=fc2)"
     assert logged.data.params["technique.quantize.config.mapping_type"] == "asymmetric"
     assert logged.data.metrics["compression_ratio"] > 3.5 and logged.data.metrics["accuracy_drop"] <= 0.02
 

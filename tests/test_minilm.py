@@ -218,7 +218,10 @@ def test_tiny_minilm_run_logs_fidelity_not_accuracy(overrides, store, few, tmp_p
     cosine = run(compose(args))
     client, logged = only_run(store)
     metrics, tags = logged.data.metrics, logged.data.tags
-    assert logged.info.status == "FINISHED" and logged.info.run_name == "minilm prune(0.3)"
+    assert (
+        logged.info.status == "FINISHED"
+        and logged.info.run_name == "minilm prune(0.3,fine_tune_epochs=1,lr=1e-05,module_types=Linear)"
+    )
     assert EMBEDDING_METRICS <= set(metrics)
     assert not [name for name in metrics if "accuracy" in name or name.startswith("mse")]
     assert metrics["cosine_to_baseline"] == cosine and 0.5 < cosine < 1

@@ -65,7 +65,7 @@ def test_gradual_reaches_the_final_sparsity(overrides, store):
         "technique.prune.steps=3", "technique.prune.fine_tune_epochs=3",
     )  # fmt: skip
     assert logged.data.metrics["sparsity"] == pytest.approx(0.8, abs=0.01)
-    assert logged.info.run_name == "lenet prune(0.8,gradual)"
+    assert logged.info.run_name == "lenet prune(0.8,gradual,steps=3,fine_tune_epochs=3)"
 
 
 def test_structured_removes_channels_and_the_artifact_reloads_at_its_new_shapes(overrides, store, tmp_path):
@@ -99,7 +99,7 @@ def test_seed_pruning_experiment(overrides, store):
     client = MlflowClient(store)
     (logged,) = client.search_runs([client.get_experiment_by_name("tests").experiment_id])
     assert logged.info.status == "FINISHED"
-    assert logged.info.run_name == "lenet prune(0.7,layer,4 layers)"
+    assert logged.info.run_name == "lenet prune(0.7,layer,4 layers,fine_tune_epochs=2)"
     assert logged.data.metrics["sparsity"] == pytest.approx(0.7, abs=0.01)
 
 

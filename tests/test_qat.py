@@ -108,7 +108,7 @@ def test_qat_int4_lenet_is_six_times_smaller_packed_and_reloads(overrides, store
     accuracy = run(cfg)
     client, logged = only_run(store)
     metrics, tags = logged.data.metrics, logged.data.tags
-    assert logged.info.status == "FINISHED" and logged.info.run_name == "lenet qat(int4-wo,g32)"
+    assert logged.info.status == "FINISHED" and logged.info.run_name == "lenet qat(int4-wo,g32,targets=Linear+Conv2d)"
     assert metrics["compression_ratio"] >= 6
     assert metrics["accuracy_drop"] <= 0.02
     assert metrics["qat_gain"] == pytest.approx(metrics["accuracy"] - metrics["tuned_ptq_accuracy"])

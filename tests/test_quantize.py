@@ -70,11 +70,14 @@ CASES = {  # id: (options, label)
     "pt2e-static-uncompiled": (["backend=pt2e", "compile=false"], "quantize(pt2e-static,uncompiled)"),
     "pt2e-static-conv-per-tensor": (
         ["backend=pt2e", "compile=false", "targets=[Linear,Conv2d]", "granularity=per_tensor"],
-        "quantize(pt2e-static,per-tensor,uncompiled)",
+        "quantize(pt2e-static,per-tensor,uncompiled,targets=Linear+Conv2d)",
     ),
     "eager-dynamic": (["backend=eager"], "quantize(eager-dyn)"),
     "eager-dynamic-per-tensor": (["backend=eager", "granularity=per_tensor"], "quantize(eager-dyn,per-tensor)"),
-    "eager-static": (["backend=eager", "scheme=static", "targets=[Linear,Conv2d]"], "quantize(eager-static)"),
+    "eager-static": (
+        ["backend=eager", "scheme=static", "targets=[Linear,Conv2d]"],
+        "quantize(eager-static,targets=Linear+Conv2d)",
+    ),
 }
 
 

@@ -65,7 +65,14 @@ class SweepResult:
         for number, outcome in sorted(self.outcomes.items()):
             if outcome["status"] in ("FAILED", "KILLED"):
                 lines.append(f"  job {number} {outcome['status']}: {outcome.get('reason', '')}")
+            elif outcome["status"] == "SKIPPED":  # not a child of this sweep's parent: say where its result is
+                lines.append(f"  job {number} SKIPPED: {skipped_reason(outcome)}")
         return "\n".join(lines)
+
+
+def skipped_reason(outcome: dict[str, str]) -> str:
+    """Why a job did not run, and which run holds its result."""
+    return f"the same run key already FINISHED as run {outcome.get('run_id') or '?'}; its result counts for this sweep"
 
 
 _active: dict[str, Any] = {}  # the launching process's sweep: uri, parent run id, sweep dir, progress thread
@@ -171,6 +178,18 @@ def children(client: MlflowClient, parent: str) -> list:
     """The child runs of a sweep's parent run."""
     experiment = client.get_run(parent).info.experiment_id
     return search_all(client, [experiment], f"tags.`mlflow.parentRunId` = '{parent}'")
+
+
+def parent_description(result: SweepResult) -> str:
+    """The parent run's description in the MLflow UI (markdown): how its jobs ended, and where the result of a
+    skipped job is, since that run is not one of the parent's children."""
+    lines = [result.summary().splitlines()[0], ""]
+    for number, outcome in sorted(result.outcomes.items()):
+        if outcome["status"] == "SKIPPED":
+            lines.append(f"- job {number} SKIPPED: {skipped_reason(outcome)}")
+        elif outcome["status"] in ("FAILED", "KILLED"):
+            lines.append(f"- job {number} {outcome['status']}: {outcome.get('reason', '')}")
+    return "\n".join(lines).strip()
 
 
 def summary_metrics(runs: list) -> dict[str, float]:
@@ -418,13 +437,14 @@ def finish() -> SweepResult | None:
     if parent is not None:
         from mlflow.entities import Metric
 
-        from slimlab.report import sweep_report
+        from slimlab.report import sweep_report, sweep_runs
 
         now = int(time.time() * 1000)
         counts = {"jobs_finished": result.count("FINISHED"), "jobs_failed": result.failed}
         counts["jobs_skipped"] = result.count("SKIPPED")
-        counts |= summary_metrics(children(client, parent))
+        counts |= summary_metrics(sweep_runs(client, parent))  # with the earlier runs of skipped jobs
         client.log_batch(parent, metrics=[Metric(k, float(v), now, 0) for k, v in counts.items()])
+        client.set_tag(parent, "mlflow.note.content", parent_description(result))  # the UI's run description
         try:
             sweep_report(client, parent, show=True)
         except Exception as error:  # the jobs' results stand; a failed report is reported, not fatal

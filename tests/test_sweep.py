@@ -83,6 +83,12 @@ def test_sweep_isolates_a_failing_job_resumes_and_reports(tmp_path, cache_dir, s
     assert [c.info.status for c in new] == ["FAILED"]
     skipped = [o["run_id"] for o in outcomes(parents[1]).values() if o["status"] == "SKIPPED"]
     assert sorted(skipped) == sorted(c.info.run_id for c in children if c.info.status == "FINISHED")
+    # the skipped jobs' runs are not the new parent's children: the terminal and the parent's description say
+    # where they are, and the parent's summary metrics count them
+    for run_id in skipped:
+        assert f"SKIPPED: the same run key already FINISHED as run {run_id}" in second.stdout
+        assert run_id in parents[1].data.tags["mlflow.note.content"]
+    assert parents[1].data.metrics["best_accuracy"] == parent.data.metrics["best_accuracy"]
 
     # Without the failing value nothing new runs; resume=false runs everything again.
     third = slimlab("run", *common, LAYERS.removesuffix(",[nope]"), cwd=tmp_path)

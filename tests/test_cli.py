@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
@@ -346,3 +348,26 @@ def test_server_refuses_a_database_it_cannot_reach_in_one_line(tmp_path):
     assert result.stderr.startswith(line) and result.stderr.count("\n") == 1, result.stderr
     assert "cannot connect" in result.stderr and "secret" not in result.stderr
     assert not (tmp_path / "a").exists()
+
+
+def readme_refusals() -> list[tuple[str, str]]:
+    """README's ``$ slimlab ...`` lines that the next line shows refused (``slimlab: error: ...``)."""
+    lines = (Path(__file__).parents[1] / "README.md").read_text().splitlines()
+    return [
+        (command[2:], answer)
+        for command, answer in zip(lines, lines[1:], strict=False)
+        if command.startswith("$ slimlab ") and answer.startswith("slimlab: error: ")
+    ]
+
+
+@pytest.mark.parametrize("command,answer", readme_refusals(), ids=[c for c, _ in readme_refusals()])
+def test_the_readmes_refusals_are_what_slimlab_prints(command, answer, tmp_path, slimlab_here, capsys):
+    """Word for word: a README that shows an old message teaches the wrong thing."""
+    code = slimlab_here(*shlex.split(command)[1:])
+    stderr = capsys.readouterr().err
+    assert_refused(code, stderr, answer, tmp_path)
+    assert stderr.strip() == answer
+
+
+def test_the_readme_shows_refusals():
+    assert len(readme_refusals()) >= 6  # the test above would pass on a README that lost its examples

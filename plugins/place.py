@@ -195,23 +195,25 @@ def _move(value: Any, device: Any, dtype: Any) -> Any:
     return value
 
 
-def _weights_maps(module: nn.Module) -> list[Any]:
-    """The weights maps of accelerate's offloading hooks on ``module`` (where its offloaded tensors live)."""
-    hook = getattr(module, "_hf_hook", None)
-    hooks = getattr(hook, "hooks", (hook,))  # a SequentialHook holds several
-    return [
-        h.weights_map for h in hooks if getattr(h, "offload", False) and getattr(h, "weights_map", None) is not None
-    ]
+def _offloaded(module: nn.Module) -> bool:
+    """Does accelerate hold some of ``module``'s own tensors in its offload store (CPU memory or disk)?"""
+    from accelerate.utils import has_offloaded_params
+
+    return has_offloaded_params(module)
 
 
-def _offloaded_value(module: nn.Module, name: str) -> Any:
-    """The real value of ``module``'s tensor ``name`` that accelerate offloaded; None if it holds none."""
-    for weights in _weights_maps(module):
-        try:
-            return weights[name]
-        except KeyError:
-            continue
-    return None
+def _onloaded(module: nn.Module, names: list[str]) -> dict[str, Any]:
+    """The values of ``module``'s own tensors ``names``, read back on the CPU from accelerate's offload store.
+
+    accelerate's public ``align_module_device`` loads them for the duration of the block, as a forward pass
+    would; the values read inside it stay valid after the module goes back to ``meta``. (Its
+    ``get_state_dict_offloaded_model`` does this for a whole model but leaves out the root module's own tensors,
+    and is not exported from ``accelerate.utils``.)
+    """
+    from accelerate.utils import align_module_device
+
+    with align_module_device(module, "cpu"):
+        return {name: getattr(module, name).detach() for name in names}
 
 
 def _real(root: nn.Module, name: str, tensor: Any) -> Any:
@@ -219,20 +221,22 @@ def _real(root: nn.Module, name: str, tensor: Any) -> Any:
     if not getattr(tensor, "is_meta", False):
         return tensor
     owner, _, local = name.rpartition(".")
-    value = _offloaded_value(root.get_submodule(owner), local)
-    if value is None:
+    module = root.get_submodule(owner)
+    if not _offloaded(module):
         raise RuntimeError(f"{name} is on the meta device and no offloaded copy of it was found")
-    return value
+    return _onloaded(module, [local])[local]
 
 
 def _restore_offloaded(module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
     """state_dict post-hook: offloaded tensors are in the state as their values, not as meta placeholders."""
-    for key in [key for key in state_dict if key.startswith(prefix)]:
-        value = state_dict[key]
-        if getattr(value, "is_meta", False):
-            real = _offloaded_value(module, key[len(prefix) :])
-            if real is not None:
-                state_dict[key] = real
+    own = {
+        key[len(prefix) :]: key
+        for key, value in state_dict.items()
+        if key.startswith(prefix) and "." not in key[len(prefix) :] and getattr(value, "is_meta", False)
+    }  # the module's own tensors: an offloaded child has a hook of its own
+    if own:
+        for local, value in _onloaded(module, list(own)).items():
+            state_dict[own[local]] = value
 
 
 @functools.cache
@@ -364,7 +368,7 @@ def split(model: nn.Module, config: PlaceConfig, main: str, ctx: RunContext) -> 
         offload_state_dict(offload_dir, on_disk)
     dispatch_model(model, grouped, main_device=main, offload_dir=offload_dir, force_hooks=True)
     for module in model.modules():
-        if _weights_maps(module):
+        if _offloaded(module):
             module.register_state_dict_post_hook(_restore_offloaded)
     if offload_dir is not None:
         ctx.tags["slimlab.place.offload_dir"] = str(offload_dir)

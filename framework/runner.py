@@ -440,7 +440,7 @@ def _run_pipeline(
 
     for index, step in enumerate(steps, 1):
         log.info("technique %d/%d: %s", index, len(steps), step.describe())
-        model = step.technique.apply(model, step.config, ctx)
+        model = apply_technique(step, model, ctx)
         if model is None:
             raise TypeError(f"technique {step.name!r} returned None; apply() must return the model")
         params, nonzero = count_parameters(model)
@@ -522,6 +522,37 @@ def _run_pipeline(
     stages_path.write_text(json.dumps({"baseline": baseline.metrics, "stages": ctx.stages, "final": metrics}, indent=2))
     ctx.artifacts["stages"] = stages_path
     return metrics
+
+
+def apply_technique(step: Step, model: Any, ctx: RunContext) -> Any:
+    """``step``'s ``apply`` on a copy of its config, which must come back unchanged: the run's params are the
+    configured options (logged before it runs), so a change made in ``apply`` would log a config other than the
+    one run. A change is a ``PluginError`` naming the technique, its plugin and each changed field."""
+    import dataclasses
+
+    from slimlab.registry import _plain_deep
+
+    unset = "(unset)"
+
+    def fields(config: Any) -> dict[str, Any]:  # attributes apply adds count too
+        named = {f.name: getattr(config, f.name, unset) for f in dataclasses.fields(config)}
+        return named | getattr(config, "__dict__", {})
+
+    given = copy.deepcopy(step.config)
+    model = step.technique.apply(model, given, ctx)
+    configured, left = fields(step.config), fields(given)
+    changed = []
+    for name in dict.fromkeys([*configured, *left]):
+        was, now = configured.get(name, unset), left.get(name, unset)
+        if not (was is now or was == now):  # `is`: a NaN left as it was is unchanged
+            changed.append(f"{name}: configured {_plain_deep(was)!r}, apply left {_plain_deep(now)!r}")
+    if changed:
+        raise PluginError(
+            f"technique {step.name!r} of plugin {step.technique.plugin!r} changed its config in apply "
+            f"({'; '.join(changed)}): the run logs the configured options as its params, so apply must leave its "
+            "config as it is; record a value it derives in ctx.metrics or ctx.tags"
+        )
+    return model
 
 
 def readable(value: float) -> float:

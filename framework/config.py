@@ -77,10 +77,10 @@ class Codec(Choice):
 class TrainConfig:
     """How the baseline is trained (and the defaults for fine-tuning)."""
 
-    epochs: int = 10
-    lr: float = 1e-3
-    batch_size: int = 64
-    seed: int = SI("${seed}")
+    epochs: int = 10  # of the baseline's training; 0 keeps the model as built
+    lr: float = 1e-3  # Adam's learning rate
+    batch_size: int = 64  # rows per training batch
+    seed: int = SI("${seed}")  # shuffles the training batches
     fine_tune_pretrained: bool = False  # also train a model that comes with weights (else it is the baseline as is)
     # Threads while training: float sums split per thread, so a fixed count gives the same bytes in any process
     # (a sweep's worker, a bigger machine). 1 never oversubscribes parallel jobs; raise it for one big run.
@@ -91,10 +91,10 @@ class TrainConfig:
 class MeasureConfig:
     """The latency protocol: same batch and threads for baseline and compressed model."""
 
-    batch_size: int = 64
-    warmup: int = 3
-    repeats: int = 20
-    threads: int = 1
+    batch_size: int = 64  # rows per timed batch
+    warmup: int = 3  # untimed calls before timing
+    repeats: int = 20  # timed calls per model (at least 5): latency_ms is their median, latency_ms_p95 their p95
+    threads: int = 1  # torch threads while timing, the same for baseline and compressed model
     eval_batch_size: int = 512  # rows per batch when scoring the test split (a Dataset; a DataLoader keeps its own)
 
 
@@ -102,7 +102,7 @@ class MeasureConfig:
 class TrackingConfig:
     """Where runs are recorded; ``backend: none`` records nothing."""
 
-    backend: TrackingBackend = TrackingBackend.mlflow
+    backend: TrackingBackend = TrackingBackend.mlflow  # none: nothing is recorded
     uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///<launch dir>/mlflow.db
     log_model: bool = True  # the compressed model with mlflow.pytorch.log_model (signature, input example)
 
@@ -116,17 +116,19 @@ class ArtifactConfig:
 
 @dataclass
 class PluginsConfig:
-    disable: list[str] = field(default_factory=list)
+    """Which plugins are loaded."""
+
+    disable: list[str] = field(default_factory=list)  # plugin names (as `slimlab plugins` lists them) left out
 
 
 @dataclass
 class SlimlabConfig:
     """Top-level keys; the groups (model, data, technique, device, tracking) fill the rest."""
 
-    experiment_name: str = "slimlab"
-    seed: int = 0
+    experiment_name: str = "slimlab"  # the MLflow experiment the runs go to (an experiment config sets its own)
+    seed: int = 0  # of the model's initialisation, the data split and training
     resume: bool = True  # in a sweep, skip a job whose resolved config already has a FINISHED run
-    cache_dir: str = ".slimlab/cache"
+    cache_dir: str = ".slimlab/cache"  # trained baselines, keyed by their model, data and training config
     train: TrainConfig = field(default_factory=TrainConfig)
     measure: MeasureConfig = field(default_factory=MeasureConfig)
     artifact: ArtifactConfig = field(default_factory=ArtifactConfig)

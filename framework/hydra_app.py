@@ -230,6 +230,8 @@ def app_help(overrides: list[str], plugins: Plugins) -> str:
         "Override anything in the config (foo.bar=value)",
         "",
         OmegaConf.to_yaml(cfg),
+        top_level_help(),
+        "",
         str(text.footer).rstrip(),
         "",
         technique_help(plugins),
@@ -237,22 +239,78 @@ def app_help(overrides: list[str], plugins: Plugins) -> str:
     return "\n".join(lines)
 
 
-def technique_help(plugins: Plugins) -> str:
-    """Every registered technique with its options, types (an enum's values: ``l1 | random``) and defaults."""
+HELP_WIDTH = 100  # fixed rather than the terminal's: the same text in a terminal, a pipe and a test
+
+
+def _option_lines(key: str, hint: object, default: object, meaning: str | None, indent: str) -> list[str]:
+    """``  key: type = default`` and, below it, what the option means (``field_help``), wrapped."""
     import dataclasses
+    import textwrap
+
+    given = " (required)" if default is dataclasses.MISSING else f" = {default!r}"
+    lines = [f"{indent}{key}: {_type_text(hint)}{given}"]
+    if meaning:
+        deeper = indent + "    "
+        lines += textwrap.wrap(meaning, HELP_WIDTH, initial_indent=deeper, subsequent_indent=deeper)
+    return lines
+
+
+def _dataclass_lines(schema: type, prefix: str, indent: str, skip: tuple[str, ...] = ()) -> list[str]:
+    """Every field of dataclass ``schema`` as ``_option_lines``; a nested dataclass's fields under its own line."""
+    import dataclasses
+    import textwrap
     import typing
 
+    from slimlab.field_help import class_summary, fields_help
+
+    try:
+        hints = typing.get_type_hints(schema)
+    except Exception:  # an annotation that does not resolve: show it as written
+        hints = {}
+    meanings = fields_help(schema)
+    lines: list[str] = []
+    nested: list[str] = []
+    for item in dataclasses.fields(schema):
+        if item.name in skip:
+            continue
+        hint = hints.get(item.name, item.type)
+        key = f"{prefix}{item.name}"
+        if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+            meaning = meanings.get(item.name) or class_summary(hint)
+            title = f"{key}: {meaning}" if meaning else f"{key}:"
+            nested += textwrap.wrap(title, HELP_WIDTH, initial_indent=indent, subsequent_indent=indent + "    ")
+            nested += _dataclass_lines(hint, f"{key}.", indent + "  ")
+            continue
+        if item.default_factory is not dataclasses.MISSING:
+            default = item.default_factory()
+        else:
+            default = item.default
+        lines += _option_lines(key, hint, default, meanings.get(item.name), indent)
+    return lines + nested
+
+
+def top_level_help() -> str:
+    """slimlab's own options (``SlimlabConfig``: train.*, measure.*, tracking.*, ...) with what each means."""
+    from slimlab.config import SlimlabConfig
+
+    groups = ("model", "data", "technique", "device")  # their options are the groups' (listed above)
+    return "\n".join(
+        [
+            "== Options ==",
+            "Set with KEY=value, e.g. train.epochs=1",
+            "",
+            *_dataclass_lines(SlimlabConfig, "", "", skip=groups),
+        ]
+    )
+
+
+def technique_help(plugins: Plugins) -> str:
+    """Every registered technique with its options: type (an enum's values: ``l1 | random``), default, meaning."""
     lines = ["== Technique options ==", "Set with technique.NAME.OPTION=value once NAME is in 'technique=[...]'", ""]
     for name in plugins.registry.names():
         technique = plugins.registry[name]
         lines.append(f"{name} (plugin {technique.plugin}):")
-        try:
-            hints = typing.get_type_hints(technique.schema)
-        except Exception:  # an annotation that does not resolve: show it as written
-            hints = {}
-        for field in dataclasses.fields(technique.schema):
-            default = field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
-            lines.append(f"  {field.name}: {_type_text(hints.get(field.name, field.type))} = {default!r}")
+        lines += _dataclass_lines(technique.schema, "", "  ")
     return "\n".join(lines)
 
 

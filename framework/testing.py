@@ -349,6 +349,11 @@ class TechniqueContract:
         from slimlab.tracking import experiment_id
 
         cfg = slimlab_compose(self.overrides())
+        if any(option.startswith("model=") for option in self.options):  # the model the options chose
+            from slimlab.baseline import build_model
+
+            torch.manual_seed(0)
+            tiny_model = build_model(cfg.model).eval()
         model = self._applied(cfg, slimlab_plugins, tiny_data, tiny_model, tmp_path)
         ctx = context(cfg, tiny_data, tmp_path, plugins=slimlab_plugins)
         ctx.model, ctx.steps = model, [self.step(cfg, slimlab_plugins)]

@@ -1,7 +1,10 @@
 """The model artifact: a state dict whose zeros take bits, not bytes, loadable with ``weights_only=True``.
 
-Each tensor is stored dense or as a packed bitmask of its non-zeros plus the
-non-zero values, whichever is smaller, so pruning shows in the file size.
+Each tensor is stored dense, as a packed bitmask of its non-zeros plus the
+non-zero values, or, when it has at most 256 distinct values (weight sharing,
+codebooks), as a palette of them plus a few-bit index per element (the
+non-zeros alone too), whichever is smallest, so pruning and clustering show in
+the file size with no flag.
 Quantized tensors are stored as their integer values plus scales and zero
 points: torchao's tensor subclasses through their ``__tensor_flatten__``
 parts, ``torch.ao`` quantized tensors through ``int_repr()``; the integers are
@@ -110,15 +113,55 @@ def encode_tensor(
     count = int(nonzero.sum())
     bits = narrow[0] if narrow else tensor.element_size() * 8
     dense_bytes = (tensor.numel() * bits + 7) // 8
-    sparse_bytes = (tensor.numel() + 7) // 8 + (count * bits + 7) // 8
-    if tensor.numel() < 64 or sparse_bytes >= dense_bytes:
+    if tensor.numel() < 64:
         return _pack_bits(tensor, *narrow) if narrow else tensor
-    values = tensor[nonzero].clone()
-    return {
-        "shape": list(tensor.shape),
-        "mask": _pack(nonzero),
-        "values": _pack_bits(values, *narrow) if narrow else values,
-    }
+    # Weight sharing (k-means, codebooks) leaves few distinct values: a palette and an index of a few bits each,
+    # for the whole tensor or for its non-zeros, whichever of the forms takes the fewest bytes.
+    palette = None if narrow else _palette(tensor)
+    sparse_bytes = (tensor.numel() + 7) // 8 + (count * bits + 7) // 8
+    value_palette = None
+    if palette and 0 < count < tensor.numel():  # the non-zeros have no more distinct values than the whole
+        value_palette = _palette(tensor[nonzero])
+        if value_palette:
+            sparse_bytes = min(sparse_bytes, (tensor.numel() + 7) // 8 + _palette_bytes(value_palette))
+    palette_bytes = _palette_bytes(palette) if palette else dense_bytes
+    best = min(dense_bytes, sparse_bytes, palette_bytes)
+    if best == dense_bytes:
+        return _pack_bits(tensor, *narrow) if narrow else tensor
+    if palette and best == palette_bytes:
+        return palette
+    if value_palette and best < (tensor.numel() + 7) // 8 + (count * bits + 7) // 8:
+        stored_values = value_palette
+    else:
+        values = tensor[nonzero].clone()
+        stored_values = _pack_bits(values, *narrow) if narrow else values
+    return {"shape": list(tensor.shape), "mask": _pack(nonzero), "values": stored_values}
+
+
+PALETTE_MAX = 256  # distinct values a palette holds: indices of at most 8 bits
+
+
+def _palette(tensor: torch.Tensor) -> dict[str, Any] | None:
+    """``{"palette", "indices", "shape"}``: the distinct values and, per element, its index in ``bits`` bits; None
+    when the tensor has more than ``PALETTE_MAX`` distinct values or the indices would be no narrower than the
+    elements. Exact (``torch.unique`` sees -0.0 as 0.0, as the sparse form does)."""
+    if tensor.numel() < 64 or tensor.dtype == torch.bool or tensor.is_complex():
+        return None
+    flat = tensor.flatten()
+    # at most this many values give indices narrower than the elements (int8: 128, 7 bits)
+    most = min(PALETTE_MAX, 2 ** (tensor.element_size() * 8 - 1))
+    if torch.unique(flat[:4096]).numel() > most:  # most weights: rejected on a sample, not a full sort
+        return None
+    distinct, indices = torch.unique(flat, sorted=True, return_inverse=True)
+    bits = max(1, (distinct.numel() - 1).bit_length())
+    if distinct.numel() > most:
+        return None
+    return {"shape": list(tensor.shape), "palette": distinct, "indices": _pack_bits(indices, bits, 0)}
+
+
+def _palette_bytes(coded: dict[str, Any]) -> int:
+    planes = coded["indices"]["planes"]
+    return coded["palette"].numel() * coded["palette"].element_size() + planes.numel()
 
 
 def decode_tensor(stored: torch.Tensor | dict[str, Any]) -> torch.Tensor:
@@ -126,6 +169,8 @@ def decode_tensor(stored: torch.Tensor | dict[str, Any]) -> torch.Tensor:
         return stored
     if "planes" in stored:
         return _unpack_bits(stored)
+    if "palette" in stored:
+        return stored["palette"][_unpack_bits(stored["indices"]).long()].view(stored["shape"])
     if "fill" in stored:
         return stored["fill"].expand(stored["shape"]).clone()
     values = decode_tensor(stored["values"])

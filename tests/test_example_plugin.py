@@ -103,3 +103,30 @@ def test_broken_plugins_beside_it_do_not_stop_its_runs(lowrank_site, tmp_path, c
     assert "lenet lowrank(0.9)" in result.stdout  # the real plugin ran, not the copycat
     assert "'broken'" in result.stderr and "slimlab-broken" in result.stderr and "not_a_module_xyz" in result.stderr
     assert "'lowrank_clone'" in result.stderr and "already registered by 'lowrank'" in result.stderr
+
+
+KMEANS = REPO / "examples" / "slimlab-kmeans"
+
+
+@pytest.mark.slow
+def test_weight_sharing_shows_in_size_bytes_without_any_flag(tmp_path, cache_dir, store):
+    """The k-means example declares nothing about storage: slimlab's artifact stores a layer of 16 shared values
+    as a palette and 4-bit indices, so the file shrinks as the weights did (issue 16)."""
+    site = tmp_path / "kmeans-site"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+         "--target", str(site), str(KMEANS)],
+        check=True, capture_output=True, text=True,
+    )  # fmt: skip
+    common = [*FAST, "technique.prune.amount=0.5", f"cache_dir={cache_dir}", f"tracking.uri={store}"]
+    for chain in ("[prune]", "[prune,kmeans]"):
+        result = slimlab("run", f"technique={chain}", *common, cwd=tmp_path, env={"PYTHONPATH": str(site)})
+        assert result.returncode == 0, result.stderr[-3000:]
+    client = MlflowClient(store)
+    runs = {r.info.run_name: r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])}
+    pruned, shared = runs["lenet prune(0.5)"], runs["lenet prune(0.5)+kmeans(16)"]
+    assert shared.info.status == "FINISHED" and shared.data.metrics["kmeans_layers"] == 4
+    # 1 mask bit + half the weights at 4 bits, against 1 + half at 32: about a sixth of the bytes
+    assert shared.data.metrics["size_bytes"] < 0.3 * pruned.data.metrics["size_bytes"]
+    assert shared.data.metrics["sparsity"] == pytest.approx(pruned.data.metrics["sparsity"], abs=1e-6)
+    assert shared.data.metrics["accuracy_drop"] < 0.05  # 16 centroids a layer keep LeNet's accuracy

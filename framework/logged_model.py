@@ -245,15 +245,20 @@ def _without_password(uri: str) -> str:
 def using_tracking_uri(uri: str) -> Iterator[None]:
     """MLflow's global tracking URI set to ``uri`` for a fluent call, then restored, ``$MLFLOW_TRACKING_URI`` too.
 
-    (MLflow's own ``_use_tracking_uri`` restores its module global and unsets the variable it came from.)
+    MLflow's public API only: ``set_tracking_uri`` also sets the variable (and ``None`` unsets both), so the
+    variable is put back by hand. A URI set in this process is restored where it differs from the variable;
+    otherwise the variable (or MLflow's default) goes on deciding, as before.
     """
-    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+    import mlflow
 
     from_env = os.environ.get("MLFLOW_TRACKING_URI")
+    current = mlflow.get_tracking_uri()
+    previous = current if mlflow.is_tracking_uri_set() and current != from_env else None
+    mlflow.set_tracking_uri(uri)
     try:
-        with _use_tracking_uri(uri):
-            yield
+        yield
     finally:
+        mlflow.set_tracking_uri(previous)
         if from_env is not None:
             os.environ["MLFLOW_TRACKING_URI"] = from_env
 

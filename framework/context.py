@@ -14,7 +14,7 @@ if TYPE_CHECKING:
 
     from slimlab.data import Data
     from slimlab.registry import Step
-    from slimlab.training import Loss
+    from slimlab.training import Loss, StepHook
 
 
 @dataclass
@@ -58,11 +58,19 @@ class RunContext:
         lr: float | None = None,
         description: str = "fine-tune",
         loss: Loss | None = None,
+        *,
+        keep_zeros: bool = False,
+        before_step: StepHook | None = None,
+        after_step: StepHook | None = None,
     ) -> None:
         """Train ``model`` further on the training split with the run's training settings.
 
-        ``loss(model, inputs, target)`` replaces the task's loss. Plain training: weights at zero do not
-        stay zero unless a mask holds them (``torch.nn.utils.prune`` keeps its masks applied while training).
+        ``loss(model, inputs, target)`` replaces the task's loss. Weights at zero do not stay zero by default
+        (Adam moves them) unless a mask holds them (``torch.nn.utils.prune`` keeps its masks applied while
+        training); ``keep_zeros=True`` puts every zero of a weight matrix or kernel back after each step, so a
+        pruned model stays as sparse. A technique with its own step (API 2.2): ``before_step(model)`` runs
+        after the backward pass (transform the gradients), ``after_step(model)`` after the optimizer's step
+        and the zeros (project the weights back, e.g. onto shared centroids); both under ``torch.no_grad()``.
         """
         from slimlab.training import train
 
@@ -77,6 +85,9 @@ class RunContext:
             description=description,
             loss=loss,
             targets_from=None if self.task.labelled else self.baseline,
+            before_step=before_step,
+            after_step=after_step,
+            keep_zeros=keep_zeros,
         )
 
     def example_inputs(self, rows: int | None = None) -> Any:

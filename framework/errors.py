@@ -23,3 +23,12 @@ class SweepSetupFailed(BaseException):  # noqa: N818 - it carries the cause, lik
 
     A ``BaseException`` because Hydra turns a callback's ``Exception`` into a warning and carries on.
     """
+
+
+RECORDED = "slimlab_recorded"  # set on an error raised after the run was opened, and so recorded as FAILED
+
+
+def recorded(error: BaseException) -> bool:
+    """Whether ``error`` ended a run that tracking had opened: a failed run (exit 1), never bad input (exit 2),
+    whatever its type, so the run's record and job folder stay."""
+    return bool(getattr(error, RECORDED, False))

@@ -21,7 +21,7 @@ from slimlab.config import (
     use_search_path,
     with_searchpath,
 )
-from slimlab.errors import ConfigError, PluginError, RunFailed
+from slimlab.errors import ConfigError, PluginError, RunFailed, recorded
 
 if TYPE_CHECKING:
     from slimlab.plugin_manager import Plugins
@@ -97,7 +97,7 @@ def launch(args: list[str], disable: list[str]) -> int:
             raise
         except Exception as error:
             if not in_sweep:
-                if isinstance(error, ConfigError | PluginError):
+                if isinstance(error, ConfigError | PluginError) and not recorded(error):
                     if fresh:  # refused before any work: it leaves nothing behind
                         _remove_job_dir()
                     raise BadInput(str(error)) from error

@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from slimlab.config import CONFIG_DIR, config_hash
 from slimlab.context import RunContext
-from slimlab.errors import ConfigError, PluginError
+from slimlab.errors import RECORDED, ConfigError, PluginError
 from slimlab.plugin_manager import Plugins, load_plugins
 from slimlab.registry import Step, speedup_bound
 
@@ -391,6 +391,7 @@ def run_metrics(
         metrics = _run_pipeline(ctx, steps, hooks, model, found)
         hooks.after_run(ctx=ctx, metrics=metrics)
     except BaseException as error:
+        setattr(error, RECORDED, True)  # a ConfigError or PluginError from here on is a failed run, not bad input
         hooks.on_run_error(ctx=ctx, error=error, traceback_text=traceback.format_exc())
         raise
     return task.primary_metric, metrics

@@ -168,6 +168,20 @@ def test_a_run_whose_apply_changes_its_config_fails_with_the_reason(sharing_site
     assert run.data.metrics == {}  # no result of the run that was not the configured one
 
 
+@pytest.mark.slow
+def test_through_the_cli_a_failed_run_exits_1_and_keeps_its_job_folder(sharing_site, overrides, tmp_path):
+    """A PluginError raised after the run was opened is a failed run, not bad input: exit 1 (not 2, which says
+    nothing was recorded), and the job folder with its log stays beside the FAILED MLflow run."""
+    from tests.conftest import slimlab
+
+    result = slimlab(
+        "run", "model=mlp", "technique=[share]", *overrides, cwd=tmp_path, env={"PYTHONPATH": str(sharing_site)}
+    )
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert MUTATED in result.stderr
+    assert list((tmp_path / "outputs").glob("*/*/.hydra")), "the job folder was removed"
+
+
 KIT_TESTS = """
 from slimlab.testing import TechniqueContract
 

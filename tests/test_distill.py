@@ -60,7 +60,7 @@ def test_kd_lenet_to_lenet_small_reports_scratch_accuracy_and_gain(overrides, st
     run(compose(["experiment=kd_lenet", *overrides, "technique.distill.epochs=1"]))
     _, logged = only_run(store)
     assert logged.info.status == "FINISHED"
-    assert logged.info.run_name == "lenet distill(lenet_small,T=4,a=0.5)"
+    assert logged.info.run_name == "lenet distill(lenet_small,T=4,a=0.5,epochs=1)"
     metrics = logged.data.metrics
     assert {"scratch_accuracy", "distill_gain", "teacher_accuracy"} <= set(metrics)
     assert metrics["distill_gain"] == pytest.approx(metrics["accuracy"] - metrics["scratch_accuracy"])
@@ -123,7 +123,7 @@ def test_prune_distill_quantize_keeps_the_pruned_zeros(overrides, store, tmp_pat
     run(compose([*overrides, *pipeline]))
     client, logged = only_run(store)
     assert logged.info.status == "FINISHED"
-    assert logged.info.run_name == "lenet prune(0.5)+distill(T=4,a=0.5)+quantize(int8-wo)"
+    assert logged.info.run_name == "lenet prune(0.5)+distill(T=4,a=0.5,epochs=1)+quantize(int8-wo)"
     assert logged.data.metrics["sparsity"] >= 0.49  # 50% of the weights pruned; biases are kept
     pruned, distilled, _ = stages(client, logged.info.run_id, tmp_path)
     assert distilled["nonzero_param_count"] <= pruned["nonzero_param_count"]
@@ -213,8 +213,8 @@ def test_sweep_logs_the_distilled_and_the_scratch_run_separately(tmp_path, cache
     _, runs = runs_of(store)
     runs = [r for r in runs if "mlflow.parentRunId" in r.data.tags]  # the jobs, without the sweep's parent
     assert [r.info.run_name for r in runs] == [
-        "big_model distill(small_model,mse,a=1)",
-        "big_model distill(small_model,scratch)",
+        "big_model distill(small_model,mse,a=1,epochs=2,lr=0.01)",
+        "big_model distill(small_model,scratch,epochs=2,lr=0.01)",
     ]
     assert [r.data.params["technique.distill.scratch"] for r in runs] == ["False", "True"]
     assert "distill_gain" in runs[0].data.metrics and "distill_gain" not in runs[1].data.metrics

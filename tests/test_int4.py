@@ -212,7 +212,10 @@ def test_int4_artifact_reloads_with_identical_outputs(scheme, store, tmp_path):
 def test_int4_compiled_says_where_the_dequantization_goes(overrides, store):
     run(compose([*overrides, "technique=[quantize_int4]", "technique.quantize.compile=true"]))
     _, logged = only_run(store)
-    assert logged.info.status == "FINISHED" and logged.info.run_name == "lenet quantize(int4-wo,g32,compiled)"
+    assert (
+        logged.info.status == "FINISHED"
+        and logged.info.run_name == "lenet quantize(int4-wo,g32,compiled,targets=Linear+Conv2d)"
+    )
     assert logged.data.metrics["compression_ratio"] >= 6 and logged.data.metrics["compile_time_s"] > 0
     assert "inside the torch.compile'd graph" in logged.data.tags[KERNEL_TAG]
 

@@ -243,7 +243,7 @@ def test_pt2e_lenet_keeps_accuracy_and_is_stable(overrides, store, tmp_path):
     accuracy = run(cfg)
     client, logged = only_run(store)
     metrics, tags = logged.data.metrics, logged.data.tags
-    assert logged.info.run_name == "lenet quantize(pt2e-static)"
+    assert logged.info.run_name == "lenet quantize(pt2e-static,targets=Linear+Conv2d)"
     assert metrics["accuracy_drop"] <= 0.005
     assert metrics["compression_ratio"] > 3.5
     assert metrics["compile_time_s"] > 0 and metrics["speedup"] > 0

@@ -89,10 +89,10 @@ def test_optuna_search_resumes_after_an_interruption(tmp_path, cache_dir):
             assert time.monotonic() < deadline and process.poll() is None, "the search did not get half way"
             time.sleep(0.5)
         process.send_signal(signal.SIGTERM)
-        process.communicate(timeout=60)
+        _, stderr = process.communicate(timeout=60)
     finally:
         process.kill()
-    assert process.returncode == 143  # 128 + SIGTERM
+    assert process.returncode == 143, stderr[-3000:]  # 128 + SIGTERM
     import optuna
 
     (name,) = optuna.get_all_study_names(f"sqlite:///{tmp_path}/optuna.db")  # <experiment>-<digest of the search>

@@ -222,3 +222,22 @@ def with_plugins(plugin_site, monkeypatch) -> Path:
     """The third-party plugins importable and discoverable in this process."""
     monkeypatch.syspath_prepend(str(plugin_site))
     return plugin_site
+
+
+def venv_seeing(root: Path, names: list[str]) -> dict[str, str]:
+    """A new venv with slimlab pip-installed (``--no-deps``) and ``names`` (entries of this suite's site-packages)
+    visible through a path file: installed packages without downloading them. Returns the environment to run in."""
+    import sysconfig
+
+    venv = root / "venv"
+    subprocess.run([sys._base_executable, "-m", "venv", str(venv)], check=True)  # type: ignore[attr-defined]
+    site, deps = Path(sysconfig.get_paths()["purelib"]), root / "deps"
+    deps.mkdir()
+    for name in sorted(names):
+        if (site / name).exists() and not name.endswith(".pth"):
+            (deps / name).symlink_to(site / name)
+    (next((venv / "lib").glob("python*/site-packages")) / "slimlab_deps.pth").write_text(f"{deps}\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "MLFLOW_TRACKING_URI", "VIRTUAL_ENV")}
+    env["PATH"] = f"{venv / 'bin'}{os.pathsep}{env['PATH']}"
+    subprocess.run([venv / "bin" / "pip", "install", "--quiet", "--no-deps", str(REPO)], check=True, env=env)
+    return env

@@ -11,7 +11,6 @@ import os
 import re
 import subprocess
 import sys
-import sysconfig
 from functools import cache
 from importlib import metadata
 from pathlib import Path
@@ -20,7 +19,7 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from tests.conftest import REPO
+from tests.conftest import REPO, venv_seeing
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -335,23 +334,11 @@ def core_environment(root: Path) -> dict[str, str]:
     """A new venv with slimlab pip-installed (``--no-deps``) beside the installed distributions of its core
     requirements only, visible through a path file: what ``pip install slimlab`` gives, without downloading it."""
     keep = closure(core())
-    site = Path(sysconfig.get_paths()["purelib"])
     visible: set[str] = set()
     for dist in metadata.distributions():
         if canonicalize_name(dist.metadata["Name"]) in keep:
             visible |= {Path(str(file)).parts[0] for file in dist.files or [] if not str(file).startswith("..")}
-    venv = root / "venv"
-    subprocess.run([sys._base_executable, "-m", "venv", str(venv)], check=True)  # type: ignore[attr-defined]
-    deps = root / "deps"
-    deps.mkdir()
-    for name in sorted(visible):
-        if (site / name).exists() and not name.endswith(".pth"):
-            (deps / name).symlink_to(site / name)
-    (next((venv / "lib").glob("python*/site-packages")) / "slimlab_core.pth").write_text(f"{deps}\n")
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "MLFLOW_TRACKING_URI", "VIRTUAL_ENV")}
-    env["PATH"] = f"{venv / 'bin'}{os.pathsep}{env['PATH']}"
-    subprocess.run([venv / "bin" / "pip", "install", "--quiet", "--no-deps", str(REPO)], check=True, env=env)
-    return env
+    return venv_seeing(root, sorted(visible))
 
 
 @pytest.mark.slow

@@ -7,17 +7,15 @@ download gigabytes; everything the tutorial does, it does there, with that envir
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
-import sys
 import sysconfig
 from pathlib import Path
 
 import pytest
 
 import slimlab.hookspecs as hookspecs
-from tests.conftest import REPO
+from tests.conftest import REPO, venv_seeing
 
 TUTORIAL = REPO / "docs" / "plugins.md"
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.S | re.M)
@@ -49,21 +47,12 @@ def test_every_hook_is_in_the_reference():
 
 
 def fresh_environment(root: Path) -> dict[str, str]:
-    """A new venv with slimlab pip-installed and its dependencies visible; returns the environment to run in."""
-    venv = root / "venv"
-    subprocess.run([sys._base_executable, "-m", "venv", str(venv)], check=True)  # type: ignore[attr-defined]
-    # This suite's site-packages minus slimlab itself, as a path file: the dependencies, not the package.
-    deps = root / "deps"
-    deps.mkdir()
-    for entry in Path(sysconfig.get_paths()["purelib"]).iterdir():
-        if entry.suffix != ".pth" and "slimlab" not in entry.name and entry.name not in ("pip", "setuptools"):
-            (deps / entry.name).symlink_to(entry)
-    site = next((venv / "lib").glob("python*/site-packages"))
-    (site / "slimlab_dependencies.pth").write_text(f"{deps}\n")
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "MLFLOW_TRACKING_URI", "VIRTUAL_ENV")}
-    env["PATH"] = f"{venv / 'bin'}{os.pathsep}{env['PATH']}"
-    subprocess.run([venv / "bin" / "pip", "install", "--quiet", "--no-deps", str(REPO)], check=True, env=env)
-    return env
+    """A new venv with slimlab pip-installed and its dependencies visible (this suite's site-packages minus
+    slimlab itself): the dependencies, not the package."""
+    entries = Path(sysconfig.get_paths()["purelib"]).iterdir()
+    return venv_seeing(
+        root, [e.name for e in entries if "slimlab" not in e.name and e.name not in ("pip", "setuptools")]
+    )
 
 
 @pytest.mark.slow

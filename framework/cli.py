@@ -11,7 +11,6 @@ from collections.abc import Sequence
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 EXIT_INTERRUPTED, EXIT_TERMINATED, EXIT_BROKEN_PIPE = 130, 143, 141  # 128 + signal, as shells report
-UI_HOST, UI_PORT = "127.0.0.1", 5000  # where `slimlab ui` listens unless told: the runs' hints link there
 
 USAGE = """\
 usage: slimlab <command> [arguments]
@@ -127,6 +126,8 @@ def report_command(args: list[str]) -> int:
 
 
 def ui_command(args: list[str]) -> int:
+    from slimlab.summary import UI_HOST, UI_PORT
+
     parser = argparse.ArgumentParser(
         prog="slimlab ui",
         description="Start the MLflow UI on slimlab's local sqlite store. A tracking server (http://...) is its own "
@@ -372,12 +373,14 @@ def run_command(args: list[str]) -> int:
 
 
 def _run(args: list[str]) -> int:
-    from slimlab import sweep
     from slimlab.errors import ConfigError, PluginError, Refused, RunFailed, SweepSetupFailed
-    from slimlab.hydra_app import BadInput, describe_hydra_error, is_bad_input, launch
+    from slimlab.hydra_app import launch
+    from slimlab.hydra_errors import BadInput, describe_hydra_error, is_bad_input
+    from slimlab.sweep import Sweep
 
+    sweep = Sweep()  # this launch's: what a stopped sweep left open is closed through it
     try:
-        return launch(args, disable=_pre_disabled(args))
+        return launch(args, disable=_pre_disabled(args), sweep=sweep)
     except (BadInput, ConfigError, PluginError) as error:
         sweep.interrupt(status="FAILED")  # a sweep job refused its config after the sweep started
         return _error(str(error))
@@ -400,7 +403,7 @@ def _run(args: list[str]) -> int:
     except Exception as error:
         sweep.interrupt(status="FAILED")  # whatever stopped a started sweep, its runs do not stay RUNNING
         if is_bad_input(error):
-            return _error(describe_hydra_error(error))
+            return _error(describe_hydra_error(error, sweep.plugins.infos if sweep.plugins else ()))
         # Hydra's output directory (or another file outside any run) cannot be written: the place is the input.
         if isinstance(error, OSError) and error.filename and error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
             return _error(

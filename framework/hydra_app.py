@@ -1,9 +1,13 @@
-"""``slimlab run`` as a Hydra application, and Hydra's errors turned into one-line messages."""
+"""``slimlab run`` as a Hydra application, and its ``--help``.
+
+Hydra's errors are said as one line by ``slimlab.hydra_errors`` (re-exported here). Nothing a launch loads or
+finds stays in this module: the plugins are loaded per launch and the sweep's state lives in the ``Sweep`` the
+caller hands in.
+"""
 
 from __future__ import annotations
 
 import os
-import re
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -22,44 +26,36 @@ from slimlab.config import (
     with_searchpath,
 )
 from slimlab.errors import ConfigError, PluginError, RunFailed, recorded
+from slimlab.hydra_errors import BadInput, describe_hydra_error, is_bad_input
 
 if TYPE_CHECKING:
     from slimlab.plugin_manager import Plugins
+    from slimlab.sweep import Sweep
 
-_plugins: Plugins | None = None  # loaded once per process
-
-
-def loaded_plugins(disable: list[str]) -> Plugins:
-    global _plugins
-    if _plugins is None:
-        from slimlab.plugin_manager import load_plugins
-
-        _plugins = load_plugins(disable)
-    return _plugins
+__all__ = ["BadInput", "app_help", "describe_hydra_error", "is_bad_input", "launch"]
 
 
-class BadInput(BaseException):  # noqa: N818 - it carries a ConfigError, it is not one
-    """Carries a ConfigError out of a Hydra job.
+def launch(args: list[str], disable: list[str], sweep: Sweep | None = None) -> int:
+    """Run Hydra on ``args`` (overrides and Hydra flags) with every plugin's schema registered.
 
-    Hydra's ``run_job`` records any ``Exception`` from the task as a failed
-    job and prints its own banner; bad input is not a failed job, so it
-    travels as a ``BaseException`` (like Ctrl-C) and the CLI unwraps it.
+    ``sweep``: where a multirun keeps its parent run and result (the caller closes it if the launch is
+    interrupted); a fresh one if not given. It is reachable from the sweep's Hydra callback while Hydra runs.
     """
-
-
-def launch(args: list[str], disable: list[str]) -> int:
-    """Run Hydra on ``args`` (overrides and Hydra flags) with every plugin's schema registered."""
     import logging
 
     import hydra
 
-    from slimlab import sweep
+    from slimlab import sweep_job
+    from slimlab.plugin_manager import load_plugins
     from slimlab.runner import run_key, run_metrics
+    from slimlab.sweep import Sweep, finished_run, launching
 
     log = logging.getLogger("slimlab")
 
-    plugins = loaded_plugins(disable)
-    register_configs(plugins)
+    plugins = load_plugins(disable)
+    sweep = sweep if sweep is not None else Sweep()
+    sweep.plugins = plugins
+    _register(plugins)
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra re-raises; the CLI decides the message and exit code
     flags = _hydra_flags(args)
     if flags is not None and flags.help:
@@ -74,9 +70,12 @@ def launch(args: list[str], disable: list[str]) -> int:
 
         In a sweep a failing job is recorded (FAILED, with its reason) and returns, so the others still run.
         """
+        with sweep_job.job_scope() as job:
+            return job_task(cfg, job is not None)
+
+    def job_task(cfg, in_sweep: bool) -> dict[str, float] | None:
         from hydra.core.hydra_config import HydraConfig
 
-        in_sweep = sweep.in_sweep()
         fresh = _fresh_job_dir()
         try:
             job = HydraConfig.get()
@@ -84,14 +83,14 @@ def launch(args: list[str], disable: list[str]) -> int:
             refuse_repeated_techniques(job.overrides.task)
             retarget_model(cfg, job.overrides.task)
             if in_sweep and cfg.resume and cfg.tracking.backend == "mlflow":
-                done = sweep.finished_run(cfg, run_key(cfg, plugins))
+                done = finished_run(cfg, run_key(cfg, plugins))
                 if done:
                     log.info("skipped: this config already has a FINISHED run, %s (resume=false runs it)", done.run_id)
-                    sweep.record_outcome("SKIPPED", done.run_id)
+                    sweep_job.record_outcome("SKIPPED", done.run_id)
                     return dict(done.metrics)
             metrics = run_metrics(cfg, plugins)[1]
-            if in_sweep and not sweep.outcome_recorded():  # tracking=none: nobody else records it
-                sweep.record_outcome("FINISHED")
+            if in_sweep and not sweep_job.outcome_recorded():  # tracking=none: nobody else records it
+                sweep_job.record_outcome("FINISHED")
             return metrics
         except KeyboardInterrupt:
             raise
@@ -104,24 +103,31 @@ def launch(args: list[str], disable: list[str]) -> int:
                 raise RunFailed(f"{type(error).__name__}: {error}") from error
             reason = f"{type(error).__name__}: {error}"
             log.error("job failed: %s", reason)
-            if not sweep.outcome_recorded():  # failed before its MLflow run existed, or without tracking
-                sweep.record_outcome("FAILED", reason=reason)
+            if not sweep_job.outcome_recorded():  # failed before its MLflow run existed, or without tracking
+                sweep_job.record_outcome("FAILED", reason=reason)
             return None
 
     saved = sys.argv
     sys.argv = ["slimlab run", *args]
-    sweep.last_result = None
     try:
-        task()
+        with launching(sweep):
+            task()
     except Exception as error:
         if is_bad_input(error):  # e.g. MissingConfigException, which is also an OSError: said as bad input here
-            raise ConfigError(describe_hydra_error(error)) from error
+            raise ConfigError(describe_hydra_error(error, plugins.infos)) from error
         raise
     finally:
         sys.argv = saved
-    if sweep.last_result is not None and sweep.last_result.failed:
-        return 1
-    return 0
+    return 1 if sweep.result is not None and sweep.result.failed else 0
+
+
+def _register(plugins: Plugins) -> None:
+    """Fill Hydra's ConfigStore with this launch's schemas and no other technique's: a plugin loaded by an earlier
+    launch in this process and disabled in this one must not compose (``unknown technique``, naming it disabled)."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().repo.pop("technique", None)  # only plugins register techniques there
+    register_configs(plugins)
 
 
 def _job_files() -> tuple[Path, Path, set[str]]:
@@ -224,7 +230,7 @@ def app_help(overrides: list[str], plugins: Plugins) -> str:
         "Compose your configuration from those groups (group=option)",
         f"Config directories: {', '.join(map(str, config_dirs()))}",
         "",
-        *(f"{group}: {', '.join(_group_options(group))}" for group in config_groups()),
+        *(f"{group}: {', '.join(group_options(group))}" for group in config_groups()),
         "",
         "== Config ==",
         "Override anything in the config (foo.bar=value)",
@@ -333,97 +339,3 @@ def _type_text(hint: object) -> str:
         inner = ", ".join(_type_text(arg) for arg in args)
         return f"{getattr(origin, '__name__', str(origin))}[{inner}]"
     return str(hint)
-
-
-def is_bad_input(error: BaseException) -> bool:
-    """Errors Hydra or OmegaConf raise while composing: the user's config or overrides are wrong."""
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    return isinstance(error, (HydraException, OmegaConfBaseException))
-
-
-def describe_hydra_error(error: BaseException) -> str:
-    """One line that names the bad key or value and, where known, the valid choices."""
-    import dataclasses
-
-    from hydra.errors import MissingConfigException, OverrideParseException
-    from omegaconf.errors import OmegaConfBaseException
-
-    if isinstance(error, OverrideParseException):
-        return _describe_parse_error(error)
-    invalid = _describe_invalid_choice(error.__cause__ or error)
-    if invalid:
-        return invalid
-    if isinstance(error, MissingConfigException) and error.missing_cfg_file:
-        group, _, option = error.missing_cfg_file.rpartition("/")
-        choices = ", ".join(sorted(error.options or _group_options(group))) or "none"
-        infos = _plugins.infos if _plugins else []
-        disabled = [i.name for i in infos if i.status == "disabled"]
-        refused = [f"{i.name} ({i.distribution}): {i.error}" for i in infos if i.status == "failed"]
-        notes = []
-        if disabled:
-            notes.append(f"disabled plugins: {', '.join(disabled)}")
-        if refused:
-            notes.append(f"refused plugins: {'; '.join(refused)}")
-        note = f" ({'; '.join(notes)})" if group == "technique" and notes else ""
-        if group:
-            return f"unknown {group} {option!r}; valid {group} options: {choices}{note}"
-        return f"config {option!r} not found"
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    cause = error.__cause__
-    if isinstance(cause, OmegaConfBaseException):
-        lines += [line.strip() for line in str(cause).splitlines() if line.strip()]
-    # Drop Hydra's hints and OmegaConf's debugging detail; keep what names the key and the problem.
-    noise = re.compile(r"^(full_key|object_type|reference_type|To append to your config|Set the environment)")
-    message = "; ".join(dict.fromkeys(line for line in lines if not noise.match(line)))
-    object_type = getattr(cause, "object_type", None) or getattr(error, "object_type", None)
-    if "not in" in message and object_type is not None and dataclasses.is_dataclass(object_type):
-        message += f"; valid keys: {', '.join(f.name for f in dataclasses.fields(object_type))}"
-    return message
-
-
-def _describe_parse_error(error: BaseException) -> str:
-    """An override Hydra's grammar cannot read (``model=lénet``): which one, and how to quote it."""
-    override = str(getattr(error, "override", "") or "")
-    key, equals, value = override.partition("=")
-    strange = next((char for char in override if not char.isascii()), None)
-    if strange is not None and strange in key.lstrip("+~"):
-        return f"cannot parse the override {override!r}: a key is an ASCII name, {key.lstrip('+~')!r} is not one"
-    if strange is not None and equals:
-        quoted = f"{key}='{value}'"
-        return (
-            f"cannot parse the override {override!r}: {strange!r} is not ASCII, and a value holding such characters "
-            f'must be quoted: {quoted} (in a shell: "{quoted}")'
-        )
-    reason = str(getattr(error, "message", "") or error).strip().splitlines()[0]
-    reason = reason.removeprefix("LexerNoViableAltException: ")
-    return (
-        f"cannot parse the override {override!r}: {reason}; quote a value that holds spaces, commas, brackets, "
-        "quotes or other special characters: key='value' (https://hydra.cc/docs/advanced/override_grammar/basic/)"
-    )
-
-
-INVALID_CHOICE = re.compile(r"Invalid value '(?P<value>.*)', expected one of \[(?P<valid>.*)\]")
-
-
-def _describe_invalid_choice(error: BaseException) -> str | None:
-    """OmegaConf's refusal of a value an enum option does not have, said as slimlab says it:
-    ``technique.prune: method must be one of l1, random; got 'l2'`` (the form of a technique schema's own checks)."""
-    from omegaconf.errors import ValidationError
-
-    if not isinstance(error, ValidationError):
-        return None
-    message = str(getattr(error, "msg", "") or "").strip()
-    match = INVALID_CHOICE.match(message.splitlines()[0]) if message else None
-    key = re.sub(r"\[\d+\]$", "", str(getattr(error, "full_key", "") or ""))
-    if match is None or not key:
-        return None
-    parent, _, option = key.rpartition(".")
-    where = f"{parent}: {option}" if parent.startswith("technique.") else key
-    return f"{where} must be one of {match['valid']}; got {match['value']!r}"
-
-
-def _group_options(group: str) -> list[str]:
-    """Every option of a config group: the yaml files of every config directory and ConfigStore entries."""
-    return group_options(group)

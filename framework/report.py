@@ -22,13 +22,14 @@ from itertools import pairwise
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+# The figures runs are compared by (the report's columns and the MLflow comparison view's): no latency_ms.
+from slimlab.tracking import COLUMNS
+
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
     from mlflow import MlflowClient
 
 log = logging.getLogger("slimlab")
-# The figures runs are compared by (the report's columns and the MLflow comparison view's): no latency_ms.
-COLUMNS = ("compression_ratio", "size_bytes", "speedup", "sparsity")
 # In report.csv only: each run's own pair of timings, which its speedup is the ratio of.
 TIMINGS = ("latency_ms", "baseline_latency_ms")
 HIGHER_IS_BETTER = frozenset({"speedup"})  # the front's other cost, size_bytes, is lower-better
@@ -116,7 +117,8 @@ def pareto_front(rows: Sequence[Row], cost: str) -> list[Row]:
 
 def sweep_runs(client: MlflowClient, parent: str) -> list:
     """The children of a sweep's parent run, plus the earlier runs its resumed jobs were skipped for."""
-    from slimlab.sweep import children, outcomes_of
+    from slimlab.sweep_job import outcomes_of
+    from slimlab.tracking import children
 
     runs = children(client, parent)
     seen = {run.info.run_id for run in runs}
@@ -139,7 +141,7 @@ def latest_sweep(client: MlflowClient) -> str:
 
 
 def experiment_runs(client: MlflowClient, experiment: str) -> list:
-    from slimlab.sweep import search_all
+    from slimlab.tracking import search_all
 
     found = client.get_experiment_by_name(experiment)
     if found is None:

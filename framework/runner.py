@@ -105,13 +105,21 @@ class Plan:
     left_out: frozenset[str]
 
 
-def plan(cfg: DictConfig, plugins: Plugins, host: bool = True, given: Iterable[str] = (), model: Any = None) -> Plan:
+def plan(
+    cfg: DictConfig,
+    plugins: Plugins,
+    host: bool = True,
+    given: Iterable[str] = (),
+    model: Any = None,
+    names: dict[str, list[str] | None] | None = None,
+) -> Plan:
     """Check everything that can be checked before a run starts; raise ConfigError with the reason.
 
     Cheap and free of side effects: nothing is recorded for a config it refuses. ``host=False`` leaves out
     what depends on the machine (devices, capability probes, the cache directory), for configs that will run
     on another one. ``given``: the groups (``model``, ``data``) handed in as objects (the Python API), not
-    built from config; ``model``: the model handed in, if any (module names are checked against it).
+    built from config; ``model``: the model handed in, if any (module names are checked against it); ``names``: the
+    caller's cache of module names by model config, for many plans in one go (a sweep's jobs).
     Last, every plugin's ``check_config`` hook (a plugin's bug there is a ``PluginError`` naming it).
     """
     from slimlab.artifact import CODECS
@@ -136,7 +144,7 @@ def plan(cfg: DictConfig, plugins: Plugins, host: bool = True, given: Iterable[s
     if host and "model" not in given:  # a model handed in has no baseline to cache
         _check_cache_dir(cfg.cache_dir)
     if model is not None or "model" not in given:
-        _check_module_names(cfg, steps, model)
+        _check_module_names(cfg, steps, model, names)
     device = resolve_device(cfg.device.name) if host else cfg.device.name
     left_out = frozenset(cfg.plugins.disable) | {p for b, p in TRACKING_PLUGINS.items() if b != backend}
     check_config(plugins.hooks_without(left_out), cfg, host)
@@ -208,14 +216,12 @@ def _writable(directory: Path) -> bool:
     return True
 
 
-_module_names: dict[str, list[str] | None] = {}  # a model config's module names, built once per process
-
-
-def module_names(node: DictConfig) -> list[str] | None:
+def module_names(node: DictConfig, cache: dict[str, list[str] | None] | None = None) -> list[str] | None:
     """The module names of the model ``node`` builds (``""`` is the model); None if it cannot be built here.
 
     Built on the meta device where the model allows it (no memory, no weights), without its checkpoint
-    (weights do not change names), leaving the random state as it was.
+    (weights do not change names), leaving the random state as it was. ``cache``: the caller's, by model config
+    (no cache lives longer than its caller: the model's code may change between two launches in one process).
     """
     import torch
 
@@ -225,7 +231,8 @@ def module_names(node: DictConfig) -> list[str] | None:
     node = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else dict(node)
     plain = {k: v for k, v in node.items() if k not in RESERVED_MODEL_KEYS}
     key = json.dumps(plain, sort_keys=True, default=str)
-    if key not in _module_names:
+    cache = {} if cache is None else cache
+    if key not in cache:
         built = None
         with torch.random.fork_rng(devices=[]):
             for device in ("meta", "cpu"):
@@ -235,11 +242,13 @@ def module_names(node: DictConfig) -> list[str] | None:
                     break
                 except Exception as error:  # the run builds it again and reports what is wrong
                     log.debug("module names: building the model on %s failed: %s", device, error)
-        _module_names[key] = None if built is None else [name for name, _ in built.named_modules()]
-    return _module_names[key]
+        cache[key] = None if built is None else [name for name, _ in built.named_modules()]
+    return cache[key]
 
 
-def _check_module_names(cfg: DictConfig, steps: list[Step], model: Any = None) -> None:
+def _check_module_names(
+    cfg: DictConfig, steps: list[Step], model: Any = None, cache: dict[str, list[str] | None] | None = None
+) -> None:
     """Options that name modules (``prune.layers``, ``place.device_map``) must name modules of the model.
 
     A step is checked while every step before it keeps the module names (a distilled student or a compiled
@@ -253,7 +262,7 @@ def _check_module_names(cfg: DictConfig, steps: list[Step], model: Any = None) -
             break
     if not wanted:
         return
-    names = [name for name, _ in model.named_modules()] if model is not None else module_names(cfg.model)
+    names = [name for name, _ in model.named_modules()] if model is not None else module_names(cfg.model, cache)
     if names is None:
         return
     valid = set(names)

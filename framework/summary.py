@@ -12,6 +12,8 @@ from slimlab import hookimpl
 if TYPE_CHECKING:
     from slimlab.context import RunContext
 
+UI_HOST, UI_PORT = "127.0.0.1", 5000  # where `slimlab ui` listens unless told: the runs' hints link there
+
 
 def _row(label: str, base: str, compressed: str, ratio: str = "") -> tuple[str, str, str, str]:
     return label, base, compressed, ratio
@@ -103,8 +105,6 @@ def ui_hint(uri: str, experiment_id: str) -> str:
     if uri_scheme(uri) in ("http", "https"):
         return f"See it in the MLflow UI: {comparison_url(server_url(uri), experiment_id)}"
     if sqlite_path(uri) is not None:
-        from slimlab.cli import UI_HOST, UI_PORT
-
         command = "slimlab ui" if uri == tracking_uri() else f"slimlab ui --uri {shlex.quote(uri)}"
         link = comparison_url(f"http://{UI_HOST}:{UI_PORT}", experiment_id)
         return f"See it in the MLflow UI: {command}, then open {link}"

@@ -14,32 +14,35 @@ FINISHED or FAILED. Interrupted, the running children and the parent are closed 
 Resume: a job whose run key (``slimlab.run_key``: the resolved config, the code and files behind the baseline,
 the versions of torch, slimlab and every plugin; ``runner.run_key``) already has a FINISHED run in the experiment
 is skipped (``resume=false`` runs everything).
+
+What one job knows and records is ``slimlab.sweep_job``; the launching process's side is a ``Sweep``, created by
+whoever launches (``slimlab run``) and reachable from the Hydra callback through ``launching``/``current`` for the
+duration of the launch: nothing of a sweep stays in this module once it is over.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from slimlab.errors import SweepSetupFailed
+from slimlab.sweep_job import PARENT_ENV, URI_ENV, outcome_files, outcomes_of, sweep_uri
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
 
-PARENT_ENV = "SLIMLAB_SWEEP_RUN_ID"
-URI_ENV = "SLIMLAB_SWEEP_URI"
-JOB_TAG = "slimlab.job."  # + job number, on the parent: {"status", "run_id", "reason"}
-OUTCOMES_DIR = ".slimlab-outcomes"  # in the sweep directory, when nothing is tracked
+    from slimlab.plugin_manager import Plugins
+
 LOCAL_LAUNCHERS = ("BasicLauncher", "JoblibLauncher")  # jobs run on this machine: its devices can be checked
 log = logging.getLogger("slimlab")
 
@@ -75,72 +78,6 @@ def skipped_reason(outcome: dict[str, str]) -> str:
     return f"the same run key already FINISHED as run {outcome.get('run_id') or '?'}; its result counts for this sweep"
 
 
-_active: dict[str, Any] = {}  # the launching process's sweep: uri, parent run id, sweep dir, progress thread
-_recorded: set[tuple[str, int]] = set()  # (sweep dir, job number) whose outcome this process recorded
-last_result: SweepResult | None = None  # read by the CLI for its exit code
-
-
-def parent_run_id() -> str | None:
-    """The parent run of the sweep this process runs a job of, if any."""
-    return os.environ.get(PARENT_ENV) or None
-
-
-def sweep_uri() -> str | None:
-    """The tracking store of the sweep this process runs a job of: its children go there too."""
-    return os.environ.get(URI_ENV) or None
-
-
-def active_parent() -> tuple[str, str] | None:
-    """In the launching process: (store, parent run id) of the sweep being run, if it is tracked."""
-    return (_active["uri"], _active["run_id"]) if "run_id" in _active else None
-
-
-def in_sweep() -> bool:
-    """Whether the current Hydra job is one job of a multirun."""
-    try:
-        from hydra.core.hydra_config import HydraConfig
-        from hydra.types import RunMode
-
-        return HydraConfig.get().mode == RunMode.MULTIRUN
-    except Exception:  # not inside a Hydra job (tests, notebooks)
-        return False
-
-
-def job_number() -> int:
-    return _job()[1]
-
-
-def _job() -> tuple[str, int]:
-    from hydra.core.hydra_config import HydraConfig
-
-    config = HydraConfig.get()
-    return str(config.sweep.dir), int(config.job.num)
-
-
-def record_outcome(status: str, run_id: str | None = None, reason: str = "") -> None:
-    """Tell the sweep how this job ended: a tag on the parent run, or a file in the sweep directory."""
-    if not in_sweep():
-        return
-    sweep_dir, number = _job()
-    first_line = reason.strip().splitlines()[0][:300] if reason.strip() else ""
-    outcome = {"status": status, "run_id": run_id or "", "reason": first_line}
-    parent = parent_run_id()
-    if parent is None:
-        folder = Path(sweep_dir) / OUTCOMES_DIR
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / f"{number}.json").write_text(json.dumps(outcome))
-    else:
-        from mlflow import MlflowClient
-
-        MlflowClient(sweep_uri()).set_tag(parent, f"{JOB_TAG}{number}", json.dumps(outcome))
-    _recorded.add((sweep_dir, number))
-
-
-def outcome_recorded() -> bool:
-    """Whether this job's outcome is already recorded (by tracking, which knows the run id)."""
-    return in_sweep() and _job() in _recorded
-
-
 @dataclass(frozen=True)
 class FinishedRun:
     run_id: str
@@ -161,23 +98,6 @@ def finished_run(cfg: DictConfig, run_key: str) -> FinishedRun | None:
         max_results=1,
     )
     return FinishedRun(runs[0].info.run_id, dict(runs[0].data.metrics)) if runs else None
-
-
-def search_all(client: MlflowClient, experiment_ids: list[str], filter_string: str = "", **kwargs: Any) -> list:
-    """Every run that matches, page by page (MLflow returns at most 1000 at a time)."""
-    runs, token = [], None
-    while True:
-        page = client.search_runs(experiment_ids, filter_string=filter_string, page_token=token, **kwargs)
-        runs.extend(page)
-        token = page.token
-        if not token:
-            return runs
-
-
-def children(client: MlflowClient, parent: str) -> list:
-    """The child runs of a sweep's parent run."""
-    experiment = client.get_run(parent).info.experiment_id
-    return search_all(client, [experiment], f"tags.`mlflow.parentRunId` = '{parent}'")
 
 
 def parent_description(result: SweepResult) -> str:
@@ -212,12 +132,6 @@ def summary_metrics(runs: list) -> dict[str, float]:
     return summary
 
 
-def outcomes_of(client: MlflowClient, parent: str) -> dict[int, dict[str, str]]:
-    """The outcome each job recorded on the parent run, by job number."""
-    tags = client.get_run(parent).data.tags
-    return {int(k[len(JOB_TAG) :]): json.loads(v) for k, v in tags.items() if k.startswith(JOB_TAG)}
-
-
 def job_overrides(config: DictConfig) -> list[list[str]] | None:
     """Every job's overrides, as Hydra's basic sweeper will expand them; None for other sweepers."""
     target = str(config.hydra.sweeper.get("_target_", ""))
@@ -245,34 +159,40 @@ def _sweep_overrides(config: DictConfig) -> list:
     return OverridesParser.create().parse_overrides([*params, *config.hydra.overrides.task])
 
 
-def validate_jobs(jobs: list[list[str]], host: bool, hydra_overrides: list[str] | None = None) -> None:
+def validate_jobs(
+    jobs: list[list[str]], host: bool, hydra_overrides: list[str] | None = None, plugins: Plugins | None = None
+) -> None:
     """Compose and check every job's config before the first one starts; raise ConfigError naming the job.
 
     ``host=False`` when the jobs run elsewhere (Ray, SLURM): this machine's devices and kernels do not count.
     ``hydra_overrides``: the sweep's (``hydra.overrides.hydra``), composed into every job as its launcher will
     (``load_sweep_config``): ``hydra.searchpath`` finds the user's config directories (``--config-dir`` is
-    already on the search path of the Hydra instance that runs the sweep).
+    already on the search path of the Hydra instance that runs the sweep). ``plugins``: the launch's (by default
+    those each job's ``plugins.disable`` leaves).
     """
     from hydra import compose
 
     from slimlab.config import finish_composition
     from slimlab.errors import ConfigError
-    from slimlab.hydra_app import describe_hydra_error, is_bad_input, loaded_plugins
+    from slimlab.hydra_errors import describe_hydra_error, is_bad_input
+    from slimlab.plugin_manager import load_plugins
     from slimlab.runner import plan
 
     shared = set.intersection(*(set(job) for job in jobs)) if jobs else set()
+    names: dict[str, list[str] | None] = {}  # module names by model config: one build for every job of a model
     for number, overrides in enumerate(jobs):
         swept = " ".join(o for o in overrides if o not in shared)  # what sets this job apart
         try:
             composed = compose("config", overrides=[*(hydra_overrides or []), *overrides], return_hydra_config=True)
             cfg = finish_composition(composed, announce=False)  # each job says what retargeting dropped
-            plan(cfg, loaded_plugins(list(cfg.plugins.disable)), host=host)
+            plan(cfg, plugins or load_plugins(list(cfg.plugins.disable)), host=host, names=names)
         except ConfigError as error:
             raise ConfigError(f"job {number} ({swept}): {error}") from None
         except Exception as error:
             if not is_bad_input(error):
                 raise
-            raise ConfigError(f"job {number} ({swept}): {describe_hydra_error(error)}") from None
+            infos = plugins.infos if plugins else ()
+            raise ConfigError(f"job {number} ({swept}): {describe_hydra_error(error, infos)}") from None
 
 
 def _hand_to_jobs(config: DictConfig, env: dict[str, str]) -> None:
@@ -288,46 +208,27 @@ def _hand_to_jobs(config: DictConfig, env: dict[str, str]) -> None:
         config.hydra.overrides.hydra.extend([f"+hydra.job.env_set.{k}='{v}'" for k, v in quoted.items()])
 
 
-class SweepCallback(Callback):
-    """Hydra callback (conf/config.yaml): the parent run around a multirun, and the summary after it."""
+@dataclass
+class Sweep:
+    """The launching process's side of one sweep: its plugins, parent run, progress line and result.
 
-    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        from slimlab.errors import ConfigError
-        from slimlab.hydra_app import BadInput
+    Created by whoever launches (``slimlab run``), which reads ``result`` for its exit code and calls
+    ``interrupt`` when the launch is stopped; the Hydra callback reaches it through ``current()``.
+    """
 
-        global last_result
-        launcher = str(config.hydra.launcher.get("_target_", ""))
-        try:
-            jobs = job_overrides(config)
-            if jobs is not None:
-                hydra_overrides = list(config.hydra.overrides.hydra)
-                validate_jobs(jobs, host=launcher.endswith(LOCAL_LAUNCHERS), hydra_overrides=hydra_overrides)
-            else:  # another sweeper (e.g. slimlab_optuna) may check its own settings before anything starts
-                from hydra.utils import get_class
+    plugins: Plugins | None = None
+    result: SweepResult | None = None  # set when the multirun starts
+    sweep_dir: str = "."
+    uri: str | None = None  # the store and parent run, once the parent is open: an interruption closes them
+    run_id: str | None = None
+    _stop: threading.Event | None = None
+    _progress: threading.Thread | None = None
 
-                check = getattr(get_class(str(config.hydra.sweeper._target_)), "check_sweep", None)
-                if check is not None:
-                    check(config)
-        except Exception as error:  # Hydra swallows a callback's Exceptions: bad input must stop the sweep
-            from slimlab.hydra_app import describe_hydra_error, is_bad_input
+    def active_parent(self) -> tuple[str, str] | None:
+        """(store, parent run id) while the sweep is tracked and open."""
+        return (self.uri, self.run_id) if self.uri and self.run_id else None
 
-            raise BadInput(describe_hydra_error(error) if is_bad_input(error) else str(error)) from error
-        _active.clear()
-        _active["sweep_dir"] = str(config.hydra.sweep.dir)
-        last_result = SweepResult(None, len(jobs) if jobs is not None else None)
-        if config.tracking.backend != "mlflow":
-            return
-        try:
-            self._open_parent(config, jobs)
-        except BaseException as error:  # Hydra would only warn and run the jobs without their parent
-            interrupt(status="FAILED")
-            if isinstance(error, ConfigError):  # a store that cannot be used (read-only): bad input, one line
-                raise BadInput(str(error)) from error
-            if not isinstance(error, Exception):
-                raise
-            raise SweepSetupFailed(f"{type(error).__name__}: {error}") from error
-
-    def _open_parent(self, config: DictConfig, jobs: list[list[str]] | None) -> None:
+    def open_parent(self, config: DictConfig, jobs: list[list[str]] | None) -> None:
         """Open the store (created under a lock), close this host's runs whose process is gone, open the parent."""
         from slimlab.liveness import process_tags
         from slimlab.tracking import (
@@ -356,23 +257,177 @@ class SweepCallback(Callback):
                 },
             )
         run_id = parent.info.run_id
-        _active.update(uri=uri, run_id=run_id)  # from here on, an interruption closes it
-        last_result.parent_run_id = run_id
+        self.uri, self.run_id = uri, run_id  # from here on, an interruption closes it
+        self.result.parent_run_id = run_id
         if jobs is not None:
             client.log_metric(run_id, "jobs", len(jobs))
             client.log_text(run_id, "\n".join(" ".join(job) for job in jobs) + "\n", "jobs.txt")
         _hand_to_jobs(config, {PARENT_ENV: run_id, URI_ENV: uri})
-        stop = threading.Event()
-        progress = threading.Thread(target=_show_progress, args=(uri, run_id, last_result.jobs, stop), daemon=True)
-        progress.start()
-        _active.update(stop=stop, progress=progress)
+        self._stop = threading.Event()
+        self._progress = threading.Thread(
+            target=_show_progress, args=(uri, run_id, self.result.jobs, self._stop), daemon=True
+        )
+        self._progress.start()
         log.info("sweep: parent run %s in %s", run_id, uri)
 
-    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+    def _stop_progress(self) -> None:
+        if self._stop is not None:
+            self._stop.set()
+            self._progress.join(timeout=10)
+        self._stop = self._progress = None
+
+    def _close(self) -> None:
+        """Nothing left open: a later interruption has nothing to close."""
+        self._stop_progress()
+        self.uri = self.run_id = None
+
+    def finish(self) -> SweepResult | None:
+        """Count the jobs' outcomes, print the summary, log the report and close the parent run."""
+        result = self.result
+        if result is None:
+            return None
+        self._stop_progress()
+        parent, uri = result.parent_run_id, self.uri
+        if parent is None:
+            result.outcomes = outcome_files(self.sweep_dir)
+        else:
+            from mlflow import MlflowClient
+
+            client = MlflowClient(uri)
+            result.outcomes = outcomes_of(client, parent)
+            for run in _close_running_children(client, parent, "FAILED"):
+                number = int(run.data.tags.get("slimlab.job", -1))
+                result.outcomes[number] = {"status": "FAILED", "run_id": run.info.run_id, "reason": "never finished"}
+        for number in range(result.jobs or 0):  # a job that died before it could say so
+            result.outcomes.setdefault(number, {"status": "FAILED", "run_id": "", "reason": "no outcome recorded"})
+        print(result.summary(), flush=True)
+        if parent is not None:
+            from mlflow.entities import Metric
+
+            from slimlab.report import sweep_report, sweep_runs
+
+            now = int(time.time() * 1000)
+            counts = {"jobs_finished": result.count("FINISHED"), "jobs_failed": result.failed}
+            counts["jobs_skipped"] = result.count("SKIPPED")
+            counts |= summary_metrics(sweep_runs(client, parent))  # with the earlier runs of skipped jobs
+            client.log_batch(parent, metrics=[Metric(k, float(v), now, 0) for k, v in counts.items()])
+            client.set_tag(parent, "mlflow.note.content", parent_description(result))  # the UI's run description
+            try:
+                sweep_report(client, parent, show=True)
+            except Exception as error:  # the jobs' results stand; a failed report is reported, not fatal
+                log.error("sweep report failed: %s: %s", type(error).__name__, error)
+            client.set_terminated(parent, "FAILED" if result.failed else "FINISHED")
+            from slimlab.summary import ui_hint
+
+            print(ui_hint(uri, client.get_run(parent).info.experiment_id), flush=True)
+        self._close()
+        return result
+
+    def interrupt(self, status: str = "KILLED", wait: float = 30.0) -> None:
+        """Ctrl-C or SIGTERM in the launching process: running children and the parent are closed KILLED.
+
+        The closing gets ``wait`` seconds: an interruption that landed inside a store write can leave the store
+        locked for a while, and a process asked to stop must stop; what could not be closed is said.
+        """
+        self._stop_progress()
+        if self.active_parent() is not None:
+            from mlflow import MlflowClient
+
+            uri, parent = self.uri, self.run_id
+
+            def close() -> None:
+                try:
+                    client = MlflowClient(uri)
+                    _close_running_children(client, parent, status)
+                    client.set_terminated(parent, status)
+                except Exception as error:  # the store is gone or locked: say so, the process still stops
+                    log.error("sweep: could not close run %s: %s: %s", parent, type(error).__name__, error)
+
+            closing = threading.Thread(target=close, daemon=True)
+            closing.start()
+            closing.join(timeout=wait)
+            if closing.is_alive():
+                log.error("sweep: could not close run %s and its children in %s within %.0f s", parent, uri, wait)
+        self._close()
+
+
+_current: ContextVar[Sweep | None] = ContextVar("slimlab_sweep", default=None)  # set by launching only
+
+
+@contextmanager
+def launching(sweep: Sweep) -> Iterator[Sweep]:
+    """``sweep`` is the one ``current()`` gives (to the Hydra callback, a sweeper) for the duration of the block."""
+    token = _current.set(sweep)
+    try:
+        yield sweep
+    finally:
+        _current.reset(token)
+
+
+def current() -> Sweep | None:
+    """The sweep being launched in this process, if any."""
+    return _current.get()
+
+
+def active_parent() -> tuple[str, str] | None:
+    """In the launching process: (store, parent run id) of the sweep being run, if it is tracked."""
+    sweep = current()
+    return sweep.active_parent() if sweep is not None else None
+
+
+class SweepCallback(Callback):
+    """Hydra callback (conf/config.yaml): the parent run around a multirun, and the summary after it.
+
+    Works on the launch's ``Sweep`` (``current()``), or a sweep of its own when Hydra runs outside ``slimlab run``.
+    """
+
+    def __init__(self) -> None:
+        self.sweep: Sweep | None = None
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from slimlab.errors import ConfigError
+        from slimlab.hydra_errors import BadInput, describe_hydra_error, is_bad_input
+
+        sweep = self.sweep = current() or Sweep()
+        launcher = str(config.hydra.launcher.get("_target_", ""))
         try:
-            finish()
+            jobs = job_overrides(config)
+            if jobs is not None:
+                hydra_overrides = list(config.hydra.overrides.hydra)
+                host = launcher.endswith(LOCAL_LAUNCHERS)
+                validate_jobs(jobs, host=host, hydra_overrides=hydra_overrides, plugins=sweep.plugins)
+            else:  # another sweeper (e.g. slimlab_optuna) may check its own settings before anything starts
+                from hydra.utils import get_class
+
+                check = getattr(get_class(str(config.hydra.sweeper._target_)), "check_sweep", None)
+                if check is not None:
+                    check(config)
+        except Exception as error:  # Hydra swallows a callback's Exceptions: bad input must stop the sweep
+            infos = sweep.plugins.infos if sweep.plugins else ()
+            raise BadInput(describe_hydra_error(error, infos) if is_bad_input(error) else str(error)) from error
+        sweep._close()
+        sweep.sweep_dir = str(config.hydra.sweep.dir)
+        sweep.result = SweepResult(None, len(jobs) if jobs is not None else None)
+        if config.tracking.backend != "mlflow":
+            return
+        try:
+            sweep.open_parent(config, jobs)
+        except BaseException as error:  # Hydra would only warn and run the jobs without their parent
+            sweep.interrupt(status="FAILED")
+            if isinstance(error, ConfigError):  # a store that cannot be used (read-only): bad input, one line
+                raise BadInput(str(error)) from error
+            if not isinstance(error, Exception):
+                raise
+            raise SweepSetupFailed(f"{type(error).__name__}: {error}") from error
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep = self.sweep or current()
+        if sweep is None:
+            return
+        try:
+            sweep.finish()
         except BaseException as error:  # Hydra would only warn: the parent must not stay RUNNING
-            interrupt(status="FAILED")
+            sweep.interrupt(status="FAILED")
             if not isinstance(error, Exception):
                 raise
             raise SweepSetupFailed(f"the sweep's summary failed: {type(error).__name__}: {error}") from error
@@ -381,6 +436,8 @@ class SweepCallback(Callback):
 def _show_progress(uri: str, parent: str, jobs: int | None, stop: threading.Event, every: float = 5.0) -> None:
     """A progress line in the launching process whenever the counts change: done / failed / running."""
     from mlflow import MlflowClient
+
+    from slimlab.tracking import children
 
     client, shown = MlflowClient(uri), None
     while not stop.wait(every):
@@ -398,88 +455,11 @@ def _show_progress(uri: str, parent: str, jobs: int | None, stop: threading.Even
             shown = line
 
 
-def _stop_progress() -> None:
-    if "stop" in _active:
-        _active["stop"].set()
-        _active["progress"].join(timeout=10)
-
-
 def _close_running_children(client: MlflowClient, parent: str, status: str) -> list:
     """Close the children still RUNNING (their worker died or was stopped) with ``status``; return them."""
+    from slimlab.tracking import children
+
     closed = [run for run in children(client, parent) if run.info.status == "RUNNING"]
     for run in closed:
         client.set_terminated(run.info.run_id, status)
     return closed
-
-
-def finish() -> SweepResult | None:
-    """Count the jobs' outcomes, print the summary, log the report and close the parent run."""
-    result = last_result
-    if result is None:
-        return None
-    _stop_progress()
-    parent = result.parent_run_id
-    if parent is None:
-        folder = Path(_active.get("sweep_dir", ".")) / OUTCOMES_DIR
-        files = sorted(folder.glob("*.json")) if folder.is_dir() else []
-        result.outcomes = {int(f.stem): json.loads(f.read_text()) for f in files}
-    else:
-        from mlflow import MlflowClient
-
-        client = MlflowClient(_active["uri"])
-        result.outcomes = outcomes_of(client, parent)
-        for run in _close_running_children(client, parent, "FAILED"):
-            number = int(run.data.tags.get("slimlab.job", -1))
-            result.outcomes[number] = {"status": "FAILED", "run_id": run.info.run_id, "reason": "never finished"}
-    for number in range(result.jobs or 0):  # a job that died before it could say so
-        result.outcomes.setdefault(number, {"status": "FAILED", "run_id": "", "reason": "no outcome recorded"})
-    print(result.summary(), flush=True)
-    if parent is not None:
-        from mlflow.entities import Metric
-
-        from slimlab.report import sweep_report, sweep_runs
-
-        now = int(time.time() * 1000)
-        counts = {"jobs_finished": result.count("FINISHED"), "jobs_failed": result.failed}
-        counts["jobs_skipped"] = result.count("SKIPPED")
-        counts |= summary_metrics(sweep_runs(client, parent))  # with the earlier runs of skipped jobs
-        client.log_batch(parent, metrics=[Metric(k, float(v), now, 0) for k, v in counts.items()])
-        client.set_tag(parent, "mlflow.note.content", parent_description(result))  # the UI's run description
-        try:
-            sweep_report(client, parent, show=True)
-        except Exception as error:  # the jobs' results stand; a failed report is reported, not fatal
-            log.error("sweep report failed: %s: %s", type(error).__name__, error)
-        client.set_terminated(parent, "FAILED" if result.failed else "FINISHED")
-        from slimlab.summary import ui_hint
-
-        print(ui_hint(_active["uri"], client.get_run(parent).info.experiment_id), flush=True)
-    _active.clear()
-    return result
-
-
-def interrupt(status: str = "KILLED", wait: float = 30.0) -> None:
-    """Ctrl-C or SIGTERM in the launching process: running children and the parent are closed KILLED.
-
-    The closing gets ``wait`` seconds: an interruption that landed inside a store write can leave the store
-    locked for a while, and a process asked to stop must stop; what could not be closed is said.
-    """
-    _stop_progress()
-    if "run_id" in _active:
-        from mlflow import MlflowClient
-
-        uri, parent = _active["uri"], _active["run_id"]
-
-        def close() -> None:
-            try:
-                client = MlflowClient(uri)
-                _close_running_children(client, parent, status)
-                client.set_terminated(parent, status)
-            except Exception as error:  # the store is gone or locked: say so, the process still stops
-                log.error("sweep: could not close run %s: %s: %s", parent, type(error).__name__, error)
-
-        closing = threading.Thread(target=close, daemon=True)
-        closing.start()
-        closing.join(timeout=wait)
-        if closing.is_alive():
-            log.error("sweep: could not close run %s and its children in %s within %.0f s", parent, uri, wait)
-    _active.clear()

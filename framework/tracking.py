@@ -46,6 +46,26 @@ TRADEOFF_SECTION = "slimlab-tradeoffs"
 KIND_TAG, KIND = "mlflow.experimentKind", "custom_model_development"
 
 
+COLUMNS = ("compression_ratio", "size_bytes", "speedup", "sparsity")  # the costs beside the task metric, everywhere
+
+
+def search_all(client: MlflowClient, experiment_ids: list[str], filter_string: str = "", **kwargs: Any) -> list:
+    """Every run that matches, page by page (MLflow returns at most 1000 at a time)."""
+    runs, token = [], None
+    while True:
+        page = client.search_runs(experiment_ids, filter_string=filter_string, page_token=token, **kwargs)
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def children(client: MlflowClient, parent: str) -> list:
+    """The child runs of a sweep's parent run."""
+    experiment = client.get_run(parent).info.experiment_id
+    return search_all(client, [experiment], f"tags.`mlflow.parentRunId` = '{parent}'")
+
+
 def comparison_view(primary: str = "accuracy", higher_is_better: bool = True, params: Iterable[str] = ()) -> str:
     """The shared view's state, as the MLflow UI stores it (JSON).
 
@@ -55,8 +75,6 @@ def comparison_view(primary: str = "accuracy", higher_is_better: bool = True, pa
     against ``speedup`` (each run's own baseline timed beside it, the one speed figure comparable across runs);
     the UI's own per-metric charts go to a folded section below them.
     """
-    from slimlab.report import COLUMNS
-
     metrics = [primary, f"{primary}_drop", *COLUMNS]
     columns = [f"metrics.`{m}`" for m in metrics] + [f"params.`{p}`" for p in (*VIEW_PARAMS, *params)]
     charts = [
@@ -355,8 +373,6 @@ def close_dead_runs(client: MlflowClient, experiment_id: str) -> list[str]:
     ``slimlab.error`` saying why. Runs recorded on other hosts are left alone: their processes cannot be seen
     from here, so a run of another host stays RUNNING until a command on that host starts.
     """
-    from slimlab.sweep import search_all
-
     host = socket.gethostname()
     running = search_all(
         client, [experiment_id], f"attributes.status = 'RUNNING' and tags.`{HOST_TAG}` = '{host.replace(chr(39), '')}'"
@@ -417,13 +433,13 @@ class MlflowTracking:
         """Open the store (created under a lock), close this host's runs whose process is gone, open the run."""
         from mlflow.entities import Param
 
-        from slimlab import sweep
+        from slimlab.sweep_job import this_job
 
         tags = dict(ctx.tags)
-        parent = sweep.parent_run_id() if sweep.in_sweep() else None
-        if parent:  # one job of a sweep: a child of the sweep's run, in its store, grouped under it in the UI
-            uri = sweep.sweep_uri() or tracking_uri(ctx.cfg)
-            tags |= {"mlflow.parentRunId": parent, "slimlab.job": str(sweep.job_number())}
+        job = this_job()
+        if job is not None and job.parent:  # a job of a sweep: a child of the sweep's run, in its store, under it
+            uri = job.uri or tracking_uri(ctx.cfg)
+            tags |= {"mlflow.parentRunId": job.parent, "slimlab.job": str(job.number)}
         else:
             uri = tracking_uri(ctx.cfg)
         client = open_store(uri)
@@ -469,9 +485,9 @@ class MlflowTracking:
             model_tags = ("slimlab.model_format", "slimlab.model_uri")
             client.log_batch(run_id, tags=[RunTag(k, ctx.tags[k]) for k in model_tags])
         client.set_terminated(run_id, "FINISHED")
-        from slimlab import sweep
+        from slimlab.sweep_job import record_outcome
 
-        sweep.record_outcome("FINISHED", run_id)
+        record_outcome("FINISHED", run_id)
 
     @hookimpl
     def on_run_error(self, ctx: RunContext, error: BaseException, traceback_text: str) -> None:
@@ -489,14 +505,14 @@ class MlflowTracking:
 
 def _close(client: MlflowClient, run_id: str, error: BaseException, traceback_text: str) -> None:
     """Close a failed run, then tag its error, tell the sweep and log the traceback, each step guarded."""
-    from slimlab import sweep
+    from slimlab.sweep_job import record_outcome
 
     status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
     reason = f"{type(error).__name__}: {error}"
     steps = [
         ("close the run", lambda: client.set_terminated(run_id, status)),
         ("tag its error", lambda: client.set_tag(run_id, ERROR_TAG, reason[:5000])),
-        ("record the job's outcome", lambda: sweep.record_outcome(status, run_id, reason)),
+        ("record the job's outcome", lambda: record_outcome(status, run_id, reason)),
     ]
     if traceback_text:
         steps.append(("log its traceback", lambda: client.log_text(run_id, traceback_text, "traceback.txt")))

@@ -100,15 +100,14 @@ def slimlab_here(tmp_path, monkeypatch):
     """``slimlab ...`` through ``cli.main`` in this process, launched from ``tmp_path``: (exit code, stdout, stderr).
 
     The same function the console script calls, without a process start (about 3 s) per case; what a launch
-    changes in the process (plugins loaded once, the import path, Hydra's logging) is put back afterwards.
+    changes in the process (technique schemas in the ConfigStore, the import path, Hydra's logging) is put back
+    afterwards.
     """
     from hydra.core.config_store import ConfigStore
 
-    from slimlab import hydra_app
     from slimlab.cli import main
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(hydra_app, "_plugins", None)  # plugins.disable applies when the plugins load
     # A process registers the loaded plugins' technique schemas once; a disabled plugin's must not linger.
     store = ConfigStore.instance()
     monkeypatch.setattr(store, "repo", {group: node for group, node in store.repo.items() if group != "technique"})

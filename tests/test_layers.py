@@ -13,6 +13,8 @@ import ast
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.test_cli import slimlab_here  # noqa: F401 - the fixture: slimlab's CLI in this process
 
 REPO = Path(__file__).resolve().parent.parent
@@ -227,3 +229,38 @@ def test_a_launch_leaves_nothing_in_module_globals(slimlab_here, overrides, caps
     err = capsys.readouterr().err
     assert code == 2, err
     assert "prune" in err and "disabled" in err, err
+
+
+def test_module_names_follow_the_model_code_of_each_plan(overrides, tmp_path, monkeypatch):
+    """A plan checks ``prune.layers`` against the model as its code is now: no per-process cache keyed on the
+    config alone keeps the names of a class that a notebook has since redefined (autoreload)."""
+    import types
+
+    from torch import nn
+
+    from slimlab.config import compose
+    from slimlab.errors import ConfigError
+    from slimlab.plugin_manager import load_plugins
+    from slimlab.runner import plan
+
+    class Net(nn.Module):
+        def __init__(self, **_: object) -> None:
+            super().__init__()
+            self.fc1 = nn.Linear(64, 10)
+
+    module = types.ModuleType("slimlab_layers_net")
+    module.Net = Net
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    plugins = load_plugins()
+    args = [*overrides, "model=mlp", f"model._target_={module.__name__}.Net", "technique=[prune]"]
+    cfg = compose([*args, "technique.prune.layers=[fc1]"], plugins)
+    plan(cfg, plugins, host=False)
+
+    class Renamed(nn.Module):
+        def __init__(self, **_: object) -> None:
+            super().__init__()
+            self.head = nn.Linear(64, 10)
+
+    module.Net = Renamed  # the same config, other code
+    with pytest.raises(ConfigError, match="'fc1' is not a module of model"):
+        plan(cfg, plugins, host=False)

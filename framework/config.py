@@ -165,18 +165,19 @@ def compose(
     from hydra import initialize_config_dir
 
     from slimlab.errors import ConfigError
-    from slimlab.hydra_app import describe_hydra_error, is_bad_input
+    from slimlab.hydra_errors import describe_hydra_error, is_bad_input
     from slimlab.plugin_manager import load_plugins
 
     extra = env_config_dirs() if config_dirs is None else source_uris(config_dirs, "config_dirs")
     overrides = with_searchpath(list(overrides), after=extra)
-    register_configs(plugins or load_plugins())
+    plugins = plugins or load_plugins()
+    register_configs(plugins)
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         try:
             composed = hydra_compose("config", overrides=overrides, return_hydra_config=True)
         except Exception as error:
             if is_bad_input(error):
-                raise ConfigError(describe_hydra_error(error)) from error
+                raise ConfigError(describe_hydra_error(error, plugins.infos)) from error
             raise
         return finish_composition(composed)
 

@@ -384,6 +384,12 @@ class SweepCallback(Callback):
     def __init__(self) -> None:
         self.sweep: Sweep | None = None
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled with Hydra's context for a launcher's worker process (joblib, submitit, Ray): without the
+        sweep, which belongs to the launching process (its progress thread cannot be pickled, and a worker
+        never starts or ends the multirun)."""
+        return {"sweep": None}
+
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         from slimlab.errors import ConfigError
         from slimlab.hydra_errors import BadInput, describe_hydra_error, is_bad_input

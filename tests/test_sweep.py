@@ -182,3 +182,17 @@ def test_bad_optuna_settings_stop_the_search_before_it_starts(args, message, tmp
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], result.stderr
     assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_the_sweep_callback_goes_to_a_worker_without_the_launching_process_sweep():
+    """joblib, submitit and Ray pickle Hydra's context, callbacks included, for their workers: the sweep the
+    callback holds (a progress thread, its lock) stays in the launching process."""
+    import pickle
+    import threading
+
+    from slimlab.sweep import Sweep, SweepCallback
+
+    callback = SweepCallback()
+    callback.sweep = Sweep()
+    callback.sweep.result = threading.Lock()  # as unpicklable as the progress thread a running sweep holds
+    assert pickle.loads(pickle.dumps(callback)).sweep is None

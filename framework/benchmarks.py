@@ -56,10 +56,10 @@ WORKLOADS: dict[str, Workload] = {
     "bench_minilm_int8": Workload(
         title="int8 all-MiniLM-L6-v2 sentence embeddings, 2 threads",
         anchor=(
-            "measured on these machines (NOTES.md): legacy per-tensor dynamic int8 about 1.5-2x faster at 0.948 "
+            "measured on these machines: legacy per-tensor dynamic int8 about 1.5-2x faster at 0.948 "
             "mean cosine to fp32; torchao int8 dynamic + torch.compile about 1.9x at 0.9976"
         ),
-        source="slimlab NOTES.md (checked on this project's machines, torch 2.13, torchao 0.18)",
+        source="measured on this project's machines (torch 2.13, torchao 0.18)",
         targets={"speedup": (">=", 2.0), "cosine_to_baseline": (">=", 0.995), "compression_ratio": (">=", 3.5)},
         columns=("similarity_spearman", "nn_agreement", "compile_time_s"),
         note=(

@@ -217,7 +217,7 @@ def server_command(args: list[str]) -> int:
     from slimlab.summary import shown_uri
 
     uri = options.backend_store_uri
-    if uri.startswith("postgresql://"):  # SQLAlchemy 2.1 reads this as psycopg 3 (NOTES.md): name the driver
+    if uri.startswith("postgresql://"):  # SQLAlchemy 2.1 reads this as psycopg 3: name the driver
         uri = "postgresql+psycopg2://" + uri[len("postgresql://") :]
     problem = database_problem(uri)
     if problem:

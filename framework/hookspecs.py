@@ -155,7 +155,7 @@ def evaluate(model: nn.Module, ctx: RunContext) -> dict[str, float] | None:
 def after_run(ctx: RunContext, metrics: dict[str, float]) -> None:
     """A run finished successfully.
 
-    When: last, with ``metrics``, every metric of the run (DESIGN.md section 4
+    When: last, with ``metrics``, every metric of the run (README, "What every run records"
     plus the ``evaluate`` results). ``ctx`` is the run's context: ``ctx.model`` the compressed model as deployed,
     ``ctx.steps`` the pipeline, ``ctx.artifacts`` the local files written for this run (compressed model, stage
     metrics), by name. Tracking plugins log and close their run here. Returns nothing.

@@ -89,7 +89,7 @@ def measure_latency(
 
     ``inputs`` is a batch's inputs in any form of :mod:`slimlab.batches` (a tensor, a tuple, a dict).
     Every call gets a fresh clone of them. A model whose output changes between calls, or that writes into
-    its input, is a measurement error (NOTES.md: a compiled int8 graph was seen mutating its input), not a
+    its input, is a measurement error (a compiled int8 graph was seen mutating its input), not a
     result. On an accelerator (CUDA, XPU, MPS...) the clock starts and stops with the device idle
     (``torch.accelerator.synchronize``): a call returns once its kernels are queued, not done.
     """

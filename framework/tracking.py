@@ -35,7 +35,7 @@ BATCH_LIMIT = 100  # MLflow accepts at most 100 params per log_batch call
 
 # The MLflow UI opens a shared view from an experiment tag mlflow.sharedViewState.<key> (what its Share button
 # writes): slimlab's shows the tradeoff at a glance, scatter charts of the task metric against size and against
-# speedup with every run, and the metrics of DESIGN.md section 4 as columns. Every run prints its link.
+# speedup with every run, and the metrics every run records (README) as columns. Every run prints its link.
 VIEW_KEY = "slimlab"
 VIEW_TAG = f"mlflow.sharedViewState.{VIEW_KEY}"
 VIEW_PARAMS = ("model.name", "data.name", "techniques")

@@ -307,7 +307,7 @@ def test_an_unknown_task_is_bad_input_naming_the_registered_ones(user_dir, overr
 
 
 def test_a_torchvision_constructor_is_a_model(overrides, tmp_path):
-    """Where torchvision imports (its PyPI wheel does not beside torch 2.13's CPU build, NOTES.md)."""
+    """Where torchvision imports (its PyPI wheel does not beside torch 2.13's CPU build)."""
     pytest.importorskip("torchvision", reason="torchvision does not import beside this torch build")
     from tests.test_data_options import write_images
 

@@ -273,11 +273,11 @@ class ResidualNet(nn.Module):
 @pytest.mark.slow
 @pytest.mark.parametrize("freezing", [True, False], ids=["freezing", "no-freezing"])
 def test_pt2e_freezing_writes_into_a_residual_input_and_the_run_refuses_it(freezing, overrides, store):
-    """NOTES.md's bug, reproduced: with inductor freezing, the compiled int8 graph of ``x + fc1(x)`` followed
+    """A known inductor bug, reproduced: with inductor freezing, the compiled int8 graph of ``x + fc1(x)`` followed
     by a second residual block accumulates into ``x``, the caller's tensor. The run fails with the reason
     rather than report drifting numbers; without freezing it runs. (LeNet, digits' 4-D input, the same
     residual after a flatten and a single residual block do not trigger it.) When torch fixes the bug the
-    first case fails on purpose: then NOTES.md's warning and this test can go."""
+    first case fails on purpose: then this test can go."""
     model = ["data=regression", "model=simple_net", "model._target_=tests.test_quantize.ResidualNet"]
     cfg = compose([*overrides, *model, *quantize("backend=pt2e", f"freezing={str(freezing).lower()}")])
     if freezing:

@@ -23,7 +23,7 @@ pytestmark = pytest.mark.slow
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
-# The flags NOTES.md gives for this closed network: no background connections, no first-run UI.
+# The flags a closed network needs: no background connections, no first-run UI.
 CHROMIUM_FLAGS = [
     "--headless",
     "--no-sandbox",

@@ -79,16 +79,16 @@ class Step:
     def describe(self) -> str:
         """The label, with every other option set away from its default: two runs that differ get two names."""
         text = self.technique.describe(self.config)
-        others = [f"{name}={_short(value)}" for name, value in self.changed_options().items()]
+        others = [f"{name}={_short(value)}" for name, value in self.changed_options(text).items()]
         if not others:
             return text
         return f"{text[:-1]},{','.join(others)})" if text.endswith(")") else f"{text}({','.join(others)})"
 
-    def changed_options(self) -> dict[str, Any]:
-        """``{field: value}`` for the fields set to other than the schema's default that the label does not show."""
+    def changed_options(self, label: str) -> dict[str, Any]:
+        """``{field: value}`` for the fields set to other than the schema's default that ``label`` does not show."""
         shown = self.technique.label_shows
         # undeclared: a value the label already holds as a token (``zero_small(0.02)``) is taken as shown
-        tokens = set(re.split(r"[(),=+ ]", self.technique.describe(self.config))) if shown is None else set()
+        tokens = set(re.split(r"[(),=+ ]", label)) if shown is None else set()
         changed = {}
         for field in dataclasses.fields(self.config):
             if (shown is not None and field.name in shown) or not field.init:

@@ -62,20 +62,30 @@ class SweepResult:
     def failed(self) -> int:
         return self.count("FAILED") + self.count("KILLED")
 
-    def summary(self) -> str:
+    def headline(self) -> str:
         parts = [f"{self.count('FINISHED')} finished", f"{self.failed} failed", f"{self.count('SKIPPED')} skipped"]
-        lines = [f"sweep: {', '.join(parts)}" + (f" of {self.jobs} jobs" if self.jobs else "")]
+        return f"sweep: {', '.join(parts)}" + (f" of {self.jobs} jobs" if self.jobs else "")
+
+    def job_notes(self) -> list[str]:
+        """A line per job that did not simply finish: a failure's reason, or where a skipped job's result is (that
+        run is not one of this sweep's children)."""
+        notes = []
         for number, outcome in sorted(self.outcomes.items()):
             if outcome["status"] in ("FAILED", "KILLED"):
-                lines.append(f"  job {number} {outcome['status']}: {outcome.get('reason', '')}")
-            elif outcome["status"] == "SKIPPED":  # not a child of this sweep's parent: say where its result is
-                lines.append(f"  job {number} SKIPPED: {skipped_reason(outcome)}")
-        return "\n".join(lines)
+                notes.append(f"job {number} {outcome['status']}: {outcome.get('reason', '')}")
+            elif outcome["status"] == "SKIPPED":
+                run = outcome.get("run_id") or "?"
+                reason = f"the same run key already FINISHED as run {run}; its result counts for this sweep"
+                notes.append(f"job {number} SKIPPED: {reason}")
+        return notes
 
+    def summary(self) -> str:
+        """What the terminal shows at the end of the sweep."""
+        return "\n".join([self.headline(), *(f"  {note}" for note in self.job_notes())])
 
-def skipped_reason(outcome: dict[str, str]) -> str:
-    """Why a job did not run, and which run holds its result."""
-    return f"the same run key already FINISHED as run {outcome.get('run_id') or '?'}; its result counts for this sweep"
+    def description(self) -> str:
+        """The parent run's description in the MLflow UI (markdown)."""
+        return "\n".join([self.headline(), "", *(f"- {note}" for note in self.job_notes())]).strip()
 
 
 @dataclass(frozen=True)
@@ -98,18 +108,6 @@ def finished_run(cfg: DictConfig, run_key: str) -> FinishedRun | None:
         max_results=1,
     )
     return FinishedRun(runs[0].info.run_id, dict(runs[0].data.metrics)) if runs else None
-
-
-def parent_description(result: SweepResult) -> str:
-    """The parent run's description in the MLflow UI (markdown): how its jobs ended, and where the result of a
-    skipped job is, since that run is not one of the parent's children."""
-    lines = [result.summary().splitlines()[0], ""]
-    for number, outcome in sorted(result.outcomes.items()):
-        if outcome["status"] == "SKIPPED":
-            lines.append(f"- job {number} SKIPPED: {skipped_reason(outcome)}")
-        elif outcome["status"] in ("FAILED", "KILLED"):
-            lines.append(f"- job {number} {outcome['status']}: {outcome.get('reason', '')}")
-    return "\n".join(lines).strip()
 
 
 def summary_metrics(runs: list) -> dict[str, float]:
@@ -311,7 +309,7 @@ class Sweep:
             counts["jobs_skipped"] = result.count("SKIPPED")
             counts |= summary_metrics(sweep_runs(client, parent))  # with the earlier runs of skipped jobs
             client.log_batch(parent, metrics=[Metric(k, float(v), now, 0) for k, v in counts.items()])
-            client.set_tag(parent, "mlflow.note.content", parent_description(result))  # the UI's run description
+            client.set_tag(parent, "mlflow.note.content", result.description())  # the UI's run description
             try:
                 sweep_report(client, parent, show=True)
             except Exception as error:  # the jobs' results stand; a failed report is reported, not fatal

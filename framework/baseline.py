@@ -48,7 +48,7 @@ log = logging.getLogger("slimlab")
 class Baseline:
     model: nn.Module
     metrics: dict[str, float]  # every task metric, size_bytes, param_count, nonzero_param_count
-    path: Path
+    path: Path | None  # the cached file; None for a baseline that is not cached
     key: str
     cached: bool
     trained: bool = True  # False: a model that came with weights, taken as it is
@@ -294,12 +294,12 @@ def _size(model: nn.Module, path: Path) -> dict[str, float]:
 def _as_it_is(
     model: nn.Module, key: str, trains: bool, cfg: DictConfig, data: Data, task: Any, device: str, batch_size: int
 ) -> Baseline:
-    """A baseline that is not cached: fine-tuned if asked, scored, its file written to a temporary directory."""
+    """A baseline that is not cached: fine-tuned if asked, scored, its size measured on a file written and removed."""
     if trains:
         train(model, data, task, cfg.train, device=device, description="baseline: fine-tune")
     model.cpu().eval()
     scores, references = score_baseline(model, data, task, batch_size=batch_size)
-    path = Path(tempfile.mkdtemp(prefix="slimlab-baseline-")) / "model.pt"
-    metrics = {**scores, **_size(model, path)}
+    with tempfile.TemporaryDirectory(prefix="slimlab-baseline-") as scratch:
+        metrics = {**scores, **_size(model, Path(scratch) / "model.pt")}
     log.info("baseline %s: %s=%.4f", key, task.primary_metric, scores[task.primary_metric])
-    return Baseline(model.to(device), metrics, path, key, False, trains, references)
+    return Baseline(model.to(device), metrics, None, key, False, trains, references)

@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import subprocess
 import tempfile
 import traceback
@@ -51,14 +52,18 @@ def run_name(cfg: DictConfig, steps: list[Step]) -> str:
     return f"{cfg.model.get('name', 'model')} {chain}"
 
 
-def _output_dir() -> Path:
-    """Hydra's job directory when running under Hydra, else a fresh temporary directory."""
+def _output_dir() -> tuple[Path, bool]:
+    """Where a run writes its artifacts, and whether that place is temporary (removed once the run is over).
+
+    Under Hydra it is the job's directory, which stays. Outside a Hydra job (the Python API, tests) it is a fresh
+    temporary directory: the tracking backend has copied what it keeps by the time the run ends.
+    """
     try:
         from hydra.core.hydra_config import HydraConfig
 
-        return Path(HydraConfig.get().runtime.output_dir) / "artifacts"
-    except Exception:  # composed outside a Hydra job (tests, notebooks)
-        return Path(tempfile.mkdtemp(prefix="slimlab-run-"))
+        return Path(HydraConfig.get().runtime.output_dir) / "artifacts", False
+    except Exception:  # composed outside a Hydra job
+        return Path(tempfile.mkdtemp(prefix="slimlab-run-")), True
 
 
 def _git_commit() -> str | None:
@@ -379,6 +384,7 @@ def run_metrics(
     from slimlab.baseline import identity
 
     found = None if given else identity(cfg)  # once: the run key and the baseline cache both key on it
+    output_dir, temporary = _output_dir()
     ctx = RunContext(
         cfg=cfg,
         data=data,
@@ -386,7 +392,7 @@ def run_metrics(
         device=checked.device,
         run_name=run_name(cfg, steps),
         config_hash=hash_,
-        output_dir=_output_dir(),
+        output_dir=output_dir,
         # Objects handed in have no identity a later run could match: such a run is never resumed.
         tags={
             **_tags(plugins, steps, hash_),
@@ -395,14 +401,18 @@ def run_metrics(
         },
         steps=steps,
     )
-    hooks.before_run(ctx=ctx)
     try:
-        metrics = _run_pipeline(ctx, steps, hooks, model, found)
-        hooks.after_run(ctx=ctx, metrics=metrics)
-    except BaseException as error:
-        setattr(error, RECORDED, True)  # a ConfigError or PluginError from here on is a failed run, not bad input
-        hooks.on_run_error(ctx=ctx, error=error, traceback_text=traceback.format_exc())
-        raise
+        hooks.before_run(ctx=ctx)
+        try:
+            metrics = _run_pipeline(ctx, steps, hooks, model, found)
+            hooks.after_run(ctx=ctx, metrics=metrics)
+        except BaseException as error:
+            setattr(error, RECORDED, True)  # a ConfigError or PluginError from here on is a failed run, not bad input
+            hooks.on_run_error(ctx=ctx, error=error, traceback_text=traceback.format_exc())
+            raise
+    finally:
+        if temporary:  # the tracking backend has copied what it keeps
+            shutil.rmtree(output_dir, ignore_errors=True)
     return task.primary_metric, metrics
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import tempfile
+
 import pytest
 import torch
 from mlflow import MlflowClient
@@ -43,6 +45,9 @@ def notebook():
 
 def test_compress_a_model_object_and_log_it(notebook, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # no config directory here: the API needs none
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     model, data = notebook
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with torch.inference_mode():
@@ -66,6 +71,9 @@ def test_compress_a_model_object_and_log_it(notebook, tmp_path, monkeypatch):
     assert run.info.status == "FINISHED" and run.info.run_name == "NotebookNet prune(0.5)"
     assert run.data.metrics["accuracy"] == result.metrics["accuracy"]
     assert run.data.tags["slimlab.baseline"] == "given (pretrained)"
+    assert {a.path for a in MlflowClient(store).list_artifacts(result.run_id)} >= {"stages.json", "layer_sparsity.md"}
+    # the run's files went to the store; the temporary copies it wrote outside a Hydra job are gone
+    assert not [p.name for p in scratch.iterdir() if p.name.startswith("slimlab-")]
 
 
 def test_compress_without_tracking_and_with_a_fine_tuned_baseline(notebook, tmp_path, monkeypatch):

@@ -4,6 +4,7 @@ sweeps, resume and the report must work with unchanged."""
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import re
@@ -20,7 +21,7 @@ import pytest
 from slimlab.errors import ConfigError
 from slimlab.liveness import HOST_TAG, PID_TAG, START_TAG, process_tags
 from slimlab.tracking import ERROR_TAG, RUN_KEY_TAG, TrackingStore, children, close_dead_runs, finished_run
-from tests.conftest import write_plugin
+from tests.conftest import slimlab, write_plugin
 from tests.file_tracker import FileStore
 
 KINDS = ["mlflow", "files"]
@@ -332,3 +333,43 @@ def test_a_backend_name_already_taken_is_refused(name, taken_by, tmp_path, monke
     infos = {i.name: i for i in plugins.infos}
     assert infos["files"].status == "loaded" and plugins.trackers["files"][0] == "files"
     assert "none" not in plugins.trackers and plugins.trackers["mlflow"][0] == "mlflow"
+
+
+# --- end to end: a sweep recorded by the file backend, through the real command line ---
+
+
+def test_a_sweep_tracked_by_the_file_backend_finishes_resumes_and_reports(tmp_path, overrides):
+    site, runs = tmp_path / "site", tmp_path / "runs"
+    install(site, "files", FILE_TRACKER, ":plugin")
+    env = {"PYTHONPATH": str(site)}
+    tiny = [o for o in overrides if not o.startswith("tracking.uri=")] + ["model=mlp", "train.epochs=1"]
+    command = ["run", "-m", "tracking.backend=files", f"tracking.uri={runs}", *tiny, "technique=prune"]
+    command.append("technique.prune.amount=0.3,0.6")
+    first = slimlab(*command, cwd=tmp_path, env=env)
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-3000:]
+    assert not (tmp_path / "mlflow.db").exists()  # recorded in the file store only
+    store = FileStore(str(runs))
+    (parent,) = store.search(tags={"slimlab.sweep": "parent"})
+    jobs = children(store, parent.run_id)
+    assert sorted((run.status, run.params["technique.prune.amount"]) for run in jobs) == [
+        ("FINISHED", "0.3"), ("FINISHED", "0.6"),
+    ]  # fmt: skip
+    assert all("accuracy" in run.metrics and "size_bytes" in run.metrics for run in jobs)
+    assert store.get_run(parent.run_id).status == "FINISHED"
+
+    again = slimlab(*command, cwd=tmp_path, env=env)
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-3000:]
+    assert "sweep: 0 finished, 0 failed, 2 skipped of 2 jobs" in again.stdout
+    for run in jobs:
+        assert f"SKIPPED: the same run key already FINISHED as run {run.run_id}" in again.stdout
+    second, first_parent = store.search(tags={"slimlab.sweep": "parent"})
+    assert first_parent.run_id == parent.run_id and children(store, second.run_id) == []
+    assert second.status == "FINISHED" and (runs / second.experiment_id / second.run_id / "artifacts/report").is_dir()
+    outcomes = [json.loads(v) for k, v in second.tags.items() if k.startswith("slimlab.job.")]
+    assert sorted((o["status"], o["run_id"]) for o in outcomes) == sorted(("SKIPPED", r.run_id) for r in jobs)
+
+    report = slimlab("report", "--backend", "files", "--uri", str(runs), "--out", str(tmp_path / "report"),
+                     cwd=tmp_path, env=env)  # fmt: skip
+    assert report.returncode == 0, report.stderr[-3000:]
+    assert f"sweep {second.run_id[:8]}: 2 finished runs" in report.stdout
+    assert report.stdout.count("prune(0.") >= 2 and (tmp_path / "report" / "report.csv").is_file()

@@ -389,3 +389,17 @@ def test_a_sweep_tracked_by_the_file_backend_finishes_resumes_and_reports(tmp_pa
     assert report.returncode == 0, report.stderr[-3000:]
     assert f"sweep {second.run_id[:8]}: 2 finished runs" in report.stdout
     assert report.stdout.count("prune(0.") >= 2 and (tmp_path / "report" / "report.csv").is_file()
+
+
+def test_a_file_store_that_cannot_be_used_is_bad_input_before_any_work(tmp_path):
+    site = tmp_path / "site"
+    install(site, "files", FILE_TRACKER, ":plugin")
+    (tmp_path / "taken").write_text("a file")
+    result = slimlab("run", "tracking.backend=files", f"tracking.uri={tmp_path / 'taken'}", "model=mlp",
+                     cwd=tmp_path, env={"PYTHONPATH": str(site)})  # fmt: skip
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.strip() == (
+        f"slimlab: error: tracking.uri={tmp_path / 'taken'}: {tmp_path / 'taken'} is a file, not a directory; "
+        "valid: a directory slimlab can write (made if missing)"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["site", "taken"]  # nothing recorded, no outputs/

@@ -12,7 +12,7 @@ from typing import Any
 import pluggy
 
 PROJECT = "slimlab"  # pluggy project name and entry-point group: one word to learn
-API_VERSION = "2.2"  # the hook API: major when a hook changes incompatibly, minor when one gains an option
+API_VERSION = "2.3"  # the hook API: major when a hook changes incompatibly, minor when one gains an option
 
 hookimpl = pluggy.HookimplMarker(PROJECT)
 hookspec = pluggy.HookspecMarker(PROJECT)

@@ -41,7 +41,7 @@ class _Capture:
     @hookimpl(trylast=True)  # after tracking logged the run (the built-ins are registered first)
     def after_run(self, ctx: Any) -> None:
         self.model = ctx.model
-        self.run_id = (ctx.state.get("mlflow") or {}).get("run_id")
+        self.run_id = (ctx.state.get("tracking") or {}).get("run_id")
 
 
 def compress(

@@ -450,7 +450,7 @@ def render(runs: Sequence[BenchRun], workloads: dict[str, Workload] | None = Non
 
 
 def main(argv: list[str] | None = None) -> int:
-    from slimlab.tracking import tracking_uri
+    from slimlab.mlflow_tracking import tracking_uri
 
     parser = argparse.ArgumentParser(prog="python -m slimlab.benchmarks", description=__doc__.splitlines()[0])
     parser.add_argument("--uri", default=None, help="MLflow tracking URI (default: slimlab's, ./mlflow.db)")

@@ -89,8 +89,13 @@ def report_command(args: list[str]) -> int:
         "report.md, from the finished runs of a sweep (logged to its parent run too) or of an experiment.",
     )
     parser.add_argument("--sweep", metavar="PARENT_RUN_ID", help="a sweep's parent run (default: the latest sweep)")
-    parser.add_argument("--experiment", help="every finished run of this MLflow experiment instead of one sweep")
-    parser.add_argument("--uri", help="tracking store (default: $MLFLOW_TRACKING_URI or ./mlflow.db)")
+    parser.add_argument("--experiment", help="every finished run of this experiment instead of one sweep")
+    parser.add_argument(
+        "--backend", default="mlflow", help="tracking backend the runs are in (default: mlflow; see slimlab plugins)"
+    )
+    parser.add_argument(
+        "--uri", help="its store (default: the backend's; mlflow: $MLFLOW_TRACKING_URI, else ./mlflow.db)"
+    )
     parser.add_argument("--out", default="report", help="directory for the files (default: ./report)")
     options = parser.parse_args(args)
     if options.sweep and options.experiment:
@@ -98,19 +103,24 @@ def report_command(args: list[str]) -> int:
     from pathlib import Path
 
     from slimlab import report
-    from slimlab.tracking import tracking_uri
+    from slimlab.errors import ConfigError
+    from slimlab.plugin_manager import load_plugins
 
     try:
-        client = report.open_store(options.uri or tracking_uri())
-    except ValueError as error:  # nothing recorded there yet: say so, do not create an empty store
-        return _error(str(error))
+        store = load_plugins().tracking_store(options.backend, options.uri)
+        missing = report.missing_store(store, options.backend)
+        if missing:  # nothing recorded there yet: say so, do not create an empty store
+            return _error(missing)
+        store.check(True)
+    except ConfigError as error:
+        return _error(str(error).replace("tracking.backend=", "--backend ").replace("tracking.uri=", "--uri "))
     try:
         if options.experiment:
-            rows = report.rows_of(report.experiment_runs(client, options.experiment))
+            rows = report.rows_of(report.experiment_runs(store, options.experiment))
             title = f"experiment {options.experiment}: {len(rows)} finished runs"
         else:
-            parent = options.sweep or report.latest_sweep(client)
-            rows = report.rows_of(report.sweep_runs(client, parent))
+            parent = options.sweep or report.latest_sweep(store)
+            rows = report.rows_of(report.sweep_runs(store, parent))
             title = f"sweep {parent[:8]}: {len(rows)} finished runs"
     except Exception as error:  # an unknown run id or experiment: the user's input
         return _error(str(error).splitlines()[0])
@@ -120,7 +130,7 @@ def report_command(args: list[str]) -> int:
     paths = report.write_report(rows, Path(options.out), title)
     if not options.experiment:
         for path in paths:
-            client.log_artifact(parent, str(path), artifact_path="report")
+            store.log_file(parent, path, "report")
     print("wrote " + ", ".join(str(p) for p in paths) + ("" if options.experiment else f"; logged to run {parent}"))
     return EXIT_OK
 
@@ -138,7 +148,7 @@ def ui_command(args: list[str]) -> int:
     parser.add_argument("--port", type=int, default=UI_PORT)
     parser.add_argument("--workers", type=int, default=1, help="web server processes (default: 1)")
     options = parser.parse_args(args)
-    from slimlab.tracking import sqlite_path, tracking_uri, uri_source
+    from slimlab.mlflow_tracking import sqlite_path, tracking_uri, uri_source
 
     uri = options.uri or tracking_uri()
     if sqlite_path(uri) is None:  # `mlflow ui` would fail on a server's URI, or miss a database's artifacts
@@ -157,8 +167,8 @@ def ui_command(args: list[str]) -> int:
 
 def not_local_store(uri: str, key: str) -> str:
     """Why ``slimlab ui`` does not serve ``uri`` (not a local sqlite store), and what to open instead."""
+    from slimlab.mlflow_tracking import uri_scheme
     from slimlab.summary import server_url, shown_uri
-    from slimlab.tracking import uri_scheme
 
     if uri_scheme(uri) in ("http", "https"):
         return (
@@ -175,7 +185,7 @@ def not_local_store(uri: str, key: str) -> str:
 
 def comparison_links(uri: str, base_url: str, limit: int = 5) -> list[tuple[str, str]]:
     """The comparison view of the ``limit`` newest experiments slimlab wrote to, newest first."""
-    from slimlab.tracking import VIEW_TAG, comparison_url, sqlite_path
+    from slimlab.mlflow_tracking import VIEW_TAG, comparison_url, sqlite_path
 
     database = sqlite_path(uri)
     if database is not None and not database.exists():
@@ -244,7 +254,7 @@ def database_problem(uri: str, timeout: int = 10) -> str | None:
 
     Checked before starting: ``mlflow server`` would print a traceback from each of its processes instead.
     """
-    from slimlab.tracking import uri_scheme
+    from slimlab.mlflow_tracking import uri_scheme
 
     if uri_scheme(uri) not in ("postgresql", "mysql", "mssql"):  # sqlite: MLflow creates the file itself
         return None

@@ -61,11 +61,6 @@ class LayerType(Choice):
     Conv2d = "Conv2d"
 
 
-class TrackingBackend(Choice):
-    mlflow = "mlflow"
-    none = "none"
-
-
 class Codec(Choice):
     """How the compressed model's file is coded: the values of ``slimlab.artifact.CODECS`` (no torch import)."""
 
@@ -102,8 +97,9 @@ class MeasureConfig:
 class TrackingConfig:
     """Where runs are recorded; ``backend: none`` records nothing."""
 
-    backend: TrackingBackend = TrackingBackend.mlflow  # none: nothing is recorded
-    uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///<launch dir>/mlflow.db
+    # a tracking backend a plugin registers (register_tracking: mlflow built in), or none: nothing is recorded
+    backend: str = "mlflow"
+    uri: str | None = None  # the backend's store; None: its default (mlflow: $MLFLOW_TRACKING_URI, else ./mlflow.db)
     log_model: bool = True  # the compressed model with mlflow.pytorch.log_model (signature, input example)
 
 

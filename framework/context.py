@@ -50,6 +50,7 @@ class RunContext:
     tags: dict[str, str] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)  # what techniques report about themselves
     state: dict[str, Any] = field(default_factory=dict)
+    tracking: Any = None  # the run's slimlab.tracking.TrackingStore; None when nothing is recorded
 
     def fine_tune(
         self,

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from slimlab.context import RunContext
-    from slimlab.plugin_manager import RegisterOption
+    from slimlab.plugin_manager import RegisterOption, RegisterTracking
     from slimlab.registry import Register
     from slimlab.tasks import RegisterTask
 
@@ -100,6 +100,21 @@ def register_options(register: RegisterOption) -> None:
     importable callable) and its arguments, and for models ``checkpoint``/``pretrained``. The options are
     listed by ``slimlab run --help`` and usable as ``technique.distill.student=<name>``. A name that slimlab's
     own ``conf/`` or another plugin already has is a ``PluginError``. Returns nothing.
+    """
+
+
+@hookspec
+def register_tracking(register: RegisterTracking) -> None:
+    """Declare tracking backends this plugin provides (API 2.3): stores that record runs and read them back.
+
+    When: once per process, while the plugin manager is built.
+
+    ``register`` is called as ``register(name, factory)``: ``tracking.backend=<name>`` selects the backend and
+    ``factory(uri)`` returns a store for ``tracking.uri`` (None: the backend's default), an object with the methods
+    of ``slimlab.tracking.TrackingStore``. Runs, sweeps (their parent run, job outcomes and resume) and
+    ``slimlab report`` all record and read through it. Making the store must not touch it (``check`` does, in the
+    plan). slimlab's MLflow backend comes through this hook too. A name already taken (``none`` included) is a
+    ``PluginError``. Returns nothing.
     """
 
 

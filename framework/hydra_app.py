@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from slimlab.config import (
     CONFIG_DIR,
@@ -47,8 +47,9 @@ def launch(args: list[str], disable: list[str], sweep: Sweep | None = None) -> i
 
     from slimlab import sweep_job
     from slimlab.plugin_manager import load_plugins
-    from slimlab.runner import run_key, run_metrics
-    from slimlab.sweep import Sweep, finished_run, launching
+    from slimlab.runner import run_key, run_metrics, tracking_store
+    from slimlab.sweep import Sweep, launching
+    from slimlab.tracking import finished_run
 
     log = logging.getLogger("slimlab")
 
@@ -82,11 +83,12 @@ def launch(args: list[str], disable: list[str], sweep: Sweep | None = None) -> i
             use_search_path(job.runtime.config_sources)  # model options etc. are looked up where Hydra looked
             refuse_repeated_techniques(job.overrides.task)
             retarget_model(cfg, job.overrides.task)
-            if in_sweep and cfg.resume and cfg.tracking.backend == "mlflow":
-                done = finished_run(cfg, run_key(cfg, plugins))
+            store = tracking_store(cfg, plugins) if in_sweep else None
+            if store is not None and cfg.resume:
+                done = finished_run(store, cfg.experiment_name, run_key(cfg, plugins))
                 if done:
                     log.info("skipped: this config already has a FINISHED run, %s (resume=false runs it)", done.run_id)
-                    sweep_job.record_outcome("SKIPPED", done.run_id)
+                    sweep_job.record_outcome("SKIPPED", done.run_id, store=store)
                     return dict(done.metrics)
             metrics = run_metrics(cfg, plugins)[1]
             if in_sweep and not sweep_job.outcome_recorded():  # tracking=none: nobody else records it
@@ -103,8 +105,8 @@ def launch(args: list[str], disable: list[str], sweep: Sweep | None = None) -> i
                 raise RunFailed(f"{type(error).__name__}: {error}") from error
             reason = f"{type(error).__name__}: {error}"
             log.error("job failed: %s", reason)
-            if not sweep_job.outcome_recorded():  # failed before its MLflow run existed, or without tracking
-                sweep_job.record_outcome("FAILED", reason=reason)
+            if not sweep_job.outcome_recorded():  # failed before its run existed, or without tracking
+                sweep_job.record_outcome("FAILED", reason=reason, store=_store_or_none(cfg, plugins))
             return None
 
     saved = sys.argv
@@ -121,12 +123,25 @@ def launch(args: list[str], disable: list[str], sweep: Sweep | None = None) -> i
     return 1 if sweep.result is not None and sweep.result.failed else 0
 
 
+def _store_or_none(cfg: Any, plugins: Plugins) -> Any:
+    """The job's tracking store, or None when even that cannot be made (the job's outcome then goes to a file)."""
+    from slimlab.runner import tracking_store
+
+    try:
+        return tracking_store(cfg, plugins)
+    except Exception:  # the job's own failure is what is reported
+        return None
+
+
 def _register(plugins: Plugins) -> None:
-    """Fill Hydra's ConfigStore with this launch's schemas and no other technique's: a plugin loaded by an earlier
-    launch in this process and disabled in this one must not compose (``unknown technique``, naming it disabled)."""
+    """Fill Hydra's ConfigStore with this launch's schemas and options and no others: what a plugin loaded by an
+    earlier launch in this process (and disabled or gone in this one) registered must not compose."""
     from hydra.core.config_store import ConfigStore
 
-    ConfigStore.instance().repo.pop("technique", None)  # only plugins register techniques there
+    from slimlab.plugin_manager import OPTION_GROUPS
+
+    for group in ("technique", *OPTION_GROUPS):  # only plugins store there (slimlab's own options are files)
+        ConfigStore.instance().repo.pop(group, None)
     register_configs(plugins)
 
 

@@ -157,7 +157,7 @@ def measure(uri: str, pairs: int, help_calls: int = 5) -> dict[str, float]:
     from mlflow.entities import Metric
 
     from slimlab.benchmarks import EXPERIMENT
-    from slimlab.tracking import experiment_id
+    from slimlab.mlflow_tracking import experiment_id
 
     client = MlflowClient(uri)
     experiment = experiment_id(client, EXPERIMENT, uri)
@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.mode == "plain":
         print(plain_job(Path(args.out)))
         return 0
-    from slimlab.tracking import tracking_uri
+    from slimlab.mlflow_tracking import tracking_uri
 
     summary = measure(args.uri or tracking_uri(), args.pairs)
     print(", ".join(f"{k} {v:.3f}" for k, v in summary.items()))

@@ -48,6 +48,14 @@ class Plugins:
     infos: list[PluginInfo]
     tasks: dict[str, tuple[str, Callable[[], Any]]] = field(default_factory=dict)  # name -> (plugin, factory)
     options: dict[tuple[str, str], tuple[str, dict[str, Any]]] = field(default_factory=dict)  # (group, name) -> ...
+    trackers: dict[str, tuple[str, Callable[[str | None], Any]]] = field(default_factory=dict)  # name -> (plugin, f)
+
+    def tracking_store(self, backend: str, uri: str | None = None) -> Any:
+        """A store of tracking backend ``backend`` at ``uri`` (None: the backend's default); a ``TrackingStore``."""
+        if backend not in self.trackers:
+            valid = ", ".join(["none", *sorted(self.trackers)])
+            raise ConfigError(f"tracking.backend={backend}: no plugin registers it; valid: {valid}")
+        return self.trackers[backend][1](uri)
 
     def task(self, spec: Any) -> Any:
         """The task a Data names: a registered name, or a task object used as it is."""
@@ -214,6 +222,7 @@ def load_plugins(disable: Iterable[str] = ()) -> Plugins:
         "register_techniques": lambda plugin, offered: plugins.registry.register_for(plugin),
         "register_tasks": lambda plugin, offered: _task_register(plugin, offered, plugins.tasks),
         "register_options": lambda plugin, offered: _option_register(plugin, offered, plugins.options),
+        "register_tracking": lambda plugin, offered: _tracking_register(plugin, offered, plugins.trackers),
     }
     for hook, make_register in registrations.items():  # registration order: built-ins first
         for impl in getattr(manager.hook, hook).get_hookimpls():
@@ -232,6 +241,8 @@ def load_plugins(disable: Iterable[str] = ()) -> Plugins:
                 plugins.tasks.update(offered)
             elif hook == "register_options":
                 plugins.options.update(offered)
+            elif hook == "register_tracking":
+                plugins.trackers.update(offered)
 
     for info in plugins.infos:
         if info.status != "loaded":  # disabled, or refused at any step above
@@ -286,8 +297,25 @@ def _unstorable_option(offered: Offered) -> str | None:
 
 
 RegisterOption = Callable[[str, str, dict[str, Any]], None]  # register(group, name, node)
+RegisterTracking = Callable[[str, Callable[[str | None], Any]], None]  # register(name, factory)
 OPTION_GROUPS = ("model", "data")
 Offered = dict[Any, tuple[str, Any]]  # what a registration hook offered: key -> (plugin, value)
+
+
+def _tracking_register(plugin: str, offered: Offered, collected: Offered) -> Callable[..., None]:
+    def register(name: str, factory: Callable[[str | None], Any]) -> None:
+        owner = collected.get(name, offered.get(name, (None,)))[0]
+        if name == "none" or owner is not None:
+            taken = "slimlab (no tracking)" if name == "none" else repr(owner)
+            raise PluginError(f"plugin {plugin!r} registers tracking backend {name!r}, already taken by {taken}")
+        if not callable(factory):
+            raise PluginError(
+                f"plugin {plugin!r} registers tracking backend {name!r} with a {type(factory).__name__}, "
+                "not a callable factory(uri)"
+            )
+        offered[name] = (plugin, factory)
+
+    return register
 
 
 def _task_register(plugin: str, offered: Offered, collected: Offered) -> Callable[..., None]:

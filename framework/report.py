@@ -27,7 +27,8 @@ from slimlab.tracking import COLUMNS
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
-    from mlflow import MlflowClient
+
+    from slimlab.tracking import RunRecord, TrackingStore
 
 log = logging.getLogger("slimlab")
 # In report.csv only: each run's own pair of timings, which its speedup is the ratio of.
@@ -67,21 +68,21 @@ def primary_metric(metrics: dict[str, float]) -> str | None:
     return None
 
 
-def rows_of(runs: Sequence) -> list[Row]:
-    """Report rows of MLflow runs that finished with slimlab's metrics (others, like parents, are left out).
+def rows_of(runs: Sequence[RunRecord]) -> list[Row]:
+    """Report rows of runs that finished with slimlab's metrics (others, like parents, are left out).
 
     Runs of different tasks (accuracy, cosine, mse) cannot share a table or a front: the largest group is
     kept and the others are named in a warning.
     """
     rows = []
     for run in runs:
-        metrics = dict(run.data.metrics)
+        metrics = dict(run.metrics)
         primary = primary_metric(metrics)
-        if run.info.status != "FINISHED" or primary is None or "size_bytes" not in metrics:
+        if run.status != "FINISHED" or primary is None or "size_bytes" not in metrics:
             continue
-        name = run.info.run_name or run.info.run_id
+        name = run.name or run.run_id
         chain = name.split(" ", 1)[1] if " " in name else name  # "lenet prune(0.9)+quantize(int8-wo)" -> the chain
-        rows.append(Row(run.info.run_id, name, chain, metrics, primary))
+        rows.append(Row(run.run_id, name, chain, metrics, primary))
     groups: dict[str, list[Row]] = {}
     for row in rows:
         groups.setdefault(row.primary, []).append(row)
@@ -115,38 +116,33 @@ def pareto_front(rows: Sequence[Row], cost: str) -> list[Row]:
     return sorted(front, key=lambda row: row.metrics[cost])
 
 
-def sweep_runs(client: MlflowClient, parent: str) -> list:
+def sweep_runs(store: TrackingStore, parent: str) -> list[RunRecord]:
     """The children of a sweep's parent run, plus the earlier runs its resumed jobs were skipped for."""
     from slimlab.sweep_job import outcomes_of
     from slimlab.tracking import children
 
-    runs = children(client, parent)
-    seen = {run.info.run_id for run in runs}
-    for outcome in outcomes_of(client, parent).values():
+    runs = children(store, parent)
+    seen = {run.run_id for run in runs}
+    for outcome in outcomes_of(store, parent).values():
         if outcome["status"] == "SKIPPED" and outcome.get("run_id") and outcome["run_id"] not in seen:
-            runs.append(client.get_run(outcome["run_id"]))
+            runs.append(store.get_run(outcome["run_id"]))
             seen.add(outcome["run_id"])
     return runs
 
 
-def latest_sweep(client: MlflowClient) -> str:
+def latest_sweep(store: TrackingStore) -> str:
     """The most recently started sweep parent run in the store."""
-    experiments = [e.experiment_id for e in client.search_experiments()]
-    runs = client.search_runs(
-        experiments, filter_string="tags.`slimlab.sweep` = 'parent'", order_by=["attributes.start_time DESC"]
-    )
+    runs = store.search(None, tags={"slimlab.sweep": "parent"})
     if not runs:
         raise ValueError("no sweep in this store; run one with `slimlab run -m ...` or pass --experiment NAME")
-    return runs[0].info.run_id
+    return runs[0].run_id
 
 
-def experiment_runs(client: MlflowClient, experiment: str) -> list:
-    from slimlab.tracking import search_all
-
-    found = client.get_experiment_by_name(experiment)
+def experiment_runs(store: TrackingStore, experiment: str) -> list[RunRecord]:
+    found = store.experiment(experiment, create=False)
     if found is None:
-        raise ValueError(f"no MLflow experiment named {experiment!r}")
-    return search_all(client, [found.experiment_id], "attributes.status = 'FINISHED'")
+        raise ValueError(f"no experiment named {experiment!r} in {store.uri}")
+    return store.search([found], status="FINISHED")
 
 
 def front_ids(rows: Sequence[Row]) -> tuple[set[str], set[str]]:
@@ -394,9 +390,9 @@ def write_report(rows: Sequence[Row], out: Path, title: str) -> list[Path]:
     return paths
 
 
-def sweep_report(client: MlflowClient, parent: str, *, out: Path | None = None, show: bool = False) -> int:
+def sweep_report(store: TrackingStore, parent: str, *, out: Path | None = None, show: bool = False) -> int:
     """The report of a sweep, logged to its parent run (artifacts ``report/``); returns the number of rows."""
-    rows = rows_of(sweep_runs(client, parent))
+    rows = rows_of(sweep_runs(store, parent))
     if not rows:
         return 0
     title = f"sweep {parent[:8]}: {len(rows)} finished runs"
@@ -404,20 +400,18 @@ def sweep_report(client: MlflowClient, parent: str, *, out: Path | None = None, 
         show_table(rows, title)
     with tempfile.TemporaryDirectory() as tmp:
         for path in write_report(rows, out or Path(tmp), title):
-            client.log_artifact(parent, str(path), artifact_path="report")
+            store.log_file(parent, path, "report")
     return len(rows)
 
 
-def open_store(uri: str) -> MlflowClient:
-    """A client on an existing store: a report reads runs, it never creates an empty ``mlflow.db``.
+def missing_store(store: TrackingStore, backend: str) -> str | None:
+    """Why there is nothing to report in ``store`` yet (an embedded MLflow sqlite store that does not exist): a
+    report reads runs, it never creates an empty ``mlflow.db``."""
+    if backend != "mlflow":
+        return None
+    from slimlab.mlflow_tracking import sqlite_path
 
-    Raises ValueError naming the path when an embedded sqlite store does not exist.
-    """
-    from mlflow import MlflowClient
-
-    from slimlab.tracking import sqlite_path
-
-    database = sqlite_path(uri)
+    database = sqlite_path(store.uri)
     if database is not None and not database.is_file():
-        raise ValueError(f"no tracking store at {database}; run something first (slimlab run) or pass --uri")
-    return MlflowClient(uri)
+        return f"no tracking store at {database}; run something first (slimlab run) or pass --uri"
+    return None

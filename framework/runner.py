@@ -28,7 +28,7 @@ from slimlab.registry import Step, speedup_bound
 if TYPE_CHECKING:
     from slimlab.data import Data
 
-TRACKING_PLUGINS = {"mlflow": "mlflow"}  # tracking.backend -> the plugin that implements it
+RECORDER = "tracking"  # the plugin that records runs in the tracking store (slimlab.tracking): out when none
 RUN_KEYS = ("model", "data", "train", "seed", "technique", "device", "measure", "artifact")
 log = logging.getLogger("slimlab")
 
@@ -135,9 +135,7 @@ def plan(
     steps = plugins.registry.pipeline(cfg, disabled=cfg.plugins.disable, probe=host)
     if cfg.artifact.codec not in CODECS:
         raise ConfigError(f"unknown artifact.codec {cfg.artifact.codec!r}; valid: {', '.join(CODECS)}")
-    backend = cfg.tracking.backend
-    if backend != "none" and backend not in TRACKING_PLUGINS:
-        raise ConfigError(f"unknown tracking backend {backend!r}; valid: none, {', '.join(TRACKING_PLUGINS)}")
+    store = tracking_store(cfg, plugins)  # an unknown backend is refused here
     for group in ("model", "data"):
         if group not in given:
             _check_target(group, cfg[group].get("_target_"))
@@ -151,9 +149,34 @@ def plan(
     if model is not None or "model" not in given:
         _check_module_names(cfg, steps, model, names)
     device = resolve_device(cfg.device.name) if host else cfg.device.name
-    left_out = frozenset(cfg.plugins.disable) | {p for b, p in TRACKING_PLUGINS.items() if b != backend}
+    left_out = frozenset(cfg.plugins.disable) | ({RECORDER} if store is None else set())
+    if store is not None:
+        _check_store(store, cfg.tracking.backend, host)
     check_config(plugins.hooks_without(left_out), cfg, host)
     return Plan(steps, device, left_out)
+
+
+def tracking_store(cfg: DictConfig, plugins: Plugins) -> Any:
+    """The run's tracking store (``slimlab.tracking.TrackingStore``): in a sweep's job the sweep's, else the one
+    ``cfg.tracking`` names; None for ``tracking.backend=none``."""
+    if cfg.tracking.backend == "none":
+        return None
+    from slimlab.sweep_job import sweep_uri
+    from slimlab.tracking import store_for
+
+    return store_for(cfg, plugins, sweep_uri())
+
+
+def _check_store(store: Any, backend: str, host: bool) -> None:
+    """The store's own check: a ``ConfigError`` is the user's, anything else the backend's bug."""
+    try:
+        store.check(host)
+    except ConfigError:
+        raise
+    except Exception as error:
+        raise PluginError(
+            f"tracking backend {backend!r}: its store's check raised {type(error).__name__}: {error}"
+        ) from error
 
 
 def check_config(hooks: Any, cfg: DictConfig, host: bool) -> None:
@@ -400,6 +423,7 @@ def run_metrics(
             "slimlab.task": task.name,
         },
         steps=steps,
+        tracking=tracking_store(cfg, plugins),
     )
     try:
         hooks.before_run(ctx=ctx)

@@ -67,11 +67,12 @@ def after_run(ctx: RunContext, metrics: dict[str, float]) -> None:
         table.add_row(*row)
     console = wide_console()
     console.print(table)
-    tracked = ctx.state.get("mlflow")
+    tracked = ctx.state.get("tracking")
     if tracked:
         # Plain print: rich would wrap a long link and read brackets in a path as markup.
-        print(f"MLflow run {tracked['run_id']} in {shown_uri(tracked['uri'])}")
-        print(ui_hint(tracked["uri"], tracked["experiment_id"]), flush=True)
+        backend = "MLflow" if ctx.cfg.tracking.backend == "mlflow" else ctx.cfg.tracking.backend
+        print(f"{backend} run {tracked['run_id']} in {shown_uri(ctx.tracking.uri)}")
+        print(ctx.tracking.where(tracked["experiment_id"]), flush=True)
 
 
 def shown_uri(uri: str) -> str:
@@ -100,7 +101,7 @@ def ui_hint(uri: str, experiment_id: str) -> str:
     ``--uri`` unless it is the default store) and the link that UI will serve. Another store (a database behind a
     server): the experiment's page on whatever server is in front of it.
     """
-    from slimlab.tracking import comparison_url, sqlite_path, tracking_uri, uri_scheme
+    from slimlab.mlflow_tracking import comparison_url, sqlite_path, tracking_uri, uri_scheme
 
     if uri_scheme(uri) in ("http", "https"):
         return f"See it in the MLflow UI: {comparison_url(server_url(uri), experiment_id)}"

@@ -1,4 +1,4 @@
-"""A sweep in MLflow: one parent run per ``slimlab run -m``, one child run per job, a summary at the end.
+"""A sweep in the tracking store: one parent run per ``slimlab run -m``, one child run per job, a summary at the end.
 
 The launching process (Hydra's ``on_multirun_start``) checks every job's config, creates the store, the
 experiment and the parent run before any worker starts, and hands the parent's id and store to the jobs
@@ -15,6 +15,9 @@ Resume: a job whose run key (``slimlab.run_key``: the resolved config, the code 
 the versions of torch, slimlab and every plugin; ``runner.run_key``) already has a FINISHED run in the experiment
 is skipped (``resume=false`` runs everything).
 
+Everything is recorded and read through the tracking contract (``slimlab.tracking.TrackingStore``), in the store
+``tracking.backend`` and ``tracking.uri`` name: MLflow's, or any backend a plugin registers.
+
 What one job knows and records is ``slimlab.sweep_job``; the launching process's side is a ``Sweep``, created by
 whoever launches (``slimlab run``) and reachable from the Hydra callback through ``launching``/``current`` for the
 duration of the launch: nothing of a sweep stays in this module once it is over.
@@ -25,7 +28,6 @@ from __future__ import annotations
 import logging
 import math
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -36,12 +38,11 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from slimlab.errors import SweepSetupFailed
-from slimlab.sweep_job import PARENT_ENV, URI_ENV, outcome_files, outcomes_of, sweep_uri
+from slimlab.sweep_job import PARENT_ENV, URI_ENV, outcome_files, outcomes_of
 
 if TYPE_CHECKING:
-    from mlflow import MlflowClient
-
     from slimlab.plugin_manager import Plugins
+    from slimlab.tracking import RunRecord, TrackingStore
 
 LOCAL_LAUNCHERS = ("BasicLauncher", "JoblibLauncher")  # jobs run on this machine: its devices can be checked
 log = logging.getLogger("slimlab")
@@ -84,39 +85,17 @@ class SweepResult:
         return "\n".join([self.headline(), *(f"  {note}" for note in self.job_notes())])
 
     def description(self) -> str:
-        """The parent run's description in the MLflow UI (markdown)."""
+        """The parent run's description (markdown; the MLflow UI shows it)."""
         return "\n".join([self.headline(), "", *(f"- {note}" for note in self.job_notes())]).strip()
 
 
-@dataclass(frozen=True)
-class FinishedRun:
-    run_id: str
-    metrics: dict[str, float]
-
-
-def finished_run(cfg: DictConfig, run_key: str) -> FinishedRun | None:
-    """A FINISHED run of the same experiment with the same run key, if there is one."""
-    from slimlab.tracking import open_store, tracking_uri
-
-    client = open_store(sweep_uri() or tracking_uri(cfg))
-    experiment = client.get_experiment_by_name(cfg.experiment_name)
-    if experiment is None:
-        return None
-    runs = client.search_runs(
-        [experiment.experiment_id],
-        filter_string=f"tags.`slimlab.run_key` = '{run_key}' and attributes.status = 'FINISHED'",
-        max_results=1,
-    )
-    return FinishedRun(runs[0].info.run_id, dict(runs[0].data.metrics)) if runs else None
-
-
-def summary_metrics(runs: list) -> dict[str, float]:
+def summary_metrics(runs: list[RunRecord]) -> dict[str, float]:
     """The sweep's outcome as its parent run's metrics: ``best_<primary>`` (the finished child with the smallest
     ``<primary>_drop``), ``best_compression_ratio`` and ``best_speedup``. Named apart from the children's metrics,
     so the tradeoff charts plot the children, not the parent."""
     from slimlab.report import primary_metric
 
-    finished = [run.data.metrics for run in runs if run.info.status == "FINISHED"]
+    finished = [run.metrics for run in runs if run.status == "FINISHED"]
     primaries = {primary_metric(metrics) for metrics in finished} - {None}
     summary = {}
     if len(primaries) == 1:  # children of different tasks have no one best
@@ -217,56 +196,47 @@ class Sweep:
     plugins: Plugins | None = None
     result: SweepResult | None = None  # set when the multirun starts
     sweep_dir: str = "."
-    uri: str | None = None  # the store and parent run, once the parent is open: an interruption closes them
+    store: TrackingStore | None = None  # the store and parent run, once the parent is open: an interruption closes them
     run_id: str | None = None
     _stop: threading.Event | None = None
     _progress: threading.Thread | None = None
 
-    def active_parent(self) -> tuple[str, str] | None:
+    def active_parent(self) -> tuple[TrackingStore, str] | None:
         """(store, parent run id) while the sweep is tracked and open."""
-        return (self.uri, self.run_id) if self.uri and self.run_id else None
+        return (self.store, self.run_id) if self.store is not None and self.run_id else None
 
     def open_parent(self, config: DictConfig, jobs: list[list[str]] | None) -> None:
-        """Open the store (created under a lock), close this host's runs whose process is gone, open the parent."""
+        """Open the store, close this host's runs whose process is gone, open the parent run."""
         from slimlab.liveness import process_tags
-        from slimlab.tracking import (
-            close_dead_runs,
-            experiment_id,
-            open_store,
-            read_only_as_config_error,
-            tracking_uri,
-        )
+        from slimlab.plugin_manager import load_plugins
+        from slimlab.tracking import close_dead_runs, store_for
 
-        uri = tracking_uri(config)
-        client = open_store(uri)
-        experiment = experiment_id(client, config.experiment_name, uri)
-        overrides = " ".join(config.hydra.overrides.task)
-        with read_only_as_config_error(uri):
-            close_dead_runs(client, experiment)  # a sweep killed before this one (SIGKILL): its parent and children
-            parent = client.create_run(
-                experiment,
-                run_name=" ".join([f"sweep {config.experiment_name}:", *swept_overrides(config)])[:250],
-                tags={
-                    "slimlab.sweep": "parent",
-                    "slimlab.sweep.overrides": overrides[:5000],
-                    "slimlab.sweep.sweeper": str(config.hydra.sweeper.get("_target_", "")),
-                    "slimlab.sweep.launcher": str(config.hydra.launcher.get("_target_", "")),
-                    **process_tags(),
-                },
-            )
-        run_id = parent.info.run_id
-        self.uri, self.run_id = uri, run_id  # from here on, an interruption closes it
+        store = store_for(config, self.plugins or load_plugins(list(config.plugins.disable)))
+        experiment = store.experiment(config.experiment_name)
+        close_dead_runs(store, experiment)  # a sweep killed before this one (SIGKILL): its parent and children
+        run_id = store.create_run(
+            experiment,
+            " ".join([f"sweep {config.experiment_name}:", *swept_overrides(config)])[:250],
+            {
+                "slimlab.sweep": "parent",
+                "slimlab.sweep.overrides": " ".join(config.hydra.overrides.task)[:5000],
+                "slimlab.sweep.sweeper": str(config.hydra.sweeper.get("_target_", "")),
+                "slimlab.sweep.launcher": str(config.hydra.launcher.get("_target_", "")),
+                **process_tags(),
+            },
+        )
+        self.store, self.run_id = store, run_id  # from here on, an interruption closes it
         self.result.parent_run_id = run_id
         if jobs is not None:
-            client.log_metric(run_id, "jobs", len(jobs))
-            client.log_text(run_id, "\n".join(" ".join(job) for job in jobs) + "\n", "jobs.txt")
-        _hand_to_jobs(config, {PARENT_ENV: run_id, URI_ENV: uri})
+            store.log_metrics(run_id, {"jobs": len(jobs)})
+            store.log_text(run_id, "\n".join(" ".join(job) for job in jobs) + "\n", "jobs.txt")
+        _hand_to_jobs(config, {PARENT_ENV: run_id, URI_ENV: store.uri})
         self._stop = threading.Event()
         self._progress = threading.Thread(
-            target=_show_progress, args=(uri, run_id, self.result.jobs, self._stop), daemon=True
+            target=_show_progress, args=(store, run_id, self.result.jobs, self._stop), daemon=True
         )
         self._progress.start()
-        log.info("sweep: parent run %s in %s", run_id, uri)
+        log.info("sweep: parent run %s in %s", run_id, store.uri)
 
     def _stop_progress(self) -> None:
         if self._stop is not None:
@@ -277,7 +247,7 @@ class Sweep:
     def _close(self) -> None:
         """Nothing left open: a later interruption has nothing to close."""
         self._stop_progress()
-        self.uri = self.run_id = None
+        self.store = self.run_id = None
 
     def finish(self) -> SweepResult | None:
         """Count the jobs' outcomes, print the summary, log the report and close the parent run."""
@@ -285,39 +255,30 @@ class Sweep:
         if result is None:
             return None
         self._stop_progress()
-        parent, uri = result.parent_run_id, self.uri
-        if parent is None:
-            result.outcomes = outcome_files(self.sweep_dir)
-        else:
-            from mlflow import MlflowClient
-
-            client = MlflowClient(uri)
-            result.outcomes = outcomes_of(client, parent)
-            for run in _close_running_children(client, parent, "FAILED"):
-                number = int(run.data.tags.get("slimlab.job", -1))
-                result.outcomes[number] = {"status": "FAILED", "run_id": run.info.run_id, "reason": "never finished"}
+        parent, store = result.parent_run_id, self.store
+        result.outcomes = outcome_files(self.sweep_dir)
+        if parent is not None:
+            result.outcomes |= outcomes_of(store, parent)
+            for run in _close_running_children(store, parent, "FAILED"):
+                number = int(run.tags.get("slimlab.job", -1))
+                result.outcomes[number] = {"status": "FAILED", "run_id": run.run_id, "reason": "never finished"}
         for number in range(result.jobs or 0):  # a job that died before it could say so
             result.outcomes.setdefault(number, {"status": "FAILED", "run_id": "", "reason": "no outcome recorded"})
         print(result.summary(), flush=True)
         if parent is not None:
-            from mlflow.entities import Metric
-
             from slimlab.report import sweep_report, sweep_runs
 
-            now = int(time.time() * 1000)
             counts = {"jobs_finished": result.count("FINISHED"), "jobs_failed": result.failed}
             counts["jobs_skipped"] = result.count("SKIPPED")
-            counts |= summary_metrics(sweep_runs(client, parent))  # with the earlier runs of skipped jobs
-            client.log_batch(parent, metrics=[Metric(k, float(v), now, 0) for k, v in counts.items()])
-            client.set_tag(parent, "mlflow.note.content", result.description())  # the UI's run description
+            counts |= summary_metrics(sweep_runs(store, parent))  # with the earlier runs of skipped jobs
+            store.log_metrics(parent, counts)
+            store.set_tags(parent, {"mlflow.note.content": result.description()})  # the MLflow UI's description
             try:
-                sweep_report(client, parent, show=True)
+                sweep_report(store, parent, show=True)
             except Exception as error:  # the jobs' results stand; a failed report is reported, not fatal
                 log.error("sweep report failed: %s: %s", type(error).__name__, error)
-            client.set_terminated(parent, "FAILED" if result.failed else "FINISHED")
-            from slimlab.summary import ui_hint
-
-            print(ui_hint(uri, client.get_run(parent).info.experiment_id), flush=True)
+            store.end_run(parent, "FAILED" if result.failed else "FINISHED")
+            print(store.where(store.get_run(parent).experiment_id), flush=True)
         self._close()
         return result
 
@@ -329,15 +290,12 @@ class Sweep:
         """
         self._stop_progress()
         if self.active_parent() is not None:
-            from mlflow import MlflowClient
-
-            uri, parent = self.uri, self.run_id
+            store, parent = self.store, self.run_id
 
             def close() -> None:
                 try:
-                    client = MlflowClient(uri)
-                    _close_running_children(client, parent, status)
-                    client.set_terminated(parent, status)
+                    _close_running_children(store, parent, status)
+                    store.end_run(parent, status)
                 except Exception as error:  # the store is gone or locked: say so, the process still stops
                     log.error("sweep: could not close run %s: %s: %s", parent, type(error).__name__, error)
 
@@ -345,7 +303,7 @@ class Sweep:
             closing.start()
             closing.join(timeout=wait)
             if closing.is_alive():
-                log.error("sweep: could not close run %s and its children in %s within %.0f s", parent, uri, wait)
+                log.error("sweep: could not close run %s and its children in %s within %.0f s", parent, store.uri, wait)
         self._close()
 
 
@@ -367,7 +325,7 @@ def current() -> Sweep | None:
     return _current.get()
 
 
-def active_parent() -> tuple[str, str] | None:
+def active_parent() -> tuple[TrackingStore, str] | None:
     """In the launching process: (store, parent run id) of the sweep being run, if it is tracked."""
     sweep = current()
     return sweep.active_parent() if sweep is not None else None
@@ -412,7 +370,7 @@ class SweepCallback(Callback):
         sweep._close()
         sweep.sweep_dir = str(config.hydra.sweep.dir)
         sweep.result = SweepResult(None, len(jobs) if jobs is not None else None)
-        if config.tracking.backend != "mlflow":
+        if config.tracking.backend == "none":
             return
         try:
             sweep.open_parent(config, jobs)
@@ -437,17 +395,17 @@ class SweepCallback(Callback):
             raise SweepSetupFailed(f"the sweep's summary failed: {type(error).__name__}: {error}") from error
 
 
-def _show_progress(uri: str, parent: str, jobs: int | None, stop: threading.Event, every: float = 5.0) -> None:
+def _show_progress(
+    store: TrackingStore, parent: str, jobs: int | None, stop: threading.Event, every: float = 5.0
+) -> None:
     """A progress line in the launching process whenever the counts change: done / failed / running."""
-    from mlflow import MlflowClient
-
     from slimlab.tracking import children
 
-    client, shown = MlflowClient(uri), None
+    shown = None
     while not stop.wait(every):
         try:
-            statuses = [o["status"] for o in outcomes_of(client, parent).values()]
-            running = sum(1 for run in children(client, parent) if run.info.status == "RUNNING")
+            statuses = [o["status"] for o in outcomes_of(store, parent).values()]
+            running = sum(1 for run in children(store, parent) if run.status == "RUNNING")
         except Exception:  # a busy store: try again at the next tick
             continue
         line = (
@@ -459,11 +417,11 @@ def _show_progress(uri: str, parent: str, jobs: int | None, stop: threading.Even
             shown = line
 
 
-def _close_running_children(client: MlflowClient, parent: str, status: str) -> list:
+def _close_running_children(store: TrackingStore, parent: str, status: str) -> list[RunRecord]:
     """Close the children still RUNNING (their worker died or was stopped) with ``status``; return them."""
     from slimlab.tracking import children
 
-    closed = [run for run in children(client, parent) if run.info.status == "RUNNING"]
+    closed = [run for run in children(store, parent) if run.status == "RUNNING"]
     for run in closed:
-        client.set_terminated(run.info.run_id, status)
+        store.end_run(run.run_id, status)
     return closed

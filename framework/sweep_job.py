@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from mlflow import MlflowClient
+    from slimlab.tracking import TrackingStore
 
 PARENT_ENV = "SLIMLAB_SWEEP_RUN_ID"
 URI_ENV = "SLIMLAB_SWEEP_URI"
@@ -92,21 +92,22 @@ def job_scope() -> Iterator[Job | None]:
         _job.reset(token)
 
 
-def record_outcome(status: str, run_id: str | None = None, reason: str = "") -> None:
-    """Tell the sweep how this job ended: a tag on the parent run, or a file in the sweep directory."""
+def record_outcome(
+    status: str, run_id: str | None = None, reason: str = "", store: TrackingStore | None = None
+) -> None:
+    """Tell the sweep how this job ended: a tag on the parent run in ``store`` (the sweep's tracking store), or,
+    for an untracked sweep, a file in the sweep directory."""
     job = this_job()
     if job is None:
         return
     first_line = reason.strip().splitlines()[0][:300] if reason.strip() else ""
     outcome = {"status": status, "run_id": run_id or "", "reason": first_line}
-    if job.parent is None:
+    if job.parent is not None and store is not None:
+        store.set_tags(job.parent, {f"{JOB_TAG}{job.number}": json.dumps(outcome)})
+    else:  # untracked, or the job failed before its store could be made: the sweep reads the files too
         folder = Path(job.sweep_dir) / OUTCOMES_DIR
         folder.mkdir(parents=True, exist_ok=True)
         (folder / f"{job.number}.json").write_text(json.dumps(outcome))
-    else:
-        from mlflow import MlflowClient
-
-        MlflowClient(job.uri).set_tag(job.parent, f"{JOB_TAG}{job.number}", json.dumps(outcome))
     job.recorded = True
 
 
@@ -116,9 +117,9 @@ def outcome_recorded() -> bool:
     return job is not None and job.recorded
 
 
-def outcomes_of(client: MlflowClient, parent: str) -> dict[int, dict[str, str]]:
+def outcomes_of(store: TrackingStore, parent: str) -> dict[int, dict[str, str]]:
     """The outcome each job recorded on the parent run, by job number."""
-    tags = client.get_run(parent).data.tags
+    tags = store.get_run(parent).tags
     return {int(k[len(JOB_TAG) :]): json.loads(v) for k, v in tags.items() if k.startswith(JOB_TAG)}
 
 

@@ -346,7 +346,7 @@ class TechniqueContract:
         from mlflow import MlflowClient
 
         from slimlab.logged_model import log_compressed_model, portable, using_tracking_uri
-        from slimlab.tracking import experiment_id
+        from slimlab.mlflow_tracking import experiment_id
 
         cfg = slimlab_compose(self.overrides())
         if any(option.startswith("model=") for option in self.options):  # the model the options chose

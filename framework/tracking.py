@@ -1,372 +1,134 @@
-"""MLflow tracking as a built-in plugin: one MLflow run per slimlab run.
+"""The tracking contract: what slimlab records of a run and reads back, whatever store keeps it.
 
-The store is refused in the plan when MLflow cannot use it (``check_config``: its scheme, a server that does not
-answer, a read-only sqlite file); a new sqlite store is created and migrated under a file lock, so runs started
-together do not race MLflow's migrations; a failed run is closed before anything else is logged; each run records
-its host and process, and the next run or sweep on that host closes as KILLED the runs whose process is gone.
+A tracking backend is a plugin that registers a store factory with ``register_tracking`` (API 2.3):
+``register(name, factory)``; ``tracking.backend=<name>`` selects it and ``factory(uri)`` (``tracking.uri``, None for
+the backend's default) returns a ``TrackingStore``. MLflow is the one built-in backend (``slimlab.mlflow_tracking``).
+
+Everything that records or reads runs goes through a store: one run (``Recorder``, below), a sweep's parent run, its
+jobs' outcomes and resume (``slimlab.sweep``, ``slimlab.sweep_job``), the report (``slimlab.report``). Runs are plain
+``RunRecord`` values. The store's own features beyond the contract (MLflow's comparison view and logged models) stay in
+its backend.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import socket
-import time
-import urllib.parse
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from slimlab import hookimpl
-from slimlab.errors import ConfigError
 from slimlab.liveness import HOST_TAG, PID_TAG, process_gone, process_tags
 
 if TYPE_CHECKING:
-    from mlflow import MlflowClient
     from omegaconf import DictConfig
 
     from slimlab.context import RunContext
+    from slimlab.plugin_manager import Plugins
 
 log = logging.getLogger("slimlab")
 
-BATCH_LIMIT = 100  # MLflow accepts at most 100 params per log_batch call
-
-# The MLflow UI opens a shared view from an experiment tag mlflow.sharedViewState.<key> (what its Share button
-# writes): slimlab's shows the tradeoff at a glance, scatter charts of the task metric against size and against
-# speedup with every run, and the metrics every run records (README) as columns. Every run prints its link.
-VIEW_KEY = "slimlab"
-VIEW_TAG = f"mlflow.sharedViewState.{VIEW_KEY}"
-VIEW_PARAMS = ("model.name", "data.name", "techniques")
-TRADEOFF_SECTION = "slimlab-tradeoffs"
-# The experiment's kind as MLflow records it: model training, not GenAI. (MLflow 3.17's UI itself follows its
-# GenAI / Model training switch, which the comparison link sets: in GenAI mode it files a run that logged no model,
-# such as a sweep's parent, under "Evaluations".)
-KIND_TAG, KIND = "mlflow.experimentKind", "custom_model_development"
-
-
+STATUSES = ("RUNNING", "FINISHED", "FAILED", "KILLED")
+ERROR_TAG = "slimlab.error"
+RUN_KEY_TAG = "slimlab.run_key"  # a run's identity (runner.run_key): resume finds a FINISHED run by it
 COLUMNS = ("compression_ratio", "size_bytes", "speedup", "sparsity")  # the costs beside the task metric, everywhere
 
 
-def search_all(client: MlflowClient, experiment_ids: list[str], filter_string: str = "", **kwargs: Any) -> list:
-    """Every run that matches, page by page (MLflow returns at most 1000 at a time)."""
-    runs, token = [], None
-    while True:
-        page = client.search_runs(experiment_ids, filter_string=filter_string, page_token=token, **kwargs)
-        runs.extend(page)
-        token = page.token
-        if not token:
-            return runs
+@dataclass(frozen=True)
+class RunRecord:
+    """One run as a store gives it back."""
+
+    run_id: str
+    name: str
+    status: str  # one of STATUSES
+    experiment_id: str
+    start_time: int = 0  # milliseconds since the epoch
+    parent: str | None = None  # the sweep's parent run, for a job's run
+    metrics: dict[str, float] = field(default_factory=dict)  # the last value of each
+    params: dict[str, str] = field(default_factory=dict)
+    tags: dict[str, str] = field(default_factory=dict)
 
 
-def children(client: MlflowClient, parent: str) -> list:
-    """The child runs of a sweep's parent run."""
-    experiment = client.get_run(parent).info.experiment_id
-    return search_all(client, [experiment], f"tags.`mlflow.parentRunId` = '{parent}'")
+@runtime_checkable
+class TrackingStore(Protocol):
+    """What slimlab needs of a tracking store. ``tests/tracking_contract.py`` checks an implementation.
 
-
-def comparison_view(primary: str = "accuracy", higher_is_better: bool = True, params: Iterable[str] = ()) -> str:
-    """The shared view's state, as the MLflow UI stores it (JSON).
-
-    Sorted by the task metric, best first: sorted by anything but time, the UI lists a sweep's children flat
-    instead of folded under their parent, so the table and the charts show every run. ``SHOW_ALL``: the charts
-    plot every run, not the UI's default first ten. Scatter charts of ``primary`` against ``size_bytes`` and
-    against ``speedup`` (each run's own baseline timed beside it, the one speed figure comparable across runs);
-    the UI's own per-metric charts go to a folded section below them.
+    Statuses are ``STATUSES``. A store is shared by the processes of a sweep (each opens its own from ``uri``), so
+    every method must be safe when other processes write the same store at the same time. Constructing one does
+    no I/O: ``check`` says whether it can be used, the first write creates it.
     """
-    metrics = [primary, f"{primary}_drop", *COLUMNS]
-    columns = [f"metrics.`{m}`" for m in metrics] + [f"params.`{p}`" for p in (*VIEW_PARAMS, *params)]
-    charts = [
-        {
-            "uuid": f"slimlab-{cost}", "type": "SCATTER", "metricSectionId": TRADEOFF_SECTION,
-            "displayName": f"{primary} vs {cost}", "runsCountToCompare": 1000, "deleted": False,
-            "isGenerated": False, "xaxis": {"key": cost, "type": "METRIC"}, "yaxis": {"key": primary, "type": "METRIC"},
-        }
-        for cost in ("size_bytes", "speedup")
-    ]  # fmt: skip
-    sections = [
-        {"uuid": TRADEOFF_SECTION, "name": "Tradeoffs", "display": True, "isReordered": False},
-        {"uuid": "slimlab-metrics", "name": "Model metrics", "display": False, "isReordered": False},
-    ]
-    return json.dumps(
-        {
-            "selectedColumns": list(dict.fromkeys(columns)),
-            "orderByKey": f"metrics.`{primary}`",
-            "orderByAsc": not higher_is_better,
-            "runsHiddenMode": "SHOW_ALL",
-            # wide enough for a technique chain and a metric's digits (the UI's default cuts both with "..."); the
-            # UI applies a width only to a column in columnOrder
-            "columnOrder": ["attributes.`Run Name`", *dict.fromkeys(columns)],
-            "columnWidths": {"attributes.`Run Name`": 380} | {f"metrics.`{m}`": 130 for m in metrics},
-            "compareRunCharts": charts,
-            "compareRunSections": sections,
-        }
-    )
+
+    uri: str  # where it is, as a job process opens it again (``factory(uri)``)
+
+    def check(self, host: bool) -> None:
+        """Raise ``ConfigError`` (one line: what is wrong, what is valid) when runs cannot be recorded here.
+
+        ``host=False``: the runs happen on other machines; skip what only they can tell. Writes nothing."""
+        ...
+
+    def experiment(
+        self, name: str, *, create: bool = True, primary: str | None = None, higher_is_better: bool = True,
+        params: Iterable[str] = (),
+    ) -> str | None:  # fmt: skip
+        """The id of experiment ``name``, created if new (None when absent and ``create=False``).
+
+        ``primary``, ``higher_is_better`` and ``params`` say how its runs are compared (the task metric, its key
+        params), for a store that shows them; a store may ignore them."""
+        ...
+
+    def create_run(self, experiment_id: str, name: str, tags: dict[str, str], parent: str | None = None) -> str:
+        """Open a RUNNING run (a child of ``parent`` if given); return its id."""
+        ...
+
+    def log_params(self, run_id: str, params: dict[str, str]) -> None: ...
+
+    def log_metrics(self, run_id: str, metrics: dict[str, float]) -> None: ...
+
+    def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
+        """Set tags; a tag set again takes the new value (a sweep's job outcomes are tags of its parent)."""
+        ...
+
+    def log_text(self, run_id: str, text: str, name: str) -> None:
+        """Store ``text`` as the run's artifact ``name`` (which may hold folders: ``report/front.json``)."""
+        ...
+
+    def log_file(self, run_id: str, path: str | Path, folder: str | None = None) -> None:
+        """Copy the local file ``path`` into the run's artifacts (under ``folder``)."""
+        ...
+
+    def end_run(self, run_id: str, status: str) -> None:
+        """Close the run with ``status`` (FINISHED, FAILED or KILLED)."""
+        ...
+
+    def get_run(self, run_id: str) -> RunRecord: ...
+
+    def search(
+        self, experiment_ids: list[str] | None = None, *, tags: dict[str, str] | None = None,
+        status: str | None = None, parent: str | None = None,
+    ) -> list[RunRecord]:  # fmt: skip
+        """Every run of the experiments (None: of every experiment) that has all ``tags``, ``status`` and
+        ``parent`` given, newest first."""
+        ...
+
+    def where(self, experiment_id: str) -> str:
+        """One line that says where to look at the experiment's runs (a UI link, a directory)."""
+        ...
 
 
-def view_params(view: str) -> list[str]:
-    """The params columns of a comparison view (beyond ``VIEW_PARAMS``)."""
-    columns = json.loads(view).get("selectedColumns", [])
-    found = [c[len("params.`") : -1] for c in columns if c.startswith("params.`")]
-    return [p for p in found if p not in VIEW_PARAMS]
+def store_for(cfg: DictConfig, plugins: Plugins, uri: str | None = None) -> TrackingStore:
+    """The store ``cfg.tracking`` selects (``uri`` overrides ``tracking.uri``: a sweep's store for its jobs)."""
+    return plugins.tracking_store(cfg.tracking.backend, uri or cfg.tracking.get("uri"))
 
 
-def tracking_uri(cfg: DictConfig | None = None) -> str:
-    """``tracking.uri``, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///<cwd>/mlflow.db`` (absolute)."""
-    uri = cfg.tracking.get("uri") if cfg is not None else None
-    return uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}"
+def children(store: TrackingStore, parent: str) -> list[RunRecord]:
+    """The runs of a sweep's jobs."""
+    return store.search([store.get_run(parent).experiment_id], parent=parent)
 
 
-def sqlite_path(uri: str) -> Path | None:
-    """The database file of an embedded ``sqlite:///`` store; None for any other store."""
-    return Path(uri[len("sqlite:///") :].split("?", 1)[0]) if uri.startswith("sqlite:///") else None
-
-
-def artifact_location(uri: str) -> str | None:
-    """For an embedded sqlite store, keep artifacts beside the database (never ./mlruns)."""
-    database = sqlite_path(uri)
-    return (database.parent / "mlartifacts").resolve().as_uri() if database else None
-
-
-@contextmanager
-def store_lock(uri: str) -> Iterator[None]:
-    """Hold an exclusive lock on an embedded sqlite store (``<db>.lock`` beside it) across processes.
-
-    MLflow creates and migrates a fresh sqlite store in whichever process opens it first, without a lock: two
-    processes opening it at once both migrate and one dies (``duplicate column name: step``). Other stores
-    (a server, PostgreSQL) do their own migrations: no lock.
-    """
-    database = sqlite_path(uri)
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: nothing to lock with
-        fcntl = None
-    if database is None or fcntl is None:
-        yield
-        return
-    database.parent.mkdir(parents=True, exist_ok=True)
-    with open(f"{database}.lock", "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file is closed, even if the process dies
-        yield
-
-
-def open_store(uri: str) -> MlflowClient:
-    """A client on ``uri``, the store created and migrated under ``store_lock`` if it is new.
-
-    MLflow opens (and creates, and migrates) a store once per process and URI and reuses it: later
-    ``MlflowClient(uri)`` calls in this process do not touch the schema again. A read-only sqlite store is
-    refused (``ConfigError``) before anything is written.
-    """
-    from mlflow import MlflowClient
-
-    refuse_read_only(uri)
-    with store_lock(uri), read_only_as_config_error(uri):
-        return MlflowClient(uri)
-
-
-def experiment_id(
-    client: Any,
-    name: str,
-    uri: str,
-    primary: str | None = None,
-    higher_is_better: bool = True,
-    params: Iterable[str] = (),
-) -> str:
-    """The experiment's id, created if new, its comparison view (for task metric ``primary``) kept current.
-
-    Created under ``store_lock``; against a server, a process that loses the race to create it reads the
-    winner's (MLflow answers ``RESOURCE_ALREADY_EXISTS``). A deleted experiment is refused (``ConfigError``).
-    The view keeps the params columns earlier runs added (``params``: this run's key params).
-    """  # fmt: skip
-    from mlflow.exceptions import MlflowException
-
-    with store_lock(uri), read_only_as_config_error(uri):
-        experiment = client.get_experiment_by_name(name)
-        if experiment is None:
-            try:
-                client.create_experiment(name, artifact_location=artifact_location(uri), tags={KIND_TAG: KIND})
-            except MlflowException as error:
-                if error.error_code != "RESOURCE_ALREADY_EXISTS":
-                    raise
-            experiment = client.get_experiment_by_name(name)
-            if experiment is None:  # deleted again in between: say so rather than log to nowhere
-                raise RuntimeError(f"the MLflow experiment {name!r} vanished while it was being created")
-        experiment_id, tags = experiment.experiment_id, experiment.tags
-        if experiment.lifecycle_stage == "deleted":  # MLflow would refuse each run in it with a traceback
-            raise ConfigError(
-                f"experiment_name={name}: the MLflow experiment {name!r} (id {experiment_id}) in {uri} is deleted; "
-                f"restore it (MLFLOW_TRACKING_URI={uri} mlflow experiments restore --experiment-id {experiment_id}) "
-                "or choose another experiment_name"
-            )
-        if KIND_TAG not in tags:  # an experiment made before slimlab set it, or by hand
-            client.set_experiment_tag(experiment_id, KIND_TAG, KIND)
-        current = tags.get(VIEW_TAG)
-        if current is None or primary:  # new, or a run that may bring another task metric or other params
-            try:
-                kept = view_params(current) if current else []
-            except (ValueError, AttributeError):  # a view written by hand or by an older slimlab
-                kept = []
-            view = comparison_view(primary or "accuracy", higher_is_better, [*kept, *params])
-            if view != current:
-                client.set_experiment_tag(experiment_id, VIEW_TAG, view)
-    return experiment_id
-
-
-# --- a store that cannot be used: refused in the plan (check_config), one line, exit 2 ---
-
-FILE_STORE_SCHEMES = ("", "file")
-DATABASE_SCHEMES = ("postgresql", "mysql", "sqlite", "mssql")  # SQLAlchemy stores: <database>[+<driver>]://
-KNOWN_SCHEMES = (*DATABASE_SCHEMES, "http", "https", "databricks", "databricks-uc", "uc", "file")  # MLflow's own
-HEALTH_TIMEOUT = 5.0  # seconds a tracking server gets to answer /health (an answer takes milliseconds)
-
-
-def store_schemes() -> list[str]:
-    """The URI schemes MLflow has a tracking store for (its registry: built-ins and installed plugins)."""
-    try:
-        from mlflow.tracking._tracking_service.utils import _tracking_store_registry
-
-        return sorted(scheme for scheme in _tracking_store_registry._registry if scheme)
-    except Exception:  # the registry is private: MLflow's built-in schemes
-        return list(KNOWN_SCHEMES)
-
-
-def uri_scheme(uri: str) -> str:
-    """The store scheme of ``uri`` as MLflow reads it (``mlflow.utils.uri.get_uri_scheme``), without importing MLflow:
-    a database's driver (``postgresql+psycopg2``) is dropped, a Windows drive letter is a local path."""
-    if uri in ("databricks", "databricks-uc", "uc"):
-        return uri
-    scheme = urllib.parse.urlparse(uri).scheme
-    database = scheme.partition("+")[0]
-    if database in DATABASE_SCHEMES and scheme.count("+") <= 1:
-        return database
-    if len(scheme) == 1 and scheme.isalpha():
-        return ""
-    return scheme
-
-
-def uri_source(cfg: DictConfig | None = None) -> str:
-    """Where the tracking URI comes from, for messages: ``tracking.uri``, ``$MLFLOW_TRACKING_URI`` or the default."""
-    if cfg is not None and cfg.tracking.get("uri"):
-        return "tracking.uri"
-    return "$MLFLOW_TRACKING_URI" if os.environ.get("MLFLOW_TRACKING_URI") else "the default store"
-
-
-def check_store(uri: str, host: bool = True, key: str = "tracking.uri") -> None:
-    """Refuse a tracking URI MLflow cannot use, a server that does not answer, a read-only sqlite store.
-
-    ``key`` names where ``uri`` was set. ``host=False`` (the runs happen on other machines) skips the server
-    check: only they can tell.
-    """
-    scheme = uri_scheme(uri)
-    example = f"sqlite:///{Path.cwd() / 'mlflow.db'}"
-    # MLflow's own stores are known without importing it (a second and a half, which a refused config does
-    # without); a plugin's scheme is looked up in MLflow's registry.
-    if scheme not in KNOWN_SCHEMES and scheme not in FILE_STORE_SCHEMES:
-        schemes = [s for s in store_schemes() if s not in FILE_STORE_SCHEMES]
-        if scheme not in schemes:
-            shown = ", ".join(s if s.startswith("databricks") or s == "uc" else f"{s}://" for s in schemes)
-            what = f"{scheme}://" if scheme else "it"
-            raise ConfigError(f"{key}={uri}: MLflow has no tracking store for {what}; valid: {shown} (e.g. {example})")
-    if scheme in FILE_STORE_SCHEMES and os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() not in ("true", "1"):
-        raise ConfigError(
-            f"{key}={uri} is a file store, which MLflow refuses unless MLFLOW_ALLOW_FILE_STORE=true; "
-            f"use a database, e.g. {example}"
-        )
-    if scheme == "sqlite" and uri.split("?", 1)[0].removeprefix("sqlite://").lstrip("/") in ("", ":memory:"):
-        raise ConfigError(f"{key}={uri} is an in-memory sqlite store: the runs would vanish; e.g. {example}")
-    if scheme in ("http", "https") and host:
-        check_server(uri, key=key)
-    refuse_read_only(uri)
-
-
-def check_server(uri: str, timeout: float = HEALTH_TIMEOUT, key: str = "tracking.uri") -> None:
-    """A tracking server must answer ``GET /health`` within ``timeout`` seconds (MLflow would retry for minutes)."""
-    import http.client
-    import urllib.error
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout):
-            pass
-    except urllib.error.HTTPError as error:
-        if error.code in (401, 403):  # an auth layer in front of a live server: MLflow reports what it needs
-            return
-        # 404: not an MLflow server; 5xx: a proxy whose server is down. MLflow would retry for minutes.
-        raise ConfigError(
-            f"tracking server {uri} ({key}) answers /health with HTTP {error.code} {error.reason}: not a running "
-            "MLflow server; start it (slimlab server ...) or set tracking.uri to a reachable store"
-        ) from None
-    except (OSError, ValueError, http.client.HTTPException) as error:  # refused, unknown host, timed out, bad URL
-        reason = getattr(error, "reason", None) or error
-        raise ConfigError(
-            f"tracking server {uri} ({key}) does not answer ({reason}) at /health within {timeout:g} s; "
-            "start it (slimlab server ...) or set tracking.uri to a reachable store"
-        ) from None
-
-
-def read_only_reason(uri: str) -> str | None:
-    """Why an embedded sqlite store cannot be written (its file, or the directory that holds or will hold it)."""
-    database = sqlite_path(uri)
-    if database is None:
-        return None
-    database = database.expanduser().absolute()
-    if database.exists():
-        if not os.access(database, os.W_OK):
-            return "the file is not writable"
-        if not os.access(database.parent, os.W_OK | os.X_OK):  # sqlite writes its journal beside it
-            return f"its directory {database.parent} is not writable"
-        return None
-    folder = database.parent
-    while not folder.exists() and folder != folder.parent:  # MLflow creates the missing directories
-        folder = folder.parent
-    if not os.access(folder, os.W_OK | os.X_OK):
-        return f"the directory {folder} is not writable, so the store cannot be created"
-    return None
-
-
-def read_only_error(uri: str, reason: str) -> ConfigError:
-    path = sqlite_path(uri)
-    return ConfigError(
-        f"the tracking store {path} is read-only: {reason}; make it writable or set tracking.uri to a writable store"
-    )
-
-
-def refuse_read_only(uri: str) -> None:
-    reason = read_only_reason(uri)
-    if reason:
-        raise read_only_error(uri, reason)
-
-
-def is_read_only(error: BaseException) -> bool:
-    """Whether sqlite refused a write because its database is read-only (wrapped by SQLAlchemy and MLflow)."""
-    seen: set[int] = set()
-    current: BaseException | None = error
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        if "readonly database" in str(current) or "read-only database" in str(current):
-            return True
-        current = current.__cause__ or current.__context__
-    return False
-
-
-@contextmanager
-def read_only_as_config_error(uri: str) -> Iterator[None]:
-    """sqlite's ``attempt to write a readonly database`` (under SQLAlchemy's autoflush message) as one line."""
-    try:
-        yield
-    except Exception as error:
-        if sqlite_path(uri) is None or not is_read_only(error):
-            raise
-        raise read_only_error(uri, read_only_reason(uri) or "sqlite refused to write to it") from None
-
-
-# --- runs whose process is gone: closed KILLED by the next run or sweep on the same host ---
-
-ERROR_TAG = "slimlab.error"
-
-
-def close_dead_runs(client: MlflowClient, experiment_id: str) -> list[str]:
+def close_dead_runs(store: TrackingStore, experiment_id: str) -> list[str]:
     """Close as KILLED the RUNNING runs of the experiment whose process (on this host) is gone; return their ids.
 
     A SIGKILL (or a lost machine) leaves a run RUNNING: the next run or sweep on the same host closes it, with
@@ -374,33 +136,29 @@ def close_dead_runs(client: MlflowClient, experiment_id: str) -> list[str]:
     from here, so a run of another host stays RUNNING until a command on that host starts.
     """
     host = socket.gethostname()
-    running = search_all(
-        client, [experiment_id], f"attributes.status = 'RUNNING' and tags.`{HOST_TAG}` = '{host.replace(chr(39), '')}'"
-    )
     closed = []
-    for run in running:
-        tags = run.data.tags
-        if not process_gone(tags):
+    for run in store.search([experiment_id], tags={HOST_TAG: host}, status="RUNNING"):
+        if not process_gone(run.tags):
             continue
-        reason = f"killed: its process {tags.get(PID_TAG)} on {host} is gone (found by the next run on this host)"
+        reason = f"killed: its process {run.tags.get(PID_TAG)} on {host} is gone (found by the next run on this host)"
         try:
-            client.set_tag(run.info.run_id, ERROR_TAG, reason)
-            client.set_terminated(run.info.run_id, "KILLED")
+            store.set_tags(run.run_id, {ERROR_TAG: reason})
+            store.end_run(run.run_id, "KILLED")
         except Exception as error:  # closed by another process meanwhile, or the store is busy: not this run's fault
-            log.warning("could not close run %s: %s: %s", run.info.run_id, type(error).__name__, error)
+            log.warning("could not close run %s: %s: %s", run.run_id, type(error).__name__, error)
             continue
-        log.warning("closed run %s as KILLED: its process %s is gone", run.info.run_id, tags.get(PID_TAG))
-        closed.append(run.info.run_id)
+        log.warning("closed run %s as KILLED: its process %s is gone", run.run_id, run.tags.get(PID_TAG))
+        closed.append(run.run_id)
     return closed
 
 
-def comparison_url(base_url: str, experiment_id: str, mode: str = "CHART") -> str:
-    """The experiment in slimlab's comparison view (a view the MLflow UI can share): the tradeoff charts beside
-    the runs (``mode="CHART"``), or the runs table with the comparison columns (``"TABLE"``)."""
-    base = f"{base_url.rstrip('/')}/#/experiments/{experiment_id}/runs"
-    # workflowType: the UI's model-training pages, not the GenAI ones (traces, judges, evaluation runs) it opens
-    # by default
-    return f"{base}?viewStateShareKey={VIEW_KEY}&compareRunsMode={mode}&workflowType=machine_learning"
+def finished_run(store: TrackingStore, experiment: str, run_key: str) -> RunRecord | None:
+    """A FINISHED run of the experiment with the same run key, if there is one (what a resumed sweep skips)."""
+    experiment_id = store.experiment(experiment, create=False)
+    if experiment_id is None:
+        return None
+    found = store.search([experiment_id], tags={RUN_KEY_TAG: run_key}, status="FINISHED")
+    return found[0] if found else None
 
 
 def run_params(ctx: RunContext) -> dict[str, str]:
@@ -419,103 +177,77 @@ def _param(value: Any) -> str:
     return json.dumps(value) if isinstance(value, list | dict) else str(value)
 
 
-class MlflowTracking:
-    """Checks the store in the plan; opens the run in ``before_run``; logs and closes it in ``after_run`` or
-    ``on_run_error``."""
-
-    @hookimpl
-    def check_config(self, cfg: DictConfig, host: bool) -> None:
-        """The tracking store must be one MLflow can use, answer (a server), and be writable (sqlite)."""
-        check_store(tracking_uri(cfg), host, uri_source(cfg))
+class Recorder:
+    """Records every run in the store ``ctx.tracking`` names: opens it in ``before_run``, logs and closes it in
+    ``after_run`` or ``on_run_error``. Left out when ``tracking.backend=none``."""
 
     @hookimpl
     def before_run(self, ctx: RunContext) -> None:
-        """Open the store (created under a lock), close this host's runs whose process is gone, open the run."""
-        from mlflow.entities import Param
-
+        """Close this host's runs whose process is gone, open the run (a child of the sweep's parent in a sweep)."""
         from slimlab.sweep_job import this_job
 
-        tags = dict(ctx.tags)
+        store = ctx.tracking
+        tags, parent = dict(ctx.tags), None
         job = this_job()
-        if job is not None and job.parent:  # a job of a sweep: a child of the sweep's run, in its store, under it
-            uri = job.uri or tracking_uri(ctx.cfg)
-            tags |= {"mlflow.parentRunId": job.parent, "slimlab.job": str(job.number)}
-        else:
-            uri = tracking_uri(ctx.cfg)
-        client = open_store(uri)
+        if job is not None and job.parent:
+            tags["slimlab.job"], parent = str(job.number), job.parent
         key_params = [f"technique.{name}" for step in ctx.steps for name in step.key_params()]
-        experiment = experiment_id(
-            client, ctx.cfg.experiment_name, uri, ctx.task.primary_metric, ctx.task.higher_is_better, key_params
-        )
-        with read_only_as_config_error(uri):
-            close_dead_runs(client, experiment)
-            run = client.create_run(experiment, run_name=ctx.run_name, tags=tags | process_tags())
-        run_id = run.info.run_id
-        ctx.state["mlflow"] = {"uri": uri, "run_id": run_id, "experiment_id": run.info.experiment_id}
+        task = ctx.task
+        experiment = store.experiment(
+            ctx.cfg.experiment_name, primary=task.primary_metric, higher_is_better=task.higher_is_better,
+            params=key_params,
+        )  # fmt: skip
+        close_dead_runs(store, experiment)
+        run_id = store.create_run(experiment, ctx.run_name, tags | process_tags(), parent=parent)
+        ctx.state["tracking"] = {"run_id": run_id, "experiment_id": experiment}
         try:
-            params = [Param(k, v[:6000]) for k, v in run_params(ctx).items()]
-            for start in range(0, len(params), BATCH_LIMIT):
-                client.log_batch(run_id, params=params[start : start + BATCH_LIMIT])
+            store.log_params(run_id, run_params(ctx))
         except BaseException as error:  # the runner only reports errors after before_run: close the run here
-            _close(client, run_id, error, "")
+            close_failed(store, run_id, error, "")
             raise
 
     @hookimpl
     def after_run(self, ctx: RunContext, metrics: dict[str, float]) -> None:
-        from mlflow import MlflowClient
-        from mlflow.entities import Metric, RunTag
         from omegaconf import OmegaConf
 
-        state = ctx.state["mlflow"]
-        client, run_id = MlflowClient(state["uri"]), state["run_id"]
-        now = int(time.time() * 1000)
-        client.log_batch(
-            run_id,
-            metrics=[Metric(name, float(value), now, 0) for name, value in metrics.items()],
-            tags=[RunTag(k, v) for k, v in ctx.tags.items()],  # tags added while running (baseline, threads)
-        )
-        client.log_text(run_id, OmegaConf.to_yaml(ctx.cfg, resolve=True), "config.yaml")
-        client.log_text(run_id, "\n".join(_overrides()) + "\n", "overrides.txt")
-        for path in ctx.artifacts.values():  # at the root: runs:/<id>/model is the logged MLflow model
-            client.log_artifact(run_id, str(path))
-        if ctx.cfg.tracking.log_model:  # after the metrics, which MLflow links to the logged model
-            from slimlab.logged_model import log_compressed_model
-
-            log_compressed_model(state["uri"], run_id, ctx)
-            model_tags = ("slimlab.model_format", "slimlab.model_uri")
-            client.log_batch(run_id, tags=[RunTag(k, ctx.tags[k]) for k in model_tags])
-        client.set_terminated(run_id, "FINISHED")
         from slimlab.sweep_job import record_outcome
 
-        record_outcome("FINISHED", run_id)
+        store, run_id = ctx.tracking, ctx.state["tracking"]["run_id"]
+        store.log_metrics(run_id, metrics)
+        store.set_tags(run_id, dict(ctx.tags))  # tags added while running (baseline, threads)
+        store.log_text(run_id, OmegaConf.to_yaml(ctx.cfg, resolve=True), "config.yaml")
+        store.log_text(run_id, "\n".join(_overrides()) + "\n", "overrides.txt")
+        for path in ctx.artifacts.values():
+            store.log_file(run_id, path)
+        log_model = getattr(store, "log_model", None)
+        if ctx.cfg.tracking.log_model and log_model is not None:  # a store's own model format (MLflow's)
+            log_model(run_id, ctx)
+        store.end_run(run_id, "FINISHED")
+        record_outcome("FINISHED", run_id, store=store)
 
     @hookimpl
     def on_run_error(self, ctx: RunContext, error: BaseException, traceback_text: str) -> None:
-        """Close the run FAILED (KILLED when interrupted) first, then record what can be recorded.
-
-        Each step is on its own: a full disk that refuses the traceback file must not leave the run RUNNING.
-        """
-        from mlflow import MlflowClient
-
-        state = ctx.state.get("mlflow")
+        """Close the run FAILED (KILLED when interrupted) first, then record what can be recorded."""
+        state = ctx.state.get("tracking")
         if state is None:  # failed before the run was opened: nothing recorded, nothing to close
             return
-        _close(MlflowClient(state["uri"]), state["run_id"], error, traceback_text)
+        close_failed(ctx.tracking, state["run_id"], error, traceback_text)
 
 
-def _close(client: MlflowClient, run_id: str, error: BaseException, traceback_text: str) -> None:
-    """Close a failed run, then tag its error, tell the sweep and log the traceback, each step guarded."""
+def close_failed(store: TrackingStore, run_id: str, error: BaseException, traceback_text: str) -> None:
+    """Close a failed run, then tag its error, tell the sweep and log the traceback, each step on its own: a full
+    disk that refuses the traceback file must not leave the run RUNNING."""
     from slimlab.sweep_job import record_outcome
 
     status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
     reason = f"{type(error).__name__}: {error}"
     steps = [
-        ("close the run", lambda: client.set_terminated(run_id, status)),
-        ("tag its error", lambda: client.set_tag(run_id, ERROR_TAG, reason[:5000])),
-        ("record the job's outcome", lambda: record_outcome(status, run_id, reason)),
+        ("close the run", lambda: store.end_run(run_id, status)),
+        ("tag its error", lambda: store.set_tags(run_id, {ERROR_TAG: reason[:5000]})),
+        ("record the job's outcome", lambda: record_outcome(status, run_id, reason, store=store)),
     ]
     if traceback_text:
-        steps.append(("log its traceback", lambda: client.log_text(run_id, traceback_text, "traceback.txt")))
+        steps.append(("log its traceback", lambda: store.log_text(run_id, traceback_text, "traceback.txt")))
     for what, step in steps:
         try:
             step()
@@ -532,4 +264,4 @@ def _overrides() -> list[str]:
         return []
 
 
-plugin = MlflowTracking()
+plugin = Recorder()

@@ -76,7 +76,7 @@ BAD_INPUT = [
         "technique.quantize: targets must be one of Linear, Conv2d; got 'Foo'",
     ),
     (["technique=[place]", "technique.place.dtype=int8"], "technique.place: dtype must be one of float32, bfloat16,"),
-    (["tracking.backend=wandb"], "tracking.backend must be one of mlflow, none; got 'wandb'"),
+    (["tracking.backend=wandb"], "tracking.backend=wandb: no plugin registers it; valid: none, mlflow"),
     # what Hydra's override grammar cannot read: which override, and how to quote it
     (
         ["model=lénet"],
@@ -281,7 +281,7 @@ def test_ui_serves_the_store(tmp_path, store):
 
 def test_ui_links_the_comparison_view_of_each_experiment_slimlab_wrote(store, tmp_path):
     from slimlab.cli import comparison_links
-    from slimlab.tracking import VIEW_TAG, experiment_id
+    from slimlab.mlflow_tracking import VIEW_TAG, experiment_id
 
     assert comparison_links(f"sqlite:///{tmp_path / 'none' / 'mlflow.db'}", "http://h:1") == []  # nothing created
     assert not (tmp_path / "none").exists()

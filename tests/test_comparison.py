@@ -10,10 +10,10 @@ import pytest
 from mlflow import MlflowClient
 
 from slimlab.config import compose
+from slimlab.mlflow_tracking import KIND, KIND_TAG, VIEW_TAG, MlflowStore, experiment_id, open_store
 from slimlab.plugin_manager import load_plugins
 from slimlab.runner import readable, run_name
 from slimlab.sweep import summary_metrics
-from slimlab.tracking import KIND, KIND_TAG, VIEW_TAG, experiment_id, open_store
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +85,7 @@ def test_a_sweep_parent_summarises_its_children(store):
         for name, value in {**metrics, "compression_ratio": ratio, "speedup": speedup}.items():
             client.log_metric(run.info.run_id, name, value)
         client.set_terminated(run.info.run_id, status)
-    runs = client.search_runs([experiment])
+    runs = MlflowStore(store).search([experiment])
     assert summary_metrics(runs) == {"best_accuracy": 0.97, "best_compression_ratio": 13.0, "best_speedup": 1.1}
 
 

@@ -118,8 +118,8 @@ class ValueDependent(torch.nn.Module):
 def test_a_model_torch_export_cannot_trace_is_logged_as_pickle_with_the_reason(store, tmp_path, tiny_data, monkeypatch):
     from slimlab.config import compose
     from slimlab.logged_model import log_compressed_model
+    from slimlab.mlflow_tracking import experiment_id
     from slimlab.testing import context
-    from slimlab.tracking import experiment_id
 
     client = MlflowClient(store)
     run = client.create_run(experiment_id(client, "tests", store))
@@ -176,8 +176,8 @@ def test_key_params_and_serialization_format_are_checked_at_registration():
 def test_a_failure_that_is_not_the_format_is_raised_not_hidden_by_a_fallback(store, tmp_path, tiny_data):
     from slimlab.config import compose
     from slimlab.logged_model import log_compressed_model
+    from slimlab.mlflow_tracking import experiment_id
     from slimlab.testing import context
-    from slimlab.tracking import experiment_id
 
     client = MlflowClient(store)
     run = client.create_run(experiment_id(client, "tests", store))
@@ -203,8 +203,8 @@ class TwoInputs(torch.nn.Module):
 def test_a_model_with_two_inputs_predicts_as_a_pyfunc_from_a_dict_of_arrays(store, tmp_path):
     from slimlab.data import Data
     from slimlab.logged_model import log_compressed_model
+    from slimlab.mlflow_tracking import experiment_id
     from slimlab.testing import context
-    from slimlab.tracking import experiment_id
 
     torch.manual_seed(0)
     rows = (torch.randn(20, 4), torch.rand(20, 1))

@@ -295,3 +295,19 @@ def test_the_cli_lists_broken_plugins_as_failed_and_still_runs(broken_site, tmp_
     error = [line for line in half.stderr.splitlines() if line.startswith("slimlab: error:")]
     assert len(error) == 1 and "unknown technique 'half_zerodiv'" in error[0], half.stderr[-2000:]
     assert "zerodiv (slimlab-zerodiv): register_techniques raised ZeroDivisionError" in error[0]
+
+
+def test_a_plugins_options_do_not_outlive_the_launch_that_loaded_it(with_plugins):
+    """In one process (a notebook, the suite's in-process CLI), a launch without a plugin must not compose the model
+    option an earlier launch's plugin registered in Hydra's ConfigStore."""
+    from hydra.core.config_store import ConfigStore
+
+    from slimlab.hydra_app import _register
+
+    def models() -> set[str]:
+        return set(ConfigStore.instance().repo.get("model", {}))
+
+    _register(load_plugins())
+    assert "example_lenet.yaml" in models()
+    _register(load_plugins(["example"]))
+    assert "example_lenet.yaml" not in models()

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from slimlab.tracking import comparison_url
+from slimlab.mlflow_tracking import comparison_url
 from tests.conftest import FAST, NO_MLFLOW_MODEL, REPO, SLIMLAB, free_port, slimlab, wait_until_healthy
 from tests.test_sweep import runs_by_kind
 

@@ -18,11 +18,13 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from slimlab import liveness, tracking
+from slimlab import liveness
+from slimlab import mlflow_tracking as tracking
 from slimlab.config import compose
 from slimlab.errors import ConfigError
 from slimlab.plugin_manager import load_plugins
-from slimlab.runner import run
+from slimlab.runner import run, tracking_store
+from slimlab.tracking import close_dead_runs
 from tests.conftest import FAST, NO_MLFLOW_MODEL, SLIMLAB, free_port, slimlab
 
 TINY = ["model=mlp", "technique=[]", NO_MLFLOW_MODEL]  # the smallest real run: an MLP on digits, no technique
@@ -204,7 +206,7 @@ def test_running_runs_whose_process_is_gone_are_closed_killed(store):
     alive = running(**mine)
     elsewhere = running(**{**mine, liveness.HOST_TAG: here + "-elsewhere", liveness.PID_TAG: str(dead_pid())})
     untagged = running()
-    closed = tracking.close_dead_runs(client, experiment)
+    closed = close_dead_runs(tracking.MlflowStore(store), experiment)
     exited.wait()
     if not start:  # no /proc nor psutil: a live pid cannot be told from a reused one
         reused = rebooted = None
@@ -284,8 +286,9 @@ def read_only(path: Path):
 
 
 def plugin_check(uri: str, host: bool = True) -> None:
+    """The check the plan makes of the store that ``tracking.uri`` names."""
     cfg = compose(["model=mlp", f"tracking.uri={uri}"])
-    tracking.plugin.check_config(cfg=cfg, host=host)
+    tracking_store(cfg, load_plugins()).check(host)
 
 
 @pytest.mark.parametrize("uri", ["foo://bar", "s3://bucket/runs"])
@@ -297,7 +300,7 @@ def test_a_tracking_uri_mlflow_cannot_use_is_refused(uri):
 def test_a_bad_uri_from_the_environment_is_named_so(monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "foo://bar")
     with pytest.raises(ConfigError, match=r"^\$MLFLOW_TRACKING_URI=foo://bar: MLflow has no tracking store"):
-        tracking.plugin.check_config(cfg=compose(["model=mlp"]), host=True)
+        tracking_store(compose(["model=mlp"]), load_plugins()).check(True)
 
 
 def test_a_file_store_is_refused_unless_mlflow_allows_it(tmp_path, monkeypatch):

@@ -11,7 +11,7 @@ import pytest
 from mlflow import MlflowClient
 from mlflow.entities import ViewType
 
-from slimlab import tracking
+from slimlab import mlflow_tracking as tracking
 from slimlab.config import compose
 from slimlab.errors import ConfigError
 from slimlab.logged_model import installed_distributions, requirements

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from slimlab.tracking import comparison_url
+from slimlab.mlflow_tracking import comparison_url
 from tests.conftest import FAST, NO_MLFLOW_MODEL, free_port, slimlab, wait_until_healthy
 
 pytestmark = pytest.mark.slow

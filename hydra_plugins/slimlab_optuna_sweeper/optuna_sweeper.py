@@ -306,11 +306,9 @@ class SlimlabOptunaSweeper(Sweeper):
         from slimlab import sweep
 
         tracked = sweep.active_parent()
-        if tracked:  # beside the sweep's report in MLflow
-            from mlflow import MlflowClient
-
-            uri, parent = tracked
-            MlflowClient(uri).log_dict(parent, front, "report/optuna_pareto_front.json")
+        if tracked:  # beside the sweep's report in the tracking store
+            store, parent = tracked
+            store.log_text(parent, json.dumps(front, indent=2), "report/optuna_pareto_front.json")
         print(f"Pareto front of study {study.study_name!r} ({len(front)} of {len(study.trials)} trials):", flush=True)
         for entry in front:
             values = ", ".join(f"{m}={v:.4g}" for m, v in entry["values"].items())

@@ -138,7 +138,7 @@ def before_run(ctx: RunContext) -> None:
     hook) and the data is loaded, before the baseline is trained or loaded.
     ``ctx`` is the run's context: ``ctx.cfg`` the resolved config,
     ``ctx.run_name`` its readable name, ``ctx.tags`` the run's tags.
-    Tracking plugins open their run here. Returns nothing.
+    slimlab's recorder (``slimlab.tracking``) opens the run in ``ctx.tracking``, the run's store, here. Returns nothing.
     """
 
 
@@ -173,7 +173,7 @@ def after_run(ctx: RunContext, metrics: dict[str, float]) -> None:
     When: last, with ``metrics``, every metric of the run (README, "What every run records"
     plus the ``evaluate`` results). ``ctx`` is the run's context: ``ctx.model`` the compressed model as deployed,
     ``ctx.steps`` the pipeline, ``ctx.artifacts`` the local files written for this run (compressed model, stage
-    metrics), by name. Tracking plugins log and close their run here. Returns nothing.
+    metrics), by name. slimlab's recorder logs and closes the run here. Returns nothing.
     """
 
 
@@ -184,7 +184,7 @@ def on_run_error(ctx: RunContext, error: BaseException, traceback_text: str) -> 
     When: instead of ``after_run``, with ``error``, the exception
     (``KeyboardInterrupt`` means the run was interrupted), and ``ctx``, the
     run's context. ``traceback_text`` is the formatted
-    traceback. Tracking plugins record the run FAILED (or KILLED) here.
+    traceback. slimlab's recorder closes the run FAILED (or KILLED) here.
     Returns nothing; the error is re-raised after every implementation ran.
     """
 

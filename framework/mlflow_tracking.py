@@ -405,14 +405,21 @@ class MlflowStore:
     def check(self, host: bool) -> None:
         check_store(self.uri, host, self.source)
 
+    def _absent(self) -> bool:
+        """An embedded sqlite store not created yet (MLflow would create it just to look)."""
+        database = sqlite_path(self.uri)
+        return self._client is None and database is not None and not database.exists()
+
     def experiment(
         self, name: str, *, create: bool = True, primary: str | None = None, higher_is_better: bool = True,
         params: Iterable[str] = (),
     ) -> str | None:  # fmt: skip
         if not create:
+            if self._absent():  # a reader never creates the store
+                return None
             from mlflow import MlflowClient
 
-            found = MlflowClient(self.uri).get_experiment_by_name(name)  # a reader never creates the store
+            found = MlflowClient(self.uri).get_experiment_by_name(name)
             return found.experiment_id if found is not None and found.lifecycle_stage != "deleted" else None
         return experiment_id(self.client, name, self.uri, primary, higher_is_better, params)
 
@@ -459,6 +466,8 @@ class MlflowStore:
         self, experiment_ids: list[str] | None = None, *, tags: dict[str, str] | None = None,
         status: str | None = None, parent: str | None = None,
     ) -> list[RunRecord]:  # fmt: skip
+        if self._absent():  # nothing recorded yet: nothing found, no empty store made
+            return []
         if experiment_ids is None:
             experiment_ids = [e.experiment_id for e in self.client.search_experiments()]
         if not experiment_ids:

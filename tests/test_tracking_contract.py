@@ -78,19 +78,13 @@ def test_making_a_store_or_checking_it_touches_nothing_on_disk(kind, tmp_path, m
     assert default == (str(tmp_path / "slimlab-runs") if kind == "files" else f"sqlite:///{tmp_path / 'mlflow.db'}")
 
 
-READER_CREATES = (
-    "MlflowStore.experiment(create=False) opens MlflowClient(uri), which creates and migrates a new sqlite store"
-)
-
-
-@pytest.mark.parametrize(
-    "kind", [pytest.param("mlflow", marks=pytest.mark.xfail(strict=True, reason=READER_CREATES)), "files"]
-)
+@pytest.mark.parametrize("kind", KINDS)
 def test_reading_a_store_that_does_not_exist_creates_nothing(kind, tmp_path):
     """What resume and the report ask first: nothing recorded there yet is an answer, not a new empty store."""
     store = make_store(kind, tmp_path / "new")
     assert store.experiment("tests", create=False) is None
     assert finished_run(store, "tests", "key") is None
+    assert store.search(None) == [] and store.search(None, tags={"slimlab.sweep": "parent"}) == []
     assert not (tmp_path / "new").exists()
 
 

@@ -54,7 +54,8 @@ class RunRecord:
 
 @runtime_checkable
 class TrackingStore(Protocol):
-    """What slimlab needs of a tracking store. ``tests/tracking_contract.py`` checks an implementation.
+    """What slimlab needs of a tracking store. ``tests/test_tracking_contract.py`` checks an implementation
+    (``tests/file_tracker.py`` is one).
 
     Statuses are ``STATUSES``. A store is shared by the processes of a sweep (each opens its own from ``uri``), so
     every method must be safe when other processes write the same store at the same time. Constructing one does

@@ -339,6 +339,9 @@ def _budgets(config: PlaceConfig, main: str) -> dict[str | int, int]:
 def split(model: nn.Module, config: PlaceConfig, main: str, ctx: RunContext) -> dict[str, str]:
     """Dispatch ``model`` over devices with accelerate; return the device map (grouped by module)."""
     import shutil
+    import tempfile
+    import weakref
+    from pathlib import Path
 
     from accelerate import dispatch_model, infer_auto_device_map
     from accelerate.utils import offload_state_dict
@@ -361,8 +364,10 @@ def split(model: nn.Module, config: PlaceConfig, main: str, ctx: RunContext) -> 
         return grouped
     offload_dir = None
     if "disk" in grouped.values():
-        offload_dir = ctx.output_dir / "offload"
-        shutil.rmtree(offload_dir, ignore_errors=True)  # never reuse stale weights (accelerate would)
+        # The weights on disk live as long as the model that reads them (a notebook keeps the model after the run,
+        # whose own directory is then gone): a fresh directory, removed when the model is collected or at exit.
+        offload_dir = Path(tempfile.mkdtemp(prefix="slimlab-offload-"))
+        weakref.finalize(model, shutil.rmtree, offload_dir, True)
         # Written here, not by dispatch_model, which writes nothing for a whole-model {"": "disk"} entry.
         on_disk = {key: value for key, value in model.state_dict().items() if _lookup(key, grouped) == "disk"}
         offload_state_dict(offload_dir, on_disk)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import subprocess
 import sys
@@ -39,9 +40,11 @@ class ComparePredictions:
 
         placed = torch.cat([output for output, _ in outputs(model, ctx.data)])
         baseline = torch.cat([output for output, _ in outputs(ctx.baseline, ctx.data, ctx.device)])
+        offload = ctx.tags.get("slimlab.place.offload_dir")  # while the model lives, its weights on disk are there
         return {
             "test_mismatches": float((placed.argmax(1) != baseline.argmax(1)).sum()),
             "test_max_abs_diff": float((placed - baseline).abs().max()),
+            "test_fc1_weight_on_disk": float(bool(offload) and (Path(offload) / "fc1.weight.dat").exists()),
         }
 
 
@@ -123,7 +126,9 @@ def test_device_map_splits_by_module_name_on_cpu(overrides, store, cache_dir, tm
     expected = {"conv1": "cpu", "conv2": "cpu", "fc1": "disk", "fc2": "cpu"}
     assert json.loads(tags["slimlab.place.device_map"]) == expected
     assert json.loads(artifact(client, logged, "device_map.json", tmp_path).read_text()) == expected
-    assert (Path(tags["slimlab.place.offload_dir"]) / "fc1.weight.dat").exists()
+    assert metrics["test_fc1_weight_on_disk"] == 1
+    gc.collect()  # the model is gone: so are its weights on disk (nothing left in /tmp)
+    assert not Path(tags["slimlab.place.offload_dir"]).exists()
     assert metrics["test_mismatches"] == 0 and metrics["test_max_abs_diff"] == 0
     # fc1's weights live on disk (meta in the module), yet they are counted and saved for real.
     assert metrics["param_count"] == metrics["nonzero_param_count"] == LENET_PARAMS

@@ -246,6 +246,7 @@ def app_help(overrides: list[str], plugins: Plugins) -> str:
         f"Config directories: {', '.join(map(str, config_dirs()))}",
         "",
         *(f"{group}: {', '.join(group_options(group))}" for group in config_groups()),
+        f"(tracking.backend: {', '.join(['none', *sorted(plugins.trackers)])}: the tracking backends registered)",
         "",
         "== Config ==",
         "Override anything in the config (foo.bar=value)",

@@ -203,6 +203,7 @@ def test_help_lists_groups_and_every_technique_option(plugin_site, tmp_path):
         "model: big_model, example_lenet, huggingface, lenet, lenet_small, linear, ",  # example_lenet: a plugin's
         "quickstart, seed_distillation",
         "tracking: mlflow, none",
+        "(tracking.backend: none, mlflow: the tracking backends registered)",
     ):
         assert line in out
     onnx = "onnx, onnx_int8, onnx_int8_pc, onnx_static"

@@ -49,11 +49,11 @@ BENCH_WORKLOADS := bench_minilm_int8 bench_structured_prune bench_structured_pru
 bench: install
 	for workload in $(BENCH_WORKLOADS); do $(BIN)/slimlab run -m experiment=$$workload || exit 1; done
 	# slimlab's own cost: bench_overhead timed against a plain script doing the same work
-	$(BIN)/python -m slimlab.overhead
+	$(BIN)/python -m tools.overhead
 	# the compiled fp32 references that bench_pt2e_static's speedups are divided by, one per batch size
 	for batch in 64 256; do $(BIN)/slimlab run experiment=bench_pt2e_static 'technique=[place]' technique.place.device=cpu \
 		technique.place.compile=true technique.place.threads=1 measure.batch_size=$$batch || exit 1; done
-	$(BIN)/python -m slimlab.benchmarks --out BENCHMARKS.md
+	$(BIN)/python -m tools.benchmarks --out BENCHMARKS.md
 
 lint: install
 	$(BIN)/ruff check .

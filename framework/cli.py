@@ -136,7 +136,7 @@ def report_command(args: list[str]) -> int:
 
 
 def ui_command(args: list[str]) -> int:
-    from slimlab.summary import UI_HOST, UI_PORT
+    from slimlab.mlflow_tracking import UI_HOST, UI_PORT
 
     parser = argparse.ArgumentParser(
         prog="slimlab ui",
@@ -167,8 +167,8 @@ def ui_command(args: list[str]) -> int:
 
 def not_local_store(uri: str, key: str) -> str:
     """Why ``slimlab ui`` does not serve ``uri`` (not a local sqlite store), and what to open instead."""
-    from slimlab.mlflow_tracking import uri_scheme
-    from slimlab.summary import server_url, shown_uri
+    from slimlab.mlflow_tracking import server_url, uri_scheme
+    from slimlab.summary import shown_uri
 
     if uri_scheme(uri) in ("http", "https"):
         return (

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shlex
 import time
 import urllib.parse
 from collections.abc import Iterable, Iterator
@@ -45,6 +46,7 @@ TRADEOFF_SECTION = "slimlab-tradeoffs"
 # GenAI / Model training switch, which the comparison link sets: in GenAI mode it files a run that logged no model,
 # such as a sweep's parent, under "Evaluations".)
 KIND_TAG, KIND = "mlflow.experimentKind", "custom_model_development"
+UI_HOST, UI_PORT = "127.0.0.1", 5000  # where `slimlab ui` listens unless told: the runs' hints link there
 
 
 def search_all(client: MlflowClient, experiment_ids: list[str], filter_string: str = "", **kwargs: Any) -> list:
@@ -362,6 +364,33 @@ def comparison_url(base_url: str, experiment_id: str, mode: str = "CHART") -> st
     return f"{base}?viewStateShareKey={VIEW_KEY}&compareRunsMode={mode}&workflowType=machine_learning"
 
 
+def server_url(uri: str) -> str:
+    """The address a browser opens for an ``http(s)://`` tracking URI: without credentials, query or trailing /."""
+    parts = urllib.parse.urlsplit(uri)
+    netloc = parts.netloc.rpartition("@")[2]
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path.rstrip("/"), "", ""))
+
+
+def ui_hint(uri: str, experiment_id: str) -> str:
+    """The line that ends a run or a sweep: where to see its experiment in the MLflow UI.
+
+    A tracking server is the UI: its experiment's comparison link. A local sqlite store: ``slimlab ui`` (with
+    ``--uri`` unless it is the default store) and the link that UI will serve. Another store (a database behind a
+    server): the experiment's page on whatever server is in front of it.
+    """
+    from slimlab.summary import shown_uri
+
+    if uri_scheme(uri) in ("http", "https"):
+        return f"See it in the MLflow UI: {comparison_url(server_url(uri), experiment_id)}"
+    if sqlite_path(uri) is not None:
+        command = "slimlab ui" if uri == tracking_uri() else f"slimlab ui --uri {shlex.quote(uri)}"
+        link = comparison_url(f"http://{UI_HOST}:{UI_PORT}", experiment_id)
+        return f"See it in the MLflow UI: {command}, then open {link}"
+    return f"See it in the MLflow UI of the tracking server in front of {shown_uri(uri)}: " + comparison_url(
+        "<server>", experiment_id
+    )
+
+
 def _record(run: Any) -> RunRecord:
     info, data = run.info, run.data
     return RunRecord(
@@ -480,8 +509,6 @@ class MlflowStore:
         return [_record(run) for run in runs]
 
     def where(self, experiment_id: str) -> str:
-        from slimlab.summary import ui_hint
-
         return ui_hint(self.uri, experiment_id)
 
     def log_model(self, run_id: str, ctx: RunContext) -> None:

@@ -28,6 +28,7 @@ from slimlab.registry import Step, speedup_bound
 if TYPE_CHECKING:
     from slimlab.data import Data
 
+MOVED_TO_ZOO = ("models", "datasets")  # were slimlab.<name>, are slimlab.zoo.<name>: a config may name the old path
 RECORDER = "tracking"  # the plugin that records runs in the tracking store (slimlab.tracking): out when none
 RUN_KEYS = ("model", "data", "train", "seed", "technique", "device", "measure", "artifact")
 log = logging.getLogger("slimlab")
@@ -368,6 +369,10 @@ def _check_target(group: str, target: object) -> None:
     except Exception as error:
         cause = error.__cause__ or error
         reason = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+        moved = next((m for m in MOVED_TO_ZOO if target.startswith(f"slimlab.{m}.")), None)
+        if moved:  # slimlab's own models and data moved into its zoo
+            new = target.replace("slimlab.", "slimlab.zoo.", 1)
+            reason += f"; slimlab's {moved} are in slimlab.zoo.{moved} now: {new}"
         raise ConfigError(f"{group}._target_={target!r} cannot be imported: {reason}") from None
     if not callable(found):
         raise ConfigError(f"{group}._target_={target!r} is a {type(found).__name__}, not a callable")

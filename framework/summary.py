@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shlex
 import sys
 import urllib.parse
 from typing import TYPE_CHECKING
@@ -11,8 +10,6 @@ from slimlab import hookimpl
 
 if TYPE_CHECKING:
     from slimlab.context import RunContext
-
-UI_HOST, UI_PORT = "127.0.0.1", 5000  # where `slimlab ui` listens unless told: the runs' hints link there
 
 
 def _row(label: str, base: str, compressed: str, ratio: str = "") -> tuple[str, str, str, str]:
@@ -85,30 +82,3 @@ def shown_uri(uri: str) -> str:
         return uri
     user, host = parts.netloc.rpartition("@")[0].partition(":")[0], parts.netloc.rpartition("@")[2]
     return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
-
-
-def server_url(uri: str) -> str:
-    """The address a browser opens for an ``http(s)://`` tracking URI: without credentials, query or trailing /."""
-    parts = urllib.parse.urlsplit(uri)
-    netloc = parts.netloc.rpartition("@")[2]
-    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path.rstrip("/"), "", ""))
-
-
-def ui_hint(uri: str, experiment_id: str) -> str:
-    """The line that ends a run or a sweep: where to see its experiment in the MLflow UI.
-
-    A tracking server is the UI: its experiment's comparison link. A local sqlite store: ``slimlab ui`` (with
-    ``--uri`` unless it is the default store) and the link that UI will serve. Another store (a database behind a
-    server): the experiment's page on whatever server is in front of it.
-    """
-    from slimlab.mlflow_tracking import comparison_url, sqlite_path, tracking_uri, uri_scheme
-
-    if uri_scheme(uri) in ("http", "https"):
-        return f"See it in the MLflow UI: {comparison_url(server_url(uri), experiment_id)}"
-    if sqlite_path(uri) is not None:
-        command = "slimlab ui" if uri == tracking_uri() else f"slimlab ui --uri {shlex.quote(uri)}"
-        link = comparison_url(f"http://{UI_HOST}:{UI_PORT}", experiment_id)
-        return f"See it in the MLflow UI: {command}, then open {link}"
-    return f"See it in the MLflow UI of the tracking server in front of {shown_uri(uri)}: " + comparison_url(
-        "<server>", experiment_id
-    )

@@ -104,7 +104,7 @@ def slimlab_store(tmp_path) -> str:
 @pytest.fixture
 def tiny_data():
     """scikit-learn's bundled digits at 28x28, the data of the founding document's LeNet."""
-    from slimlab.datasets import digits
+    from slimlab.zoo.datasets import digits
 
     return digits(seed=0)
 
@@ -114,7 +114,7 @@ def tiny_model():
     """The founding document's LeNet (431,080 parameters), freshly initialised with seed 0."""
     import torch
 
-    from slimlab.models import LeNet
+    from slimlab.zoo.models import LeNet
 
     torch.manual_seed(0)
     return LeNet().eval()

@@ -156,13 +156,13 @@ EXAMPLE_PLUGIN = """
 
     @hookimpl
     def register_options(register):  # a zoo: a model and a data option
-        lenet = {"_target_": "slimlab.models.LeNet", "conv1": 4, "conv2": 8, "hidden": 32, "num_classes": 10}
+        lenet = {"_target_": "slimlab.zoo.models.LeNet", "conv1": 4, "conv2": 8, "hidden": 32, "num_classes": 10}
         register("model", "example_lenet", {**lenet, "checkpoint": None, "pretrained": None})
         register("data", "example_digits", {"_target_": "slimlab_example.digits_counting_errors", "seed": 0})
 
 
     def digits_counting_errors(seed=0):
-        from slimlab.datasets import digits
+        from slimlab.zoo.datasets import digits
 
         data = digits(seed=seed)
         data.task = "counted_classification"

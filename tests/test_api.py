@@ -10,8 +10,8 @@ from mlflow import MlflowClient
 from torch import nn
 
 import slimlab
-from slimlab.datasets import digits
 from slimlab.errors import ConfigError
+from slimlab.zoo.datasets import digits
 
 
 def trained_mlp(data) -> nn.Module:

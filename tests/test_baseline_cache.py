@@ -20,9 +20,9 @@ from slimlab.artifact import load_state, save_model
 from slimlab.baseline import CHECKSUMS, get_baseline, identity, seal
 from slimlab.config import compose
 from slimlab.identity import digest
-from slimlab.models import LeNet
 from slimlab.plugin_manager import load_plugins
 from slimlab.runner import _build_data, run_metrics
+from slimlab.zoo.models import LeNet
 
 ARGS = ["model=lenet_small", "train.epochs=1", "seed=3", "technique=[]", "tracking=none"]
 

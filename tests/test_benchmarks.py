@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from slimlab.benchmarks import (
+from slimlab.config import EXPERIMENTS_DIR, compose
+from tests.conftest import FAST, NO_MLFLOW_MODEL, slimlab
+from tools.benchmarks import (
     WORKLOADS,
     BenchRun,
     latest_per_variant,
@@ -14,9 +16,7 @@ from slimlab.benchmarks import (
     workload_of,
     workload_section,
 )
-from slimlab.config import EXPERIMENTS_DIR, compose
-from slimlab.overhead import PLAIN
-from tests.conftest import FAST, NO_MLFLOW_MODEL, slimlab
+from tools.overhead import PLAIN
 
 BENCHES = sorted(path.stem for path in EXPERIMENTS_DIR.glob("bench_*.yaml"))
 UNSWEPT = {"bench_overhead"}  # one job, timed by its own driver (WORKLOADS[...].command)
@@ -135,7 +135,7 @@ def test_plain_overhead_script_does_the_work(monkeypatch, tmp_path):
     """The plain script really trains, prunes and saves (tiny here: one epoch each)."""
     import torch
 
-    from slimlab import overhead
+    from tools import overhead
 
     monkeypatch.setitem(overhead.PLAIN, "epochs", 1)
     monkeypatch.setitem(overhead.PLAIN, "fine_tune_epochs", 1)

@@ -322,7 +322,7 @@ def test_ui_refuses_a_store_that_is_not_local_and_says_what_to_open(tmp_path, en
 
 
 def test_each_run_ends_with_where_to_see_it(tmp_path, monkeypatch):
-    from slimlab.summary import ui_hint
+    from slimlab.mlflow_tracking import ui_hint
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

@@ -32,7 +32,7 @@ def user_dir(tmp_path) -> Path:
         root / "model" / "tiny_user.yaml",
         """\
         name: tiny_user
-        _target_: slimlab.models.LeNet
+        _target_: slimlab.zoo.models.LeNet
         conv1: 4
         conv2: 8
         hidden: 16
@@ -113,7 +113,7 @@ def test_a_missing_directory_in_the_environment_is_bad_input(tmp_path):
 
 def test_compose_takes_config_dirs_and_the_environment(user_dir, tmp_path, monkeypatch):
     other = tmp_path / "more"
-    write(other / "model" / "other_user.yaml", "name: other_user\n_target_: slimlab.models.MLP\nhidden: 8\n")
+    write(other / "model" / "other_user.yaml", "name: other_user\n_target_: slimlab.zoo.models.MLP\nhidden: 8\n")
     assert compose(["model=tiny_user"], config_dirs=[user_dir]).model.conv1 == 4
     # Merged into the overrides' own hydra.searchpath, not replacing it: both directories are searched.
     both = [f"hydra.searchpath=['file://{other}']", "model=tiny_user"]
@@ -175,9 +175,9 @@ def arguments(model) -> dict:
 
 def test_a_retargeted_model_keeps_none_of_the_options_arguments(caplog):
     caplog.set_level("INFO", logger="slimlab")
-    model = compose(["model._target_=slimlab.models.MLP"]).model
+    model = compose(["model._target_=slimlab.zoo.models.MLP"]).model
     assert model.name == "MLP"
-    assert arguments(model) == {"_target_": "slimlab.models.MLP"}
+    assert arguments(model) == {"_target_": "slimlab.zoo.models.MLP"}
     assert "dropped conv1, conv2, hidden, num_classes" in caplog.text
 
 
@@ -186,28 +186,36 @@ def test_a_retargeted_model_keeps_none_of_the_options_arguments(caplog):
 )
 def test_a_retargeted_model_keeps_the_keys_the_overrides_set(option, target, tmp_path):
     write(tmp_path / "model" / "bare.yaml", "name: bare\nhidden: 7\nwidth: 3\n")  # no _target_: set with +
-    chosen = [f"model={option}", f"{target}=slimlab.models.MLP", "model.hidden=32", "+model.in_features=64"]
+    chosen = [f"model={option}", f"{target}=slimlab.zoo.models.MLP", "model.hidden=32", "+model.in_features=64"]
     model = compose([*chosen, "model.name=wide"], config_dirs=[tmp_path]).model
     assert model.name == "wide"
-    assert arguments(model) == {"_target_": "slimlab.models.MLP", "hidden": 32, "in_features": 64}
+    assert arguments(model) == {"_target_": "slimlab.zoo.models.MLP", "hidden": 32, "in_features": 64}
     assert compose(chosen, config_dirs=[tmp_path]).model.name == "MLP"
 
 
 def test_an_experiments_model_body_does_not_leak_into_a_retargeted_model(user_dir):
-    model = compose(["experiment=user_exp", "model._target_=slimlab.models.MLP"], config_dirs=[user_dir]).model
-    assert arguments(model) == {"_target_": "slimlab.models.MLP"} and model.name == "MLP"
+    model = compose(["experiment=user_exp", "model._target_=slimlab.zoo.models.MLP"], config_dirs=[user_dir]).model
+    assert arguments(model) == {"_target_": "slimlab.zoo.models.MLP"} and model.name == "MLP"
     assert compose(["experiment=user_exp"], config_dirs=[user_dir]).model.conv1 == 4  # untouched without it
 
 
 def test_the_reserved_keys_stay(tmp_path):
-    write(tmp_path / "model" / "kept.yaml", "name: kept\n_target_: slimlab.models.LeNet\ncheckpoint: w.pt\nconv1: 3\n")
-    model = compose(["model=kept", "model._target_=slimlab.models.MLP"], config_dirs=[tmp_path]).model
-    assert OmegaConf.to_container(model) == {"name": "MLP", "_target_": "slimlab.models.MLP", "checkpoint": "w.pt"}
+    write(
+        tmp_path / "model" / "kept.yaml", "name: kept\n_target_: slimlab.zoo.models.LeNet\ncheckpoint: w.pt\nconv1: 3\n"
+    )
+    model = compose(["model=kept", "model._target_=slimlab.zoo.models.MLP"], config_dirs=[tmp_path]).model
+    assert OmegaConf.to_container(model) == {"name": "MLP", "_target_": "slimlab.zoo.models.MLP", "checkpoint": "w.pt"}
 
 
 @pytest.mark.slow
 def test_runs_and_sweeps_build_a_retargeted_model_without_the_options_arguments(tmp_path, cache_dir):
-    common = ["model._target_=slimlab.models.MLP", "technique=[]", "tracking=none", f"cache_dir={cache_dir}", *QUICK]
+    common = [
+        "model._target_=slimlab.zoo.models.MLP",
+        "technique=[]",
+        "tracking=none",
+        f"cache_dir={cache_dir}",
+        *QUICK,
+    ]
     single = slimlab("run", *common, cwd=tmp_path)
     assert single.returncode == 0, single.stderr[-3000:]
     assert "MLP baseline" in single.stdout

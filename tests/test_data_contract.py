@@ -108,7 +108,7 @@ def test_a_test_split_whose_order_changes_fails_the_run_instead_of_misscoring(tm
 
 def test_a_new_head_is_not_scored_as_a_baseline(tmp_path, overrides):
     """A Hugging Face base model given a classification head it does not have: the head is random."""
-    from slimlab.datasets import minilm_path
+    from slimlab.zoo.datasets import minilm_path
 
     path = tmp_path / "reviews.jsonl"
     path.write_text("".join(f'{{"review": "text {i}", "label": {i % 2}}}\n' for i in range(20)))

@@ -8,8 +8,8 @@ import torch
 
 from slimlab.config import compose
 from slimlab.data import loader
-from slimlab.datasets import image_folder, table
 from slimlab.runner import run_metrics
+from slimlab.zoo.datasets import image_folder, table
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +46,7 @@ def test_a_csv_trains_compresses_and_logs(cancer_csv, overrides):
 
 
 def test_a_text_table_gives_tokenizer_batches(tmp_path):
-    from slimlab.datasets import minilm_path
+    from slimlab.zoo.datasets import minilm_path
 
     path = tmp_path / "reviews.jsonl"
     rows = [("a wonderful film", 1), ("dull and far too long", 0), ("I loved it", 1), ("a waste of time", 0)] * 5
@@ -93,7 +93,7 @@ def test_a_split_larger_than_a_batch_is_read_without_holding_it(tmp_path):
     code = f"""
 import resource
 from slimlab.data import iterate
-from slimlab.datasets import disk_rows
+from slimlab.zoo.datasets import disk_rows
 
 data = disk_rows({str(tmp_path / "rows.f32")!r}, gib=1.0)
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -365,3 +365,11 @@ def test_a_core_install_without_extras_lists_its_plugins_and_runs(tmp_path):
     )  # fmt: skip
     assert ran.returncode == 0, ran.stdout[-2000:] + ran.stderr[-2000:]
     assert (work / "mlflow.db").exists()
+
+
+def test_developer_tooling_stays_out_of_the_wheel_and_the_zoo_is_in_it():
+    shipped = shipped_files()
+    assert "tools" not in own_top_levels()
+    assert not [name for name in shipped if name.rpartition(".")[2] in ("benchmarks", "overhead")], sorted(shipped)
+    assert {"slimlab.zoo.models", "slimlab.zoo.datasets"} <= set(shipped)
+    assert "sentences.txt" in pyproject()["tool"]["setuptools"]["package-data"]["slimlab.zoo"]

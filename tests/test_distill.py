@@ -52,7 +52,7 @@ def test_seed_distillation_student_learns_from_the_teacher_with_a_measured_contr
     assert metrics["compression_ratio"] > 10  # Linear 10 -> 1 against an MLP with 68,865 params
     assert metrics["param_count"] == 11
     assert tags["slimlab.distill.loss"] == "mse" and tags["slimlab.distill.student"] == "small_model"
-    assert tags["slimlab.distill.student_class"] == "slimlab.models.SmallModel"
+    assert tags["slimlab.distill.student_class"] == "slimlab.zoo.models.SmallModel"
 
 
 @pytest.mark.slow
@@ -136,10 +136,10 @@ def test_prune_distill_quantize_keeps_the_pruned_zeros(overrides, store, tmp_pat
 def test_projection_when_student_and_teacher_widths_differ(tmp_path):
     """Feature distillation: a 1-wide student matches a 4-wide teacher through a projection it does not keep."""
     from slimlab.context import RunContext
-    from slimlab.datasets import regression
-    from slimlab.models import SimpleNet
     from slimlab.plugins.distill import apply
     from slimlab.tasks import Regression
+    from slimlab.zoo.datasets import regression
+    from slimlab.zoo.models import SimpleNet
 
     torch.manual_seed(0)
     teacher = nn.Linear(10, 4).eval()

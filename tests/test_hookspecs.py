@@ -110,7 +110,7 @@ from slimlab import hookimpl
 
 @hookimpl
 def register_options(register):
-    register("model", "lenet", {"_target_": "slimlab.models.MLP"})
+    register("model", "lenet", {"_target_": "slimlab.zoo.models.MLP"})
 """
     site = write_plugin(tmp_path, "slimlab-zoo-clash", "slimlab_zoo_clash", source, {"zoo_clash": "slimlab_zoo_clash"})
     monkeypatch.syspath_prepend(str(site))

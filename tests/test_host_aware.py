@@ -63,8 +63,8 @@ def test_within_timing_noise_of_fp32_is_not_slower():
 
 def test_the_probe_times_the_run_s_own_layer_shapes():
     """Each distinct targeted layer once, with the input the model gives it and how often it is called."""
-    from slimlab.models import LeNet
     from slimlab.plugins.quantize.layers import _selector
+    from slimlab.zoo.models import LeNet
 
     layers = layer_calls(LeNet().eval(), _selector(["Linear"], []), torch.randn(16, 1, 28, 28))
     assert [(layer.name, tuple(layer.inputs.shape), layer.calls) for layer in layers] == [

@@ -17,10 +17,10 @@ from torch import nn
 import slimlab
 from slimlab.artifact import _decode_entry, _encode_entry, decode_tensor, encode_tensor, load_model, load_state
 from slimlab.config import compose
-from slimlab.datasets import digits
 from slimlab.errors import ConfigError
-from slimlab.models import LeNet
 from slimlab.runner import run
+from slimlab.zoo.datasets import digits
+from slimlab.zoo.models import LeNet
 from tests.conftest import slimlab as slimlab_cli
 
 logging.getLogger("torchao").setLevel(logging.ERROR)  # its CUDA kernels fail to load on a CPU machine: noise
@@ -231,8 +231,8 @@ def test_int8_dynamic_int4_runs_on_lenet(overrides, store):
 
 def test_int4_minilm_with_embeddings_is_six_times_smaller(overrides, store, tmp_path):
     """A 2-layer MiniLM with its word embeddings (most of its parameters) in int4: >= 6x smaller, and it reloads."""
-    from slimlab.datasets import sentences
-    from slimlab.models import SentenceEmbedding
+    from slimlab.zoo.datasets import sentences
+    from slimlab.zoo.models import SentenceEmbedding
     from tests.test_minilm import FEW
 
     few = tmp_path / "few.txt"

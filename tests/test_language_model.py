@@ -21,7 +21,7 @@ def tiny_lm(tmp_path_factory):
     """A 2-layer Llama (32 wide) with all-MiniLM-L6-v2's tokenizer, saved as a Hugging Face model directory."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from slimlab.datasets import load_tokenizer
+    from slimlab.zoo.datasets import load_tokenizer
 
     folder = tmp_path_factory.mktemp("tiny-llama")
     tokenizer = load_tokenizer()

@@ -16,11 +16,11 @@ from mlflow import MlflowClient
 
 from slimlab.artifact import load_model
 from slimlab.config import compose
-from slimlab.datasets import load_tokenizer, minilm_path, read_sentences, sentences, split_groups
-from slimlab.models import SentenceEmbedding as MiniLM
-from slimlab.models import select_layers
 from slimlab.runner import run
 from slimlab.tasks import Classification, Embedding, Scored, embedding_fidelity
+from slimlab.zoo.datasets import load_tokenizer, minilm_path, read_sentences, sentences, split_groups
+from slimlab.zoo.models import SentenceEmbedding as MiniLM
+from slimlab.zoo.models import select_layers
 from tests.conftest import LOG_MODEL, REPO
 
 FIDELITY = {"cosine_to_baseline", "cosine_to_baseline_min", "similarity_spearman", "nn_agreement"}
@@ -80,7 +80,7 @@ def only_run(store: str):
 
 
 def test_importing_models_does_not_import_transformers():
-    code = "import sys, slimlab.models; assert 'transformers' not in sys.modules, 'transformers imported'"
+    code = "import sys, slimlab.zoo.models; assert 'transformers' not in sys.modules, 'transformers imported'"
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
 

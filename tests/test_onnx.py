@@ -62,7 +62,7 @@ def test_fp32_run_is_measured_on_onnx_runtime_and_logged_with_mlflow_onnx(overri
     assert logged.SerializeToString() == onnx.load_from_string(measured).SerializeToString()
     assert info.signature is not None and info.saved_input_example_info is not None
     # it runs in onnxruntime, at any batch size, and predicts what the run's model predicted
-    from slimlab.datasets import digits
+    from slimlab.zoo.datasets import digits
 
     images = digits(seed=0).test.inputs[:33]
     session = ort.InferenceSession(logged.SerializeToString(), providers=["CPUExecutionProvider"])
@@ -216,8 +216,8 @@ def test_minilm_artifact_loads_with_mlflow_onnx_and_matches_the_fp32_model(techn
     """Issue 14's Done-when: mean cosine >= 0.995 to the fp32 model, for the variants that meet it: fp32, and on this
     2-layer MiniLM ORT's int8 dynamic with per-channel scales (about 0.996; per tensor, ORT's default, gives 0.96;
     on the 6-layer model per-channel gives 0.993, below)."""
-    from slimlab.datasets import sentences
-    from slimlab.models import SentenceEmbedding
+    from slimlab.zoo.datasets import sentences
+    from slimlab.zoo.models import SentenceEmbedding
 
     args = [
         *overrides, LOG_MODEL, "model=minilm", "model.num_layers=2", "data=sentences", f"data.path={few}",

@@ -142,6 +142,10 @@ def test_a_target_that_is_not_callable_or_missing_is_bad_input(user_dir, overrid
         run(compose([*overrides, "model._target_=user_models.nope"]))
     with pytest.raises(ConfigError, match=r"is a str, not a callable"):
         run(compose([*overrides, "model._target_=user_models.__name__"]))
+    # a config written when slimlab's models were slimlab.models is pointed at the zoo
+    moved = r"'slimlab.models.LeNet' cannot be imported: .*slimlab.zoo.models now: slimlab.zoo.models.LeNet$"
+    with pytest.raises(ConfigError, match=moved):
+        run(compose([*overrides, "model=lenet", "model._target_=slimlab.models.LeNet"]))
 
 
 # --- 3. a model that comes with weights is the baseline as it is ---------------------------------------------------
@@ -150,7 +154,7 @@ def test_a_target_that_is_not_callable_or_missing_is_bad_input(user_dir, overrid
 def test_a_checkpoint_is_the_baseline_as_it_is(user_dir, overrides, store, tmp_path):
     from user_models import LogitsMLP
 
-    from slimlab.datasets import digits
+    from slimlab.zoo.datasets import digits
 
     torch.manual_seed(0)
     model = LogitsMLP().eval()  # untrained: any training would change its accuracy
@@ -269,8 +273,8 @@ def test_dict_batches_and_a_two_input_model_compress(user_dir, overrides, store,
 
 
 def test_a_data_callable_that_returns_something_else_is_named(user_dir, overrides):
-    with pytest.raises(ConfigError, match=r"data._target_=slimlab.models.select_layers returned list"):
-        run(compose([*overrides, "data._target_=slimlab.models.select_layers", "+data.total=3"]))
+    with pytest.raises(ConfigError, match=r"data._target_=slimlab.zoo.models.select_layers returned list"):
+        run(compose([*overrides, "data._target_=slimlab.zoo.models.select_layers", "+data.total=3"]))
 
 
 @pytest.mark.slow

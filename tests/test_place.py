@@ -16,9 +16,9 @@ from slimlab import hookimpl
 from slimlab.artifact import load_model, load_state
 from slimlab.config import compose
 from slimlab.errors import ConfigError
-from slimlab.models import LeNet
 from slimlab.plugin_manager import load_plugins
 from slimlab.runner import run
+from slimlab.zoo.models import LeNet
 from tests.conftest import REPO, slimlab
 
 METRICS = {

@@ -9,11 +9,11 @@ from mlflow import MlflowClient
 
 from slimlab.artifact import load_model
 from slimlab.config import compose
-from slimlab.datasets import digits
 from slimlab.errors import ConfigError
-from slimlab.models import LeNet
 from slimlab.plugins.prune import cubic_schedule
 from slimlab.runner import run
+from slimlab.zoo.datasets import digits
+from slimlab.zoo.models import LeNet
 from tests.test_runner import artifact_paths, only_run
 
 

@@ -18,14 +18,14 @@ from torch import nn
 
 from slimlab.artifact import load_model, load_state
 from slimlab.config import compose
-from slimlab.datasets import digits
 from slimlab.errors import ConfigError
-from slimlab.models import MLP, LeNet
 from slimlab.plugin_manager import load_plugins
 from slimlab.plugins.qat import QatConfig, _plan, _quantize, _train_quantized, label, max_speedup
 from slimlab.runner import plan as plan_run
 from slimlab.runner import run
 from slimlab.testing import TechniqueContract, context
+from slimlab.zoo.datasets import digits
+from slimlab.zoo.models import MLP, LeNet
 from tests.conftest import slimlab as slimlab_cli
 
 logging.getLogger("torchao").setLevel(logging.ERROR)  # its CUDA kernels fail to load on a CPU machine: noise

@@ -13,11 +13,11 @@ from torch import nn
 
 from slimlab.artifact import load_model, load_state
 from slimlab.config import compose
-from slimlab.datasets import digits
 from slimlab.errors import ConfigError
-from slimlab.models import LeNet
 from slimlab.plugins.quantize import QuantizeConfig, _warn_eager_deprecated, rebuild
 from slimlab.runner import run
+from slimlab.zoo.datasets import digits
+from slimlab.zoo.models import LeNet
 
 TORCH_AO_DEPRECATED = "torch.ao.quantization is deprecated"
 

@@ -10,10 +10,10 @@ from mlflow import MlflowClient
 
 from slimlab.artifact import load_model, load_state, save_model
 from slimlab.config import compose
-from slimlab.datasets import digits
-from slimlab.models import LeNet
 from slimlab.plugin_manager import load_plugins
 from slimlab.runner import run
+from slimlab.zoo.datasets import digits
+from slimlab.zoo.models import LeNet
 
 METRICS = {
     "accuracy", "baseline_accuracy", "accuracy_drop", "size_bytes", "baseline_size_bytes", "compression_ratio",

@@ -20,7 +20,7 @@ LAYERS = "technique.prune.layers=[],[fc1],[conv1],[conv2],[fc2],[nope]"
 LENET_WITH_NOPE = """
 from torch import nn
 
-from slimlab.models import LeNet
+from slimlab.zoo.models import LeNet
 
 
 class LeNetWithNope(LeNet):
@@ -141,7 +141,7 @@ def test_pareto_front_keeps_the_undominated_runs():
 
 
 FLAKY_DATA = """
-from slimlab.datasets import digits as slimlab_digits
+from slimlab.zoo.datasets import digits as slimlab_digits
 
 
 def digits(gone=False):

@@ -47,7 +47,7 @@ def regression(
 def read_sentences(path: str | os.PathLike | None = None) -> list[list[str]]:
     """The groups of a sentence file: one sentence per line, ``#`` comments, blank lines between groups.
 
-    A group of several lines holds near-paraphrases (see framework/sentences.txt).
+    A group of several lines holds near-paraphrases (see zoo/sentences.txt).
     """
     groups: list[list[str]] = [[]]
     for line in Path(path or SENTENCES).read_text(encoding="utf-8").splitlines():
@@ -104,7 +104,7 @@ def sentences(
     test_fraction: float = 0.25,
     seed: int = 0,
 ) -> Data:
-    """The fixed sentence set (framework/sentences.txt), tokenised once, for the ``embedding`` task.
+    """The fixed sentence set (zoo/sentences.txt), tokenised once, for the ``embedding`` task.
 
     Batches are dicts of ``input_ids`` and ``attention_mask`` (int64, padded to the longest sentence in the
     set, at most ``max_length`` tokens) from the tokenizer of ``tokenizer`` (a model directory; default
@@ -138,7 +138,7 @@ def text(
 ) -> Data:
     """A text file as next-token prediction, for the ``language_modeling`` task.
 
-    The whole file (default: framework/sentences.txt, ``#`` lines dropped) is tokenised with the tokenizer of
+    The whole file (default: zoo/sentences.txt, ``#`` lines dropped) is tokenised with the tokenizer of
     ``tokenizer`` (a local model directory, usually the model's own) and cut into blocks of ``block_size``
     tokens; whole blocks, drawn with ``seed``, go to the test split. Batches are dicts of ``input_ids``,
     ``attention_mask`` and ``labels`` (the input ids: the task shifts them by one).

@@ -103,7 +103,7 @@ class SentenceEmbedding(nn.Module):
 
     def __init__(self, path: str | None = None, layers: list[int] | None = None, num_layers: int | None = None):
         super().__init__()
-        from slimlab.datasets import minilm_path
+        from slimlab.zoo.datasets import minilm_path
 
         self.bert = load_pretrained(path or minilm_path(), "AutoModel", add_pooling_layer=False)
         encoder = self.bert.encoder
@@ -139,7 +139,7 @@ def load_pretrained(path: str, auto_class: str = "AutoModelForSequenceClassifica
     """A Hugging Face model from a local directory with ``transformers.<auto_class>.from_pretrained``, never
     from the hub, in float32 unless ``dtype`` says otherwise, without transformers' load report. The names of the
     weights the directory does not hold (a new head, initialised at random) are ``model.slimlab_new_weights``."""
-    from slimlab.datasets import offline
+    from slimlab.zoo.datasets import offline
 
     offline()
     from slimlab.extras import require

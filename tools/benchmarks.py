@@ -2,7 +2,7 @@
 
 ``make bench`` runs each bench workload through slimlab itself
 (``slimlab run -m experiment=bench_NAME``, all into the experiment ``bench``);
-then ``python -m slimlab.benchmarks [--uri URI] [--out BENCHMARKS.md]`` reads
+then ``python -m tools.benchmarks [--uri URI] [--out BENCHMARKS.md]`` reads
 those runs, groups them by workload (the ``experiment=`` choice recorded in each
 run's ``overrides.txt`` artifact) and writes one section per workload: the
 command, one row per variant with our figures, whether each target is met (or by
@@ -141,11 +141,11 @@ WORKLOADS: dict[str, Workload] = {
     ),
     "bench_overhead": Workload(
         title="slimlab's own overhead: a one-minute job against a plain script doing the same work",
-        anchor="a plain PyTorch script (framework/overhead.py `plain_job`) with the same data, model and steps",
+        anchor="a plain PyTorch script (tools/overhead.py `plain_job`) with the same data, model and steps",
         source="slimlab issue 4 (target set by the project)",
         targets={"overhead": ("<=", 0.05), "help_s": ("<=", 1.0)},
         columns=("slimlab_wall_s", "plain_wall_s", "overhead", "cpu_overhead", "overhead_fastest", "help_s", "pairs"),
-        command="python -m slimlab.overhead",
+        command="python -m tools.overhead",
         note=(
             "Wall time of whole processes (interpreter start, imports, MLflow logging included), plain script and "
             "`slimlab run experiment=bench_overhead` interleaved in pairs, the slimlab run with a fresh baseline "
@@ -437,7 +437,7 @@ def render(runs: Sequence[BenchRun], workloads: dict[str, Workload] | None = Non
         "# Benchmarks",
         "",
         "Measured by slimlab itself (`make bench`), from the finished runs of the MLflow experiment "
-        f"`{EXPERIMENT}`; written by `python -m slimlab.benchmarks`. Latencies are medians on this machine; "
+        f"`{EXPERIMENT}`; written by `python -m tools.benchmarks`. Latencies are medians on this machine; "
         "ratios are against the fp32 baseline trained in the same run.",
         "",
     ]
@@ -452,7 +452,7 @@ def render(runs: Sequence[BenchRun], workloads: dict[str, Workload] | None = Non
 def main(argv: list[str] | None = None) -> int:
     from slimlab.mlflow_tracking import tracking_uri
 
-    parser = argparse.ArgumentParser(prog="python -m slimlab.benchmarks", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m tools.benchmarks", description=__doc__.splitlines()[0])
     parser.add_argument("--uri", default=None, help="MLflow tracking URI (default: slimlab's, ./mlflow.db)")
     parser.add_argument("--out", default="BENCHMARKS.md", help="where to write the report")
     parser.add_argument("--experiment", default=EXPERIMENT, help="MLflow experiment holding the bench runs")

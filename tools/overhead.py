@@ -1,7 +1,7 @@
 """slimlab's own cost: ``slimlab run experiment=bench_overhead`` against a plain script doing the same work.
 
-``python -m slimlab.overhead`` (part of ``make bench``) runs, interleaved in pairs, the plain script
-(``python -m slimlab.overhead plain``: torch and the same data and model code, no Hydra, pluggy or MLflow)
+``python -m tools.overhead`` (part of ``make bench``) runs, interleaved in pairs, the plain script
+(``python -m tools.overhead plain``: torch and the same data and model code, no Hydra, pluggy or MLflow)
 and ``slimlab run experiment=bench_overhead`` with a fresh baseline cache, so that both train the baseline.
 Each is timed as a user would time it: the wall time of the whole process, interpreter start included,
 and its CPU time. It also times ``slimlab run --help``. The figures go onto the slimlab runs in MLflow as
@@ -16,6 +16,7 @@ The plain script mirrors the experiment's config by hand (``PLAIN``): change bot
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import subprocess
 import sys
@@ -23,6 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
+REPO = Path(__file__).resolve().parents[1]  # the plain script runs as -m tools.overhead from a scratch directory
 WORKLOAD = "bench_overhead"
 # What experiments/bench_overhead.yaml asks slimlab to do, spelled out for the plain script.
 PLAIN = {
@@ -49,8 +51,8 @@ def plain_job(out_dir: Path) -> dict[str, float]:
     import torch.nn.functional as F
     import torch.nn.utils.prune as prune
 
-    from slimlab.datasets import digits
-    from slimlab.models import LeNet
+    from slimlab.zoo.datasets import digits
+    from slimlab.zoo.models import LeNet
 
     p = PLAIN
     torch.manual_seed(p["seed"])
@@ -115,8 +117,9 @@ def _slimlab() -> list[str]:
     return [str(Path(sys.executable).with_name("slimlab"))]
 
 
-def _timed(command: list[str], cwd: Path) -> tuple[float, float]:
-    """(wall seconds, CPU seconds: user + system) of ``command`` run to completion."""
+def _timed(command: list[str], cwd: Path, pythonpath: Path | None = None) -> tuple[float, float]:
+    """(wall seconds, CPU seconds: user + system) of ``command`` run to completion (``pythonpath``: a directory it
+    imports from, e.g. the repository for ``-m tools.overhead``)."""
     import resource
 
     def cpu() -> float:
@@ -124,7 +127,8 @@ def _timed(command: list[str], cwd: Path) -> tuple[float, float]:
         return usage.ru_utime + usage.ru_stime
 
     start, start_cpu = time.perf_counter(), cpu()
-    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True)
+    env = {**os.environ, "PYTHONPATH": str(pythonpath)} if pythonpath else None
+    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, env=env)
     elapsed, used = time.perf_counter() - start, cpu() - start_cpu
     if result.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} exited {result.returncode}:\n{result.stderr[-3000:]}")
@@ -156,8 +160,8 @@ def measure(uri: str, pairs: int, help_calls: int = 5) -> dict[str, float]:
     from mlflow import MlflowClient
     from mlflow.entities import Metric
 
-    from slimlab.benchmarks import EXPERIMENT
     from slimlab.mlflow_tracking import experiment_id
+    from tools.benchmarks import EXPERIMENT
 
     client = MlflowClient(uri)
     experiment = experiment_id(client, EXPERIMENT, uri)
@@ -166,7 +170,8 @@ def measure(uri: str, pairs: int, help_calls: int = 5) -> dict[str, float]:
     with tempfile.TemporaryDirectory(prefix="slimlab-overhead-") as tmp:
         work = Path(tmp)
         for pair in range(pairs):
-            plain, plain_cpu = _timed([sys.executable, "-m", "slimlab.overhead", "plain", "--out", str(work)], work)
+            plain_job_command = [sys.executable, "-m", "tools.overhead", "plain", "--out", str(work)]
+            plain, plain_cpu = _timed(plain_job_command, work, pythonpath=REPO)
             since = int(time.time() * 1000)
             cache = work / f"cache{pair}"  # fresh: slimlab trains the baseline, as the plain script does
             command = [*_slimlab(), "run", f"experiment={WORKLOAD}", f"cache_dir={cache}", f"tracking.uri={uri}"]
@@ -200,7 +205,7 @@ def measure(uri: str, pairs: int, help_calls: int = 5) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m slimlab.overhead", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m tools.overhead", description=__doc__.splitlines()[0])
     parser.add_argument("mode", nargs="?", choices=("measure", "plain"), default="measure")
     parser.add_argument("--uri", default=None, help="MLflow tracking URI (default: slimlab's, ./mlflow.db)")
     parser.add_argument("--pairs", type=int, default=3, help="plain/slimlab pairs to time (default 3)")

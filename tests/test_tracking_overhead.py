@@ -25,8 +25,8 @@ def test_the_plan_leaves_mlflow_unimported(tmp_path):
     # Importing MLflow takes a second and a half: a config the plan refuses is refused without it.
     uris = [f"sqlite:///{tmp_path / 'mlflow.db'}", "postgresql+psycopg2://user@host/db", "http://127.0.0.1:1"]
     code = (
-        "import sys; from slimlab import tracking\n"
-        f"for uri in {uris!r}: tracking.check_store(uri, host=False)\n"
+        "import sys; from slimlab.mlflow_tracking import MlflowStore\n"
+        f"for uri in {uris!r}: MlflowStore(uri).check(host=False)\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] == 'mlflow'))"
     )
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)

@@ -69,3 +69,17 @@ def test_following_the_tutorial_word_for_word_gives_a_working_plugin(tmp_path):
     assert re.search(r"\b8 passed\b", result.stdout), result.stdout[-2000:]  # the conformance contract
     plugin_files = work / "slimlab-zero-small"
     assert (plugin_files / "slimlab_zero_small.py").exists() and (plugin_files / "mlflow.db").exists()
+    # the sweep fine-tuned with keep_zeros: every weight the technique zeroed is still zero in the model it logged
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{plugin_files / 'mlflow.db'}")
+    swept = [
+        run
+        for experiment in client.search_experiments()
+        for run in client.search_runs([experiment.experiment_id], "tags.`mlflow.parentRunId` != ''")
+    ]
+    assert len(swept) == 2, [run.info.run_name for run in swept]
+    for run in swept:
+        metrics = run.data.metrics
+        assert "fine_tune_epochs=1" in run.info.run_name, run.info.run_name
+        assert metrics["nonzero_param_count"] <= metrics["param_count"] - metrics["zeroed_weights"], metrics

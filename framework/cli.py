@@ -72,7 +72,7 @@ def plugins_command(args: list[str]) -> int:
         return EXIT_OK
     for info in plugins.infos:
         print(f"{info.name}  ({info.distribution} {info.version}, {info.value})  [{info.status}]")
-        for kind in ("techniques", "tasks", "options"):
+        for kind in ("techniques", "tasks", "options", "trackers"):
             if getattr(info, kind):
                 print(f"    {kind}: {', '.join(getattr(info, kind))}")
         if info.hooks:
@@ -91,7 +91,9 @@ def report_command(args: list[str]) -> int:
     parser.add_argument("--sweep", metavar="PARENT_RUN_ID", help="a sweep's parent run (default: the latest sweep)")
     parser.add_argument("--experiment", help="every finished run of this experiment instead of one sweep")
     parser.add_argument(
-        "--backend", default="mlflow", help="tracking backend the runs are in (default: mlflow; see slimlab plugins)"
+        "--backend",
+        default="mlflow",
+        help="tracking backend the runs are in (default: mlflow; slimlab plugins lists them)",
     )
     parser.add_argument(
         "--uri", help="its store (default: the backend's; mlflow: $MLFLOW_TRACKING_URI, else ./mlflow.db)"
@@ -111,7 +113,7 @@ def report_command(args: list[str]) -> int:
         missing = report.missing_store(store, options.backend)
         if missing:  # nothing recorded there yet: say so, do not create an empty store
             return _error(missing)
-        store.check(True)
+        store.check(True, write=False)  # a report reads; with --sweep it adds files to the parent's artifacts
     except ConfigError as error:
         return _error(str(error).replace("tracking.backend=", "--backend ").replace("tracking.uri=", "--uri "))
     try:

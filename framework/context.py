@@ -51,6 +51,7 @@ class RunContext:
     metrics: dict[str, float] = field(default_factory=dict)  # what techniques report about themselves
     state: dict[str, Any] = field(default_factory=dict)
     tracking: Any = None  # the run's slimlab.tracking.TrackingStore; None when nothing is recorded
+    keeps_output: bool = True  # output_dir outlives the run (a Hydra job's); False: removed when the run ends
 
     def fine_tune(
         self,

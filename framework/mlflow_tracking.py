@@ -246,8 +246,9 @@ def uri_source(cfg: DictConfig | None = None) -> str:
     return "$MLFLOW_TRACKING_URI" if os.environ.get("MLFLOW_TRACKING_URI") else "the default store"
 
 
-def check_store(uri: str, host: bool = True, key: str = "tracking.uri") -> None:
-    """Refuse a tracking URI MLflow cannot use, a server that does not answer, a read-only sqlite store.
+def check_store(uri: str, host: bool = True, key: str = "tracking.uri", write: bool = True) -> None:
+    """Refuse a tracking URI MLflow cannot use, a server that does not answer, a read-only sqlite store (unless
+    ``write=False``: it is only read).
 
     ``key`` names where ``uri`` was set. ``host=False`` (the runs happen on other machines) skips the server
     check: only they can tell.
@@ -271,7 +272,8 @@ def check_store(uri: str, host: bool = True, key: str = "tracking.uri") -> None:
         raise ConfigError(f"{key}={uri} is an in-memory sqlite store: the runs would vanish; e.g. {example}")
     if scheme in ("http", "https") and host:
         check_server(uri, key=key)
-    refuse_read_only(uri)
+    if write:
+        refuse_read_only(uri)
 
 
 def check_server(uri: str, timeout: float = HEALTH_TIMEOUT, key: str = "tracking.uri") -> None:
@@ -423,6 +425,7 @@ class MlflowStore:
         self.source = "tracking.uri" if uri else uri_source()
         self.uri = uri or tracking_uri()
         self._client: MlflowClient | None = None
+        self._reader: MlflowClient | None = None
 
     @property
     def client(self) -> MlflowClient:
@@ -431,8 +434,19 @@ class MlflowStore:
             self._client = open_store(self.uri)
         return self._client
 
-    def check(self, host: bool) -> None:
-        check_store(self.uri, host, self.source)
+    @property
+    def reader(self) -> MlflowClient:
+        """A client that only reads: a store this process cannot write (an archived mlflow.db) still reads."""
+        if self._client is not None:
+            return self._client
+        if self._reader is None:
+            from mlflow import MlflowClient
+
+            self._reader = MlflowClient(self.uri)
+        return self._reader
+
+    def check(self, host: bool, write: bool = True) -> None:
+        check_store(self.uri, host, self.source, write=write)
 
     def _absent(self) -> bool:
         """An embedded sqlite store not created yet (MLflow would create it just to look)."""
@@ -446,9 +460,7 @@ class MlflowStore:
         if not create:
             if self._absent():  # a reader never creates the store
                 return None
-            from mlflow import MlflowClient
-
-            found = MlflowClient(self.uri).get_experiment_by_name(name)
+            found = self.reader.get_experiment_by_name(name)
             return found.experiment_id if found is not None and found.lifecycle_stage != "deleted" else None
         return experiment_id(self.client, name, self.uri, primary, higher_is_better, params)
 
@@ -489,7 +501,7 @@ class MlflowStore:
         self.client.set_terminated(run_id, status)
 
     def get_run(self, run_id: str) -> RunRecord:
-        return _record(self.client.get_run(run_id))
+        return _record(self.reader.get_run(run_id))
 
     def search(
         self, experiment_ids: list[str] | None = None, *, tags: dict[str, str] | None = None,
@@ -498,14 +510,14 @@ class MlflowStore:
         if self._absent():  # nothing recorded yet: nothing found, no empty store made
             return []
         if experiment_ids is None:
-            experiment_ids = [e.experiment_id for e in self.client.search_experiments()]
+            experiment_ids = [e.experiment_id for e in self.reader.search_experiments()]
         if not experiment_ids:
             return []
         wanted = {**(tags or {}), **({PARENT_TAG: parent} if parent else {})}
         clauses = [f"tags.`{key}` = '{_quoted(value)}'" for key, value in wanted.items()]
         if status:
             clauses.append(f"attributes.status = '{status}'")
-        runs = search_all(self.client, experiment_ids, " and ".join(clauses), order_by=["attributes.start_time DESC"])
+        runs = search_all(self.reader, experiment_ids, " and ".join(clauses), order_by=["attributes.start_time DESC"])
         return [_record(run) for run in runs]
 
     def where(self, experiment_id: str) -> str:

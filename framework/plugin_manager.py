@@ -34,6 +34,7 @@ class PluginInfo:
     techniques: list[str] = field(default_factory=list)
     tasks: list[str] = field(default_factory=list)
     options: list[str] = field(default_factory=list)  # "model=NAME", "data=NAME"
+    trackers: list[str] = field(default_factory=list)  # tracking backends: tracking.backend=NAME
     hooks: list[str] = field(default_factory=list)
     status: str = "loaded"  # loaded | disabled | failed
     error: str | None = None
@@ -251,6 +252,7 @@ def load_plugins(disable: Iterable[str] = ()) -> Plugins:
         info.hooks = sorted(caller.name for caller in manager.get_hookcallers(plugin) or [])
         info.techniques = plugins.registry.by_plugin(info.name)
         info.tasks = sorted(name for name, (owner, _) in plugins.tasks.items() if owner == info.name)
+        info.trackers = sorted(name for name, (owner, _) in plugins.trackers.items() if owner == info.name)
         info.options = sorted(
             f"{group}={name}" for (group, name), (owner, _) in plugins.options.items() if owner == info.name
         )

@@ -141,7 +141,9 @@ def latest_sweep(store: TrackingStore) -> str:
 def experiment_runs(store: TrackingStore, experiment: str) -> list[RunRecord]:
     found = store.experiment(experiment, create=False)
     if found is None:
-        raise ValueError(f"no experiment named {experiment!r} in {store.uri}")
+        from slimlab.summary import shown_uri
+
+        raise ValueError(f"no experiment named {experiment!r} in {shown_uri(store.uri)}")
     return store.search([found], status="FINISHED")
 
 

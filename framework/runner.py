@@ -57,7 +57,7 @@ def _output_dir() -> tuple[Path, bool]:
     """Where a run writes its artifacts, and whether that place is temporary (removed once the run is over).
 
     Under Hydra it is the job's directory, which stays. Outside a Hydra job (the Python API, tests) it is a fresh
-    temporary directory: the tracking backend has copied what it keeps by the time the run ends.
+    temporary directory, removed when the run ends (the tracking backend, if any, has copied what it keeps).
     """
     try:
         from hydra.core.hydra_config import HydraConfig
@@ -429,6 +429,7 @@ def run_metrics(
         },
         steps=steps,
         tracking=tracking_store(cfg, plugins),
+        keeps_output=not temporary,
     )
     try:
         hooks.before_run(ctx=ctx)

@@ -3,7 +3,7 @@
 The launching process (Hydra's ``on_multirun_start``) checks every job's config, creates the store, the
 experiment and the parent run before any worker starts, and hands the parent's id and store to the jobs
 through ``hydra.job.env_set``, which every launcher applies around each job, wherever it runs. Each job's
-run is a child (``mlflow.parentRunId``) and each job records its outcome on the parent as a tag
+run is a child of it and each job records its outcome on the parent as a tag
 ``slimlab.job.<num>`` (without tracking: a file in the sweep directory), so outcomes cross processes and
 hosts. A job that raises is recorded and the sweep goes on; ``on_multirun_end`` counts the outcomes (a job
 that recorded none counts as failed), prints the summary, logs the report to the parent and closes it
@@ -27,18 +27,20 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from slimlab.errors import SweepSetupFailed
-from slimlab.sweep_job import PARENT_ENV, URI_ENV, outcome_files, outcomes_of
+from slimlab.sweep_job import OUTCOMES_DIR, PARENT_ENV, URI_ENV, outcome_files, outcomes_of
 
 if TYPE_CHECKING:
     from slimlab.plugin_manager import Plugins
@@ -369,6 +371,7 @@ class SweepCallback(Callback):
             raise BadInput(describe_hydra_error(error, infos) if is_bad_input(error) else str(error)) from error
         sweep._close()
         sweep.sweep_dir = str(config.hydra.sweep.dir)
+        shutil.rmtree(Path(sweep.sweep_dir) / OUTCOMES_DIR, ignore_errors=True)  # an earlier sweep's, same dir
         sweep.result = SweepResult(None, len(jobs) if jobs is not None else None)
         if config.tracking.backend == "none":
             return

@@ -58,16 +58,18 @@ class TrackingStore(Protocol):
     (``tests/file_tracker.py`` is one).
 
     Statuses are ``STATUSES``. A store is shared by the processes of a sweep (each opens its own from ``uri``), so
-    every method must be safe when other processes write the same store at the same time. Constructing one does
-    no I/O: ``check`` says whether it can be used, the first write creates it.
+    every method must be safe when other processes write the same store at the same time; within the launching
+    process, one store object is used by several threads (the sweep's progress line, closing it on Ctrl-C).
+    Constructing one does no I/O: ``check`` says whether it can be used, the first write creates it.
     """
 
     uri: str  # where it is, as a job process opens it again (``factory(uri)``)
 
-    def check(self, host: bool) -> None:
+    def check(self, host: bool, write: bool = True) -> None:
         """Raise ``ConfigError`` (one line: what is wrong, what is valid) when runs cannot be recorded here.
 
-        ``host=False``: the runs happen on other machines; skip what only they can tell. Writes nothing."""
+        ``host=False``: the runs happen on other machines; skip what only they can tell. ``write=False``: the
+        caller only reads (a report), so a store it cannot write is fine. Writes nothing."""
         ...
 
     def experiment(
@@ -200,7 +202,7 @@ class Recorder:
         )  # fmt: skip
         close_dead_runs(store, experiment)
         run_id = store.create_run(experiment, ctx.run_name, tags | process_tags(), parent=parent)
-        ctx.state["tracking"] = {"run_id": run_id, "experiment_id": experiment}
+        ctx.state["tracking"] = {"run_id": run_id, "experiment_id": experiment, "uri": store.uri}
         try:
             store.log_params(run_id, run_params(ctx))
         except BaseException as error:  # the runner only reports errors after before_run: close the run here

@@ -364,10 +364,12 @@ def split(model: nn.Module, config: PlaceConfig, main: str, ctx: RunContext) -> 
         return grouped
     offload_dir = None
     if "disk" in grouped.values():
-        # The weights on disk live as long as the model that reads them (a notebook keeps the model after the run,
-        # whose own directory is then gone): a fresh directory, removed when the model is collected or at exit.
-        offload_dir = Path(tempfile.mkdtemp(prefix="slimlab-offload-"))
-        weakref.finalize(model, shutil.rmtree, offload_dir, True)
+        if ctx.keeps_output:  # a Hydra job's directory: the weights stay beside the run's other files
+            offload_dir = ctx.output_dir / "offload"
+            shutil.rmtree(offload_dir, ignore_errors=True)  # never reuse stale weights (accelerate would)
+        else:  # the run's directory goes when it ends, the model (a notebook's) lives on: so do its weights
+            offload_dir = Path(tempfile.mkdtemp(prefix="slimlab-offload-"))
+            weakref.finalize(model, shutil.rmtree, offload_dir, True)
         # Written here, not by dispatch_model, which writes nothing for a whole-model {"": "disk"} entry.
         on_disk = {key: value for key, value in model.state_dict().items() if _lookup(key, grouped) == "disk"}
         offload_state_dict(offload_dir, on_disk)

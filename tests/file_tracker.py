@@ -38,7 +38,7 @@ class FileStore:
         self.root = Path(uri or DEFAULT).expanduser().absolute()  # absolute: a job may run from another directory
         self.uri = str(self.root)
 
-    def check(self, host: bool) -> None:
+    def check(self, host: bool, write: bool = True) -> None:
         existing = self.root
         while not existing.exists() and existing != existing.parent:  # the first write creates what is missing
             existing = existing.parent

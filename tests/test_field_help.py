@@ -192,7 +192,10 @@ def test_run_help_says_what_options_mean_without_torch_or_mlflow(tmp_path):
     assert "  amount: float = 0.5\n      fraction of weights (unstructured) or of channels (structured)" in out
     assert "resume: bool = True\n    in a sweep, skip a job whose resolved config already has a FINISHED run\n" in out
     assert "train: How the baseline is trained (and the defaults for fine-tuning).\n  train.epochs: int = 10\n" in out
-    assert "  tracking.uri: str | None = None\n      None: $MLFLOW_TRACKING_URI, else sqlite:///" in out
+    assert (
+        "  tracking.uri: str | None = None\n      the backend's store; None: its default (mlflow: $MLFLOW_TRACKING_URI"
+        in out
+    )
     assert "  train.threads: int = 1\n      Threads while training: float sums split per thread, so a fixed" in out
     options = out.split("== Options ==")[1].split("== Technique options ==")[0]
     assert not re.search(r"^(model|data|technique|device)\b", options, re.M)  # groups: listed above, not here

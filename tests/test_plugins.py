@@ -12,7 +12,7 @@ import pytest
 from slimlab.plugin_manager import DISABLE_ENV, load_plugins
 from tests.conftest import REPO, slimlab, write_plugin
 
-BUILT_INS = {"mlflow", "summary", "prune", "quantize"}
+BUILT_INS = {"mlflow", "tracking", "summary", "prune", "quantize"}
 
 
 def test_builtins_come_through_the_entry_point_group():
@@ -24,7 +24,8 @@ def test_builtins_come_through_the_entry_point_group():
         assert infos[name].status == "loaded"
     assert infos["prune"].techniques == ["prune"]
     assert "register_techniques" in infos["quantize"].hooks
-    assert {"before_run", "after_run", "on_run_error"} <= set(infos["mlflow"].hooks)
+    assert {"before_run", "after_run", "on_run_error"} <= set(infos["tracking"].hooks)  # the run recorder
+    assert infos["mlflow"].trackers == ["mlflow"] and infos["mlflow"].hooks == ["register_tracking"]
 
 
 def test_third_party_plugin_discovered(with_plugins):
@@ -122,7 +123,7 @@ def test_a_plugin_for_another_hook_api_is_refused_with_the_versions_it_needs(tmp
     source = 'SLIMLAB_API = ">=3,<4"\n'
     site = write_plugin(tmp_path, "slimlab-future", "slimlab_future", source, {"future": "slimlab_future"})
     monkeypatch.syspath_prepend(str(site))
-    assert refused(site, "future") == "needs slimlab plugin API >=3,<4; this slimlab provides API 2.2"
+    assert refused(site, "future") == "needs slimlab plugin API >=3,<4; this slimlab provides API 2.3"
 
 
 def test_a_plugin_written_for_api_1_is_refused_with_a_pointer_to_the_change(tmp_path, monkeypatch):
@@ -130,7 +131,7 @@ def test_a_plugin_written_for_api_1_is_refused_with_a_pointer_to_the_change(tmp_
     site = write_plugin(tmp_path, "slimlab-old", "slimlab_old", source, {"old": "slimlab_old"})
     monkeypatch.syspath_prepend(str(site))
     reason = refused(site, "old")
-    assert reason.startswith("needs slimlab plugin API >=1.1,<2; this slimlab provides API 2.2: in API 2 ")
+    assert reason.startswith("needs slimlab plugin API >=1.1,<2; this slimlab provides API 2.3: in API 2 ")
     assert "docs/plugins.md" in reason and "\n" not in reason
 
 
@@ -142,7 +143,7 @@ def test_the_public_api_is_small_and_stable():
         "hookspec",
     ]  # fmt: skip
     assert all(hasattr(slimlab, name) for name in slimlab.__all__)
-    assert slimlab.API_VERSION == "2.2"
+    assert slimlab.API_VERSION == "2.3"
 
 
 def test_plugins_json_lists_builtins_and_third_party(plugin_site, tmp_path):
@@ -311,3 +312,9 @@ def test_a_plugins_options_do_not_outlive_the_launch_that_loaded_it(with_plugins
     assert "example_lenet.yaml" in models()
     _register(load_plugins(["example"]))
     assert "example_lenet.yaml" not in models()
+
+
+def test_slimlab_plugins_lists_the_tracking_backends(tmp_path):
+    result = slimlab("plugins", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "mlflow  (slimlab " in result.stdout and "    trackers: mlflow" in result.stdout

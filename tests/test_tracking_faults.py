@@ -397,3 +397,18 @@ def test_a_read_only_error_from_sqlite_is_one_line(tmp_path, store):
 
 
 # 5. a report never creates a store: tests/test_reliability.py (through the command line)
+
+
+def test_a_report_reads_a_store_it_cannot_write(store, tmp_path, capsys):
+    """An archived or shared mlflow.db this process cannot write is still reported on (it is only read)."""
+    from slimlab.cli import report_command
+
+    writer = tracking.MlflowStore(store)
+    run_id = writer.create_run(writer.experiment("archived"), "lenet prune(0.5)", {})
+    writer.log_metrics(run_id, {"accuracy": 0.9, "baseline_accuracy": 0.95, "accuracy_drop": 0.05, "size_bytes": 1e3})
+    writer.end_run(run_id, "FINISHED")
+    with read_only(tmp_path / "mlflow.db"):
+        code = report_command(["--experiment", "archived", "--uri", store, "--out", str(tmp_path / "report")])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "lenet prune(0.5)" in captured.out and (tmp_path / "report" / "report.csv").exists()

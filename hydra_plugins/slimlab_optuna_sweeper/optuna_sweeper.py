@@ -275,7 +275,7 @@ class SlimlabOptunaSweeper(Sweeper):
             if failures >= self.max_failures:
                 raise RuntimeError(
                     f"{failures} trials failed (hydra.sweeper.max_failures={self.max_failures}); "
-                    f"{done} of {self.n_trials} complete: see the failed runs' tracebacks in MLflow"
+                    f"{done} of {self.n_trials} complete: see the failed runs' tracebacks in the tracking store"
                 )
         self._report(study)
         return results

@@ -469,27 +469,27 @@ class MlflowStore:
         with read_only_as_config_error(self.uri):
             return self.client.create_run(experiment_id, run_name=name, tags=tags).info.run_id
 
+    def _log_batch(self, run_id: str, kind: str, entries: list, size: int) -> None:
+        """``entries`` in batches of at most ``size`` (MLflow's limit per call for ``kind``)."""
+        for start in range(0, len(entries), size):
+            self.client.log_batch(run_id, **{kind: entries[start : start + size]})
+
     def log_params(self, run_id: str, params: dict[str, str]) -> None:
         from mlflow.entities import Param
 
-        batch = [Param(k, v[:6000]) for k, v in params.items()]
-        for start in range(0, len(batch), BATCH_LIMIT):
-            self.client.log_batch(run_id, params=batch[start : start + BATCH_LIMIT])
+        self._log_batch(run_id, "params", [Param(k, v[:6000]) for k, v in params.items()], BATCH_LIMIT)
 
     def log_metrics(self, run_id: str, metrics: dict[str, float]) -> None:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        batch = [Metric(name, float(value), now, 0) for name, value in metrics.items()]
-        for start in range(0, len(batch), BATCH_LIMIT * 10):  # MLflow takes 1000 metrics per batch
-            self.client.log_batch(run_id, metrics=batch[start : start + BATCH_LIMIT * 10])
+        entries = [Metric(name, float(value), now, 0) for name, value in metrics.items()]
+        self._log_batch(run_id, "metrics", entries, BATCH_LIMIT * 10)  # MLflow takes 1000 metrics per call
 
     def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
         from mlflow.entities import RunTag
 
-        batch = [RunTag(k, v) for k, v in tags.items()]
-        for start in range(0, len(batch), BATCH_LIMIT):
-            self.client.log_batch(run_id, tags=batch[start : start + BATCH_LIMIT])
+        self._log_batch(run_id, "tags", [RunTag(k, v) for k, v in tags.items()], BATCH_LIMIT)
 
     def log_text(self, run_id: str, text: str, name: str) -> None:
         self.client.log_text(run_id, text, name)

@@ -24,6 +24,7 @@ from slimlab.context import RunContext
 from slimlab.errors import RECORDED, ConfigError, PluginError
 from slimlab.plugin_manager import Plugins, load_plugins
 from slimlab.registry import Step, speedup_bound
+from slimlab.tracking import RUN_KEY_TAG
 
 if TYPE_CHECKING:
     from slimlab.data import Data
@@ -424,7 +425,7 @@ def run_metrics(
         # Objects handed in have no identity a later run could match: such a run is never resumed.
         tags={
             **_tags(plugins, steps, hash_),
-            "slimlab.run_key": run_key(cfg, plugins, found) if found else f"objects-{uuid.uuid4().hex[:16]}",
+            RUN_KEY_TAG: run_key(cfg, plugins, found) if found else f"objects-{uuid.uuid4().hex[:16]}",
             "slimlab.task": task.name,
         },
         steps=steps,
